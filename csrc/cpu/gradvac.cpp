@@ -1,0 +1,110 @@
+// CPU kernels of the GradVac family: the GradVac and PCGrad loops on a stack
+// of Gramians. Every (group, row) pair is an independent chain; the chains
+// run in parallel, each chain's steps run in order.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "../common.h"
+#include "../math.h"
+
+namespace fusedjd::cpu {
+namespace {
+
+void check_perm_values(const at::Tensor& perms, int64_t m) {
+  const int64_t* p = perms.data_ptr<int64_t>();
+  const int64_t rows = perms.size(0) * m;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = r % m;
+    for (int64_t s = 0; s + 1 < m; ++s) {
+      const int64_t j = p[r * (m - 1) + s];
+      TORCH_CHECK(j >= 0 && j < m && j != i, "fusedjd: `perms` must hold, for row i, indices of the other rows "
+                  "in [0, m) \\ {i}; got ", j, " for row ", i, " with m=", m);
+    }
+  }
+}
+
+template <typename S>
+void run_chains(const S* G, const int64_t* perms, S* targets, S* weights, int64_t k, int64_t m,
+                double beta, double eps, bool pcgrad) {
+  const int64_t mm = m * m;
+  std::vector<double> coef(static_cast<size_t>(k * mm), 0.0);
+  const double floor = target_sine_floor<S>();
+  at::parallel_for(0, k * m, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<double> cG(static_cast<size_t>(m));
+    for (int64_t chain = lo; chain < hi; ++chain) {
+      const int64_t g = chain / m, i = chain % m;
+      const S* Gg = G + g * mm;
+      double* C = coef.data() + chain * m;
+      const int64_t* order = perms + chain * (m - 1);
+      C[i] = 1.0;
+      for (int64_t a = 0; a < m; ++a) cG[a] = static_cast<double>(Gg[i * m + a]);
+      for (int64_t s = 0; s + 1 < m; ++s) {
+        const int64_t j = order[s];
+        double norm_sq = 0.0;
+        for (int64_t a = 0; a < m; ++a) norm_sq += cG[a] * C[a];
+        S* tgt = pcgrad ? nullptr : targets + g * mm + i * m + j;
+        const double t = pcgrad ? 0.0 : static_cast<double>(*tgt);
+        double c = 0.0;
+        const double w = gradvac_pair(norm_sq, cG[j], static_cast<double>(Gg[j * m + j]), t, eps, floor,
+                                      pcgrad, &c);
+        if (w != 0.0) {
+          C[j] += w;
+          for (int64_t a = 0; a < m; ++a) cG[a] += w * static_cast<double>(Gg[j * m + a]);
+        }
+        if (!pcgrad) *tgt = static_cast<S>((1.0 - beta) * t + beta * c);
+      }
+    }
+  });
+  // weights[g] = column sums of the coefficient rows of group g (ordered sum).
+  for (int64_t g = 0; g < k; ++g)
+    for (int64_t b = 0; b < m; ++b) {
+      double s = 0.0;
+      for (int64_t i = 0; i < m; ++i) s += coef[g * mm + i * m + b];
+      weights[g * m + b] = static_cast<S>(s);
+    }
+}
+
+at::Tensor loop_cpu(const at::Tensor& G_in, const at::Tensor& perms_in, at::Tensor* targets,
+                    double beta, double eps) {
+  check_loop_args(G_in, perms_in);
+  const int64_t k = G_in.size(0), m = G_in.size(1);
+  at::Tensor weights = at::empty({k, m}, G_in.options());
+  if (k == 0 || m == 0) return weights;
+  const at::Tensor G = G_in.contiguous();
+  const at::Tensor perms = perms_in.contiguous();
+  check_perm_values(perms, m);
+  // A non-finite Gramian must not reach the targets: return NaN weights, keep the state.
+  if (!at::isfinite(G).all().item<bool>()) return weights.fill_(std::numeric_limits<double>::quiet_NaN());
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "fusedjd_gradvac_loop_cpu", [&] {
+    run_chains<scalar_t>(G.data_ptr<scalar_t>(), perms.data_ptr<int64_t>(),
+                         targets ? targets->data_ptr<scalar_t>() : nullptr, weights.data_ptr<scalar_t>(),
+                         k, m, beta, eps, targets == nullptr);
+  });
+  return weights;
+}
+
+at::Tensor gradvac_loop_cpu(const at::Tensor& G, const at::Tensor& perms, at::Tensor& targets, double beta,
+                            double eps) {
+  check_targets(G, targets);
+  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "fusedjd: `beta` must be in [0, 1], got ", beta);
+  TORCH_CHECK(eps >= 0.0, "fusedjd: `eps` must be non-negative, got ", eps);
+  return loop_cpu(G, perms, &targets, beta, eps);
+}
+
+at::Tensor pcgrad_loop_cpu(const at::Tensor& G, const at::Tensor& perms) {
+  return loop_cpu(G, perms, nullptr, 0.0, 0.0);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedjd, CPU, m) {
+  m.impl("gradvac_loop", &gradvac_loop_cpu);
+  m.impl("pcgrad_loop", &pcgrad_loop_cpu);
+}
+
+}  // namespace fusedjd::cpu

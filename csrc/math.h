@@ -1,0 +1,136 @@
+// Scalar math shared by the CPU and CUDA kernels: the GradVac correction, the
+// MoCo step sizes and the MoCo weight update (softmax or simplex projection).
+// Everything here is plain arithmetic on small arrays, callable from host and
+// device code, so that both backends compute the same thing.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FUSEDJD_HD __host__ __device__ __forceinline__
+#else
+#define FUSEDJD_HD inline
+#endif
+
+namespace fusedjd {
+
+#if !defined(__CUDA_ARCH__)
+using std::exp;
+using std::fmax;
+using std::isfinite;
+using std::pow;
+using std::sqrt;
+#endif
+
+// Machine epsilon of the dtype the GradVac targets are stored in.
+template <typename T> struct StateEps;
+template <> struct StateEps<float> { static constexpr double value = 1.1920928955078125e-07; };
+template <> struct StateEps<double> { static constexpr double value = 2.220446049250313e-16; };
+
+// Floor on sqrt(1 - t^2) in the GradVac weight. For every target t the state
+// dtype can hold strictly inside (-1, 1), sqrt(1 - t^2) >= sqrt(eps_dtype), so
+// half of that never changes a result; it only acts once an EMA target has
+// saturated at exactly +-1, where the closed form divides by `eps` alone and
+// overflows (the blow-up torchjd shows on collinear rows at large scale).
+template <typename S>
+FUSEDJD_HD double target_sine_floor() {
+  return 0.5 * sqrt(StateEps<S>::value);
+}
+
+// One GradVac step for the pair (i, j), given |p|^2, <p, g_j>, |g_j|^2 and the
+// current target t. Returns the cosine c (written to *cos_out) and the
+// coefficient w to add to C[i, j] (0 when no correction applies).
+//   pcgrad = true: PCGrad's rule, w = -<p, g_j> / |g_j|^2 when <p, g_j> < 0.
+FUSEDJD_HD double gradvac_pair(double norm_i_sq, double dot, double gjj, double t, double eps,
+                               double sine_floor, bool pcgrad, double* cos_out) {
+  if (pcgrad) {
+    *cos_out = 0.0;
+    return (dot < 0.0 && gjj > 0.0) ? -dot / gjj : 0.0;
+  }
+  const double ni = sqrt(fmax(norm_i_sq, 0.0));
+  const double nj = sqrt(fmax(gjj, 0.0));
+  const double denom = ni * nj + eps;
+  // A zero row with eps = 0 would give 0/0: its cosine is taken as 0.
+  const double c = denom > 0.0 ? dot / denom : 0.0;
+  *cos_out = c;
+  if (!(c < t) || nj == 0.0) return 0.0;  // adding w * 0 changes nothing but the weights
+  const double sc = sqrt(fmax(1.0 - c * c, 0.0));
+  const double st = fmax(sqrt(fmax(1.0 - t * t, 0.0)), sine_floor);
+  return ni * (t * sc - c * st) / (nj * st + eps);
+}
+
+// MoCo step sizes for the (1-based) step k.
+FUSEDJD_HD void moco_rates(int64_t k, double beta, double beta_sigma, double gamma,
+                           double gamma_sigma, double* b, double* c) {
+  const double kk = static_cast<double>(k);
+  *b = beta / pow(kk, beta_sigma);
+  *c = gamma / pow(kk, gamma_sigma);
+}
+
+// Euclidean projection of v (length m) onto the probability simplex, in place.
+// `u` is scratch of length m.
+FUSEDJD_HD void project_simplex(double* v, double* u, int64_t m) {
+  for (int64_t a = 0; a < m; ++a) u[a] = v[a];
+  // insertion sort, descending (m is small)
+  for (int64_t a = 1; a < m; ++a) {
+    const double x = u[a];
+    int64_t b = a - 1;
+    while (b >= 0 && u[b] < x) { u[b + 1] = u[b]; --b; }
+    u[b + 1] = x;
+  }
+  double cum = 0.0, theta = 0.0;
+  for (int64_t r = 0; r < m; ++r) {
+    cum += u[r];
+    const double th = (cum - 1.0) / static_cast<double>(r + 1);
+    if (u[r] - th > 0.0) theta = th;
+  }
+  for (int64_t a = 0; a < m; ++a) v[a] = fmax(v[a] - theta, 0.0);
+}
+
+FUSEDJD_HD void softmax_inplace(double* v, int64_t m) {
+  double mx = v[0];
+  for (int64_t a = 1; a < m; ++a) mx = fmax(mx, v[a]);
+  double s = 0.0;
+  for (int64_t a = 0; a < m; ++a) { v[a] = exp(v[a] - mx); s += v[a]; }
+  for (int64_t a = 0; a < m; ++a) v[a] /= s;
+}
+
+// The MoCo weight update, from the Gramian terms of pass 1.
+//   gram: the (2m x 2m) Gramian of the stacked rows [Y; J] (row-major), i.e.
+//         YY^T in the top-left block, YJ^T top-right, JJ^T bottom-right.
+//   lam:  current weights (length m); lam_new receives S(lam - c (Yn Yn^T + rho I) lam)
+//         where Yn = (1 - b) Y + b J.
+//   scratch: 2m doubles.
+// Returns false (and leaves lam_new unspecified) when any Gramian term or the
+// result is non-finite: the caller must then leave the whole state untouched.
+FUSEDJD_HD bool moco_lambda_update(const double* gram, const double* lam, double* lam_new,
+                                   int64_t m, double b, double c, double rho, bool projection,
+                                   double* scratch) {
+  const int64_t w = 2 * m;
+  for (int64_t e = 0; e < w * w; ++e)
+    if (!isfinite(gram[e])) return false;
+  const double a = 1.0 - b;
+  for (int64_t r = 0; r < m; ++r) {
+    double acc = rho * lam[r];
+    for (int64_t s = 0; s < m; ++s) {
+      const double yy = gram[r * w + s];
+      const double yj = gram[r * w + (m + s)];      // <Y_r, J_s>
+      const double jy = gram[s * w + (m + r)];      // <Y_s, J_r>
+      const double jj = gram[(m + r) * w + (m + s)];
+      const double mrs = a * a * yy + a * b * (yj + jy) + b * b * jj;
+      acc += mrs * lam[s];
+    }
+    lam_new[r] = lam[r] - c * acc;
+  }
+  if (projection) {
+    project_simplex(lam_new, scratch, m);
+  } else {
+    softmax_inplace(lam_new, m);
+  }
+  for (int64_t r = 0; r < m; ++r)
+    if (!isfinite(lam_new[r])) return false;
+  return true;
+}
+
+}  // namespace fusedjd

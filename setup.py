@@ -1,0 +1,55 @@
+"""Build of the fusedjd extension.
+
+CUDA kernels are compiled when torch was built with CUDA (``torch.version.cuda``)
+and a CUDA toolkit is found; no visible GPU is needed. ``FUSEDJD_CUDA=0`` or
+``=1`` overrides the detection. ``TORCH_CUDA_ARCH_LIST`` is respected (Hopper:
+``9.0``). ``FUSEDJD_PORTABLE=1`` drops ``-march=native`` from the CPU flags.
+
+Install with ``pip install --no-build-isolation -e .`` so the build uses the
+torch already installed.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("FUSEDJD_CUDA")
+    if flag is not None:
+        return flag.strip() not in ("", "0", "false", "False")
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extension():
+    cpu_sources = ["csrc/fusedjd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17"]
+    if os.environ.get("FUSEDJD_PORTABLE", "0") in ("", "0"):
+        cxx.append("-march=native")
+    if _want_cuda():
+        sources = cpu_sources + sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+        return cpp_extension.CUDAExtension(
+            "fusedjd._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}
+        )
+    return cpp_extension.CppExtension("fusedjd._C", cpu_sources, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    name="fusedjd",
+    version="0.1.0",
+    description="Fused C++/CUDA GradVac, PCGrad and MoCo aggregators for torchjd",
+    package_dir={"": "python"},
+    packages=["fusedjd"],
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    install_requires=["torch>=2.4", "torchjd>=0.18"],
+    extras_require={"plot": ["matplotlib"], "test": ["pytest", "numpy"]},
+    python_requires=">=3.10",
+)

@@ -1,0 +1,270 @@
+"""GradVac and PCGrad: drop-in replacements for torchjd's, on fused kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchjd import Stateful
+from torchjd.aggregation import Aggregator, GramianWeightedAggregator, Weighting
+
+from . import ops
+from ._base import (
+    _BufferState,
+    _check_group_sizes,
+    _check_matrix,
+    _check_square,
+    _loop_dtype,
+    _NonDifferentiable,
+    _to_device,
+    draw_gradvac_perms,
+    draw_pcgrad_perms,
+)
+
+
+def _whole_gramian(matrix: Tensor) -> Tensor:
+    """Gramian of the whole matrix through the fused op (what the aggregators compose with)."""
+    _check_matrix(matrix)
+    return ops.gramian(matrix, [matrix.shape[1]])[0]
+
+
+class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
+    r"""
+    :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting` giving the weights of
+    :class:`~fusedjd.GradVac`, computed from the Gramian alone by a C++/CUDA kernel.
+
+    Same arguments, state and results (under the same ``torch.manual_seed``) as
+    :class:`torchjd.aggregation.GradVacWeighting`: the visit orders are drawn with
+    ``torch.randperm`` on the CPU exactly as torchjd draws them, and the loop runs on the
+    Gramian's device in float64 arithmetic.
+
+    The EMA targets :math:`\hat{\phi}` live in a registered buffer: they follow ``.to()``, are
+    saved by ``state_dict()``, and are reset when ``m``, the dtype or the device of the Gramian
+    changes. A non-finite Gramian returns NaN weights and leaves the targets as they were.
+
+    Guard: once a target has saturated at exactly :math:`\pm 1` in its dtype (collinear rows,
+    after enough calls), the closed-form weight of the paper divides by ``eps`` alone and
+    overflows. fusedjd floors :math:`\sqrt{1-\hat{\phi}^2}` at half the square root of the
+    dtype's machine epsilon, a value no unsaturated target reaches, so results are unchanged
+    everywhere else and stay finite there.
+
+    :param beta: EMA rate for :math:`\hat{\phi}`, in [0, 1].
+    :param eps: Small non-negative constant added to denominators.
+    """
+
+    _state_names = ("_targets",)
+
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.beta = beta
+        self.eps = eps
+        self._init_state()
+
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        if not (0.0 <= value <= 1.0):
+            raise ValueError(f"Attribute `beta` must be in [0, 1]. Found beta={value!r}.")
+        self._beta = value
+
+    @property
+    def eps(self) -> float:
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        if not (value >= 0.0):
+            raise ValueError(f"Attribute `eps` must be non-negative. Found eps={value!r}.")
+        self._eps = value
+
+    def reset(self) -> None:
+        """Clears the EMA targets so the next call starts from zero targets."""
+        self._clear_state()
+
+    def forward(self, gramian: Tensor, /) -> Tensor:
+        _check_square(gramian)
+        return self._grouped(gramian.unsqueeze(0))[0]
+
+    def _grouped(self, G: Tensor) -> Tensor:
+        """Weights ``[k, m]`` for a stack of Gramians ``[k, m, m]``, one target set per group."""
+        G = G.to(_loop_dtype(G.dtype))
+        k, m = G.shape[0], G.shape[1]
+        T = self._targets
+        if T.shape != G.shape or T.dtype != G.dtype or T.device != G.device:
+            self._targets = torch.zeros_like(G)
+        perms = _to_device(draw_gradvac_perms(k, m), G.device)
+        return ops.gradvac_loop(G, perms, self._targets, self._beta, self._eps)
+
+
+class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
+    r"""
+    :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.GramianWeightedAggregator`
+    implementing Gradient Vaccine (GradVac) from `Gradient Vaccine: Investigating and Improving
+    Multi-task Optimization in Massively Multilingual Models (ICLR 2021 Spotlight)
+    <https://arxiv.org/abs/2010.05874>`_, as a drop-in replacement for
+    :class:`torchjd.aggregation.GradVac`.
+
+    The Gramian, the pairwise vaccine loop and the combination of the rows are fused C++/CUDA
+    kernels; results equal torchjd's under the same ``torch.manual_seed``. Works with
+    ``jac_to_grad`` (which returns the weights), including ``optimize_gramian_computation=True``.
+    The state resets when ``m``, ``n``, the dtype or the device changes. See
+    :class:`~fusedjd.GradVacWeighting` for the guard against saturated targets.
+
+    :param beta: EMA rate for :math:`\hat{\phi}`, in [0, 1].
+    :param eps: Small non-negative constant added to denominators.
+    """
+
+    gramian_weighting: GradVacWeighting
+
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:
+        super().__init__(GradVacWeighting(beta=beta, eps=eps))
+        self.weighting = self.gramian_weighting << _whole_gramian
+        self._n: int | None = None
+
+    @property
+    def beta(self) -> float:
+        return self.gramian_weighting.beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self.gramian_weighting.beta = value
+
+    @property
+    def eps(self) -> float:
+        return self.gramian_weighting.eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.gramian_weighting.eps = value
+
+    def reset(self) -> None:
+        """Clears the EMA targets so the next call starts from zero targets."""
+        self.gramian_weighting.reset()
+        self._n = None
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        _check_matrix(matrix)
+        n = matrix.shape[1]
+        if self._n is not None and self._n != n:
+            self.gramian_weighting.reset()
+        self._n = n
+        weights = self.weighting(matrix)
+        return ops.combine(matrix, weights.unsqueeze(0), [n])
+
+    def get_extra_state(self) -> Any:
+        return {"n": self._n}
+
+    def set_extra_state(self, state: Any) -> None:
+        self._n = state["n"]
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(beta={self.beta!r}, eps={self.eps!r})"
+
+
+class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
+    r"""
+    :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Aggregator` applying GradVac
+    independently to consecutive column groups of the Jacobian (the paper's ``whole_model``,
+    ``enc_dec``, ``all_layer`` and ``all_matrix`` granularities; see :mod:`fusedjd.groups`).
+
+    Each group has its own Gramian, EMA targets and visit orders; all groups run in one kernel
+    launch. The permutations are drawn group by group, so the result equals torchjd's grouping
+    recipe (one :class:`torchjd.aggregation.GradVac` per group, called in group order) under the
+    same ``torch.manual_seed``.
+
+    :param group_sizes: Number of columns of each group, in column order; must sum to ``n``.
+    :param beta: EMA rate for :math:`\hat{\phi}`, in [0, 1].
+    :param eps: Small non-negative constant added to denominators.
+    """
+
+    def __init__(self, group_sizes: Sequence[int], beta: float = 0.5, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.gramian_weighting = GradVacWeighting(beta=beta, eps=eps)
+        self.group_sizes = group_sizes
+
+    @property
+    def group_sizes(self) -> list[int]:
+        return list(self._group_sizes)
+
+    @group_sizes.setter
+    def group_sizes(self, value: Sequence[int]) -> None:
+        self._group_sizes = _check_group_sizes(value)
+        self.gramian_weighting.reset()
+
+    @property
+    def beta(self) -> float:
+        return self.gramian_weighting.beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self.gramian_weighting.beta = value
+
+    @property
+    def eps(self) -> float:
+        return self.gramian_weighting.eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.gramian_weighting.eps = value
+
+    def reset(self) -> None:
+        """Clears the EMA targets of every group."""
+        self.gramian_weighting.reset()
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        _check_matrix(matrix)
+        sizes = self._group_sizes
+        if sum(sizes) != matrix.shape[1]:
+            raise ValueError(
+                f"Attribute `group_sizes` must sum to the number of columns of `matrix` "
+                f"({matrix.shape[1]}). Found sum(group_sizes)={sum(sizes)} for {len(sizes)} groups."
+            )
+        weights = self.gramian_weighting._grouped(ops.gramian(matrix, sizes))
+        return ops.combine(matrix, weights, sizes)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(group_sizes={self._group_sizes!r}, beta={self.beta!r}, "
+            f"eps={self.eps!r})"
+        )
+
+
+class PCGradWeighting(Weighting, _NonDifferentiable):
+    """
+    :class:`~torchjd.aggregation.Weighting` giving the weights of :class:`~fusedjd.PCGrad`,
+    computed from the Gramian by a C++/CUDA kernel; equal to
+    :class:`torchjd.aggregation.PCGradWeighting` under the same ``torch.manual_seed``.
+    """
+
+    def forward(self, gramian: Tensor, /) -> Tensor:
+        _check_square(gramian)
+        G = gramian.to(_loop_dtype(gramian.dtype)).unsqueeze(0)
+        perms = _to_device(draw_pcgrad_perms(1, G.shape[1]), G.device)
+        return ops.pcgrad_loop(G, perms)[0]
+
+
+class PCGrad(GramianWeightedAggregator, _NonDifferentiable):
+    """
+    :class:`~torchjd.aggregation.GramianWeightedAggregator` as defined in Algorithm 1 of
+    `Gradient Surgery for Multi-Task Learning <https://arxiv.org/pdf/2001.06782.pdf>`_, a drop-in
+    replacement for :class:`torchjd.aggregation.PCGrad` on fused kernels.
+    """
+
+    gramian_weighting: PCGradWeighting
+
+    def __init__(self) -> None:
+        super().__init__(PCGradWeighting())
+        self.weighting = self.gramian_weighting << _whole_gramian
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        _check_matrix(matrix)
+        weights = self.weighting(matrix)
+        return ops.combine(matrix, weights.unsqueeze(0), [matrix.shape[1]])
+
+
+__all__ = ["GradVac", "GradVacWeighting", "GroupedGradVac", "PCGrad", "PCGradWeighting"]

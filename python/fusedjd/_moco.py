@@ -1,0 +1,205 @@
+"""MoCo: the stateful aggregator of Fernando et al. (ICLR 2023), on a fused in-place step."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchjd import Stateful
+from torchjd.aggregation import Aggregator, Weighting
+
+from . import ops
+from ._base import _BufferState, _check_matrix, _loop_dtype, _NonDifferentiable
+
+_SIMPLEX = ("softmax", "projection")
+
+
+class _MoCoState(_BufferState):
+    """Hyper-parameters, validated properties and the buffers ``Y``, ``λ`` and ``step``."""
+
+    _state_names = ("_y", "_lam", "_step")
+
+    def __init__(
+        self,
+        beta: float = 0.5,
+        beta_sigma: float = 0.5,
+        gamma: float = 0.1,
+        gamma_sigma: float = 0.5,
+        rho: float = 0.0,
+        simplex: str = "softmax",
+    ) -> None:
+        super().__init__()
+        self.beta = beta
+        self.beta_sigma = beta_sigma
+        self.gamma = gamma
+        self.gamma_sigma = gamma_sigma
+        self.rho = rho
+        self.simplex = simplex
+        self._init_state()
+
+    @staticmethod
+    def _non_negative(name: str, value: float) -> float:
+        if not (value >= 0.0):
+            raise ValueError(f"Attribute `{name}` must be non-negative. Found {name}={value!r}.")
+        return value
+
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        if not (0.0 <= value <= 1.0):
+            raise ValueError(f"Attribute `beta` must be in [0, 1]. Found beta={value!r}.")
+        self._beta = value
+
+    @property
+    def beta_sigma(self) -> float:
+        return self._beta_sigma
+
+    @beta_sigma.setter
+    def beta_sigma(self, value: float) -> None:
+        self._beta_sigma = self._non_negative("beta_sigma", value)
+
+    @property
+    def gamma(self) -> float:
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self._gamma = self._non_negative("gamma", value)
+
+    @property
+    def gamma_sigma(self) -> float:
+        return self._gamma_sigma
+
+    @gamma_sigma.setter
+    def gamma_sigma(self, value: float) -> None:
+        self._gamma_sigma = self._non_negative("gamma_sigma", value)
+
+    @property
+    def rho(self) -> float:
+        return self._rho
+
+    @rho.setter
+    def rho(self, value: float) -> None:
+        self._rho = self._non_negative("rho", value)
+
+    @property
+    def simplex(self) -> str:
+        return self._simplex
+
+    @simplex.setter
+    def simplex(self, value: str) -> None:
+        if value not in _SIMPLEX:
+            raise ValueError(f"Attribute `simplex` must be one of {_SIMPLEX}. Found simplex={value!r}.")
+        self._simplex = value
+
+    @property
+    def y(self) -> Tensor:
+        """The tracking matrix ``Y`` (the moving gradient estimate), shape ``[m, n]``."""
+        if self._y.dim() != 2:
+            raise RuntimeError(
+                f"{self.__class__.__name__} has no moving gradient estimate yet: call it on a matrix first."
+            )
+        return self._y
+
+    @property
+    def step(self) -> Tensor:
+        """The number of steps taken since the last reset, as a 0-dim int64 tensor on the state's
+        device (read it with ``int(...)``, which syncs)."""
+        if self._step.dim() != 0:
+            return torch.zeros((), dtype=torch.long, device=self._step.device)
+        return self._step
+
+    def reset(self) -> None:
+        """Clears ``Y``, ``λ`` and the step count: the next call starts from ``Y = 0``,
+        uniform ``λ`` and step 0."""
+        self._clear_state()
+
+    def _step_once(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
+        _check_matrix(matrix)
+        m, n = matrix.shape
+        Y = self._y
+        if Y.shape != (m, n) or Y.dtype != matrix.dtype or Y.device != matrix.device:
+            self._y = torch.zeros((m, n), dtype=matrix.dtype, device=matrix.device)
+            self._lam = torch.full((m,), 1.0 / max(m, 1), dtype=_loop_dtype(matrix.dtype), device=matrix.device)
+            self._step = torch.zeros((), dtype=torch.long, device=matrix.device)
+        return ops.moco_step(
+            matrix,
+            self._y,
+            self._lam,
+            self._step,
+            self._beta,
+            self._beta_sigma,
+            self._gamma,
+            self._gamma_sigma,
+            self._rho,
+            self._simplex == "projection",
+        )
+
+    def _args_repr(self) -> str:
+        return (
+            f"beta={self.beta!r}, beta_sigma={self.beta_sigma!r}, gamma={self.gamma!r}, "
+            f"gamma_sigma={self.gamma_sigma!r}, rho={self.rho!r}, simplex={self.simplex!r}"
+        )
+
+
+_MOCO_DOC = r"""
+    MoCo from `Mitigating Gradient Bias in Multi-objective Learning: A Provably Convergent
+    Approach (ICLR 2023) <https://openreview.net/forum?id=dLAYGdKTi2>`_. Each call, with step
+    :math:`k` (counted on the device):
+
+    .. math::
+
+        b_k = \beta / k^{\beta_\sigma},\quad c_k = \gamma / k^{\gamma_\sigma},\quad
+        Y \leftarrow Y - b_k (Y - J),\quad
+        \lambda \leftarrow S\!\left(\lambda - c_k (Y Y^\top + \rho I)\lambda\right)
+
+    with :math:`S` the softmax (``simplex="softmax"``, as in LibMTL) or the Euclidean projection
+    onto the probability simplex (``simplex="projection"``, as in the paper).
+
+    The state (``Y``, the size of :math:`J`; :math:`\lambda`; the step count) lives in buffers and
+    is updated in place by one fused op in two passes over :math:`J` and :math:`Y`: no
+    :math:`m \times n` temporary. It resets when ``m``, ``n``, the dtype or the device changes. A
+    non-finite :math:`J` returns NaN and leaves the state exactly as it was.
+
+    :param beta: Rate of the tracking EMA, in [0, 1].
+    :param beta_sigma: Decay exponent of the tracking rate.
+    :param gamma: Step size of the weight update.
+    :param gamma_sigma: Decay exponent of that step size.
+    :param rho: Regularization added to the diagonal of :math:`Y Y^\top`.
+    :param simplex: ``"softmax"`` or ``"projection"``.
+"""
+
+
+class MoCoWeighting(Weighting, _MoCoState, Stateful, _NonDifferentiable):
+    __doc__ = (
+        r"""
+    :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting` taking the Jacobian
+    matrix and returning the MoCo weights :math:`\lambda`. ``.y`` is the tracking matrix,
+    ``.step`` the step count.
+"""
+        + _MOCO_DOC
+    )
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        return self._step_once(matrix)[0]
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self._args_repr()})"
+
+
+class MoCo(Aggregator, _MoCoState, Stateful, _NonDifferentiable):
+    __doc__ = (
+        r"""
+    :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Aggregator` returning
+    :math:`\lambda^\top Y` (the tracked gradients, not :math:`J`).
+"""
+        + _MOCO_DOC
+    )
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        return self._step_once(matrix)[1]
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self._args_repr()})"

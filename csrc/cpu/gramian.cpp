@@ -21,25 +21,28 @@ at::Tensor unit_col_stride(const at::Tensor& J) {
   return (J.size(1) <= 1 || J.stride(1) == 1) ? J : J.contiguous();
 }
 
-at::Tensor gramian_cpu(const at::Tensor& J_in, at::IntArrayRef group_sizes) {
-  FUSEDJD_CHECK_DIM(J_in, 2);
-  FUSEDJD_CHECK_FLOAT(J_in);
-  const int64_t m = J_in.size(0), n = J_in.size(1);
+at::Tensor gramian_cpu(const at::Tensor& J, at::IntArrayRef group_sizes) {
+  FUSEDJD_CHECK_DIM(J, 2);
+  FUSEDJD_CHECK_FLOAT(J);
+  const int64_t m = J.size(0), n = J.size(1);
   const std::vector<int64_t> off = group_offsets(group_sizes, n);
   const int64_t k = static_cast<int64_t>(group_sizes.size());
-  at::Tensor out = at::zeros({k, m, m}, J_in.options().dtype(acc_dtype(J_in.scalar_type())));
+  at::Tensor out = at::zeros({k, m, m}, J.options().dtype(acc_dtype(J.scalar_type())));
   if (m == 0 || n == 0) return out;
-  const at::Tensor J = unit_col_stride(J_in);
-  const bool blas_dtype = J.scalar_type() == at::kFloat || J.scalar_type() == at::kDouble;
+  const at::Tensor Jc = unit_col_stride(J);
+  const bool blas_dtype = Jc.scalar_type() == at::kFloat || Jc.scalar_type() == at::kDouble;
 
   // Wide float32/float64 groups: one BLAS call each (itself multi-threaded).
   std::vector<int64_t> rest;
   for (int64_t g = 0; g < k; ++g) {
     const int64_t s = off[g + 1] - off[g];
     if (blas_dtype && s >= kBlasMinCols) {
-      const at::Tensor Jg = J.narrow(1, off[g], s);
+      const at::Tensor Jg = Jc.narrow(1, off[g], s);
       at::Tensor og = out.select(0, g);
       at::mm_out(og, Jg, Jg.t());
+      // BLAS need not return an exactly symmetric A A^T: mirror the upper triangle, as
+      // every other path (and the CUDA kernel) does.
+      og.copy_(og.triu() + og.triu(1).t());
     } else if (s > 0) {
       rest.push_back(g);
     }
@@ -59,9 +62,9 @@ at::Tensor gramian_cpu(const at::Tensor& J_in, at::IntArrayRef group_sizes) {
   }
   const int64_t T = static_cast<int64_t>(tasks.size());
   std::vector<double> partial(static_cast<size_t>(T * m * m), 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, J.scalar_type(), "fusedjd_gramian_cpu", [&] {
-    const scalar_t* base = J.data_ptr<scalar_t>();
-    const int64_t ld = J.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jc.scalar_type(), "fusedjd_gramian_cpu", [&] {
+    const scalar_t* base = Jc.data_ptr<scalar_t>();
+    const int64_t ld = Jc.stride(0);
     at::parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {
       std::vector<const scalar_t*> rows(static_cast<size_t>(m));
       for (int64_t t = lo; t < hi; ++t) {
@@ -89,28 +92,28 @@ at::Tensor gramian_cpu(const at::Tensor& J_in, at::IntArrayRef group_sizes) {
   return out;
 }
 
-at::Tensor combine_cpu(const at::Tensor& J_in, const at::Tensor& weights, at::IntArrayRef group_sizes) {
-  FUSEDJD_CHECK_DIM(J_in, 2);
-  FUSEDJD_CHECK_FLOAT(J_in);
+at::Tensor combine_cpu(const at::Tensor& J, const at::Tensor& weights, at::IntArrayRef group_sizes) {
+  FUSEDJD_CHECK_DIM(J, 2);
+  FUSEDJD_CHECK_FLOAT(J);
   FUSEDJD_CHECK_DIM(weights, 2);
   FUSEDJD_CHECK_FLOAT(weights);
-  FUSEDJD_CHECK_SAME_DEVICE(J_in, weights);
-  const int64_t m = J_in.size(0), n = J_in.size(1);
+  FUSEDJD_CHECK_SAME_DEVICE(J, weights);
+  const int64_t m = J.size(0), n = J.size(1);
   const std::vector<int64_t> off = group_offsets(group_sizes, n);
   const int64_t k = static_cast<int64_t>(group_sizes.size());
   TORCH_CHECK(weights.size(0) == k && weights.size(1) == m, "fusedjd: `weights` must have shape [k, m] = [",
               k, ", ", m, "], got ", weights.sizes());
-  at::Tensor out = at::empty({n}, J_in.options());
+  at::Tensor out = at::empty({n}, J.options());
   if (n == 0) return out;
   if (m == 0) return out.zero_();
-  const at::Tensor J = unit_col_stride(J_in);
+  const at::Tensor Jc = unit_col_stride(J);
   const at::Tensor W = weights.to(at::kDouble).contiguous();
   const double* w = W.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, J.scalar_type(), "fusedjd_combine_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jc.scalar_type(), "fusedjd_combine_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* base = J.data_ptr<scalar_t>();
+    const scalar_t* base = Jc.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t ld = J.stride(0);
+    const int64_t ld = Jc.stride(0);
     constexpr int64_t kChunk = 4096;
     at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t lo, int64_t hi) {
       std::vector<opmath_t> acc(kChunk);

@@ -21,18 +21,18 @@
 namespace fusedjd::cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J_in, at::Tensor& Y, at::Tensor& lam,
+std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J, at::Tensor& Y, at::Tensor& lam,
                                                  at::Tensor& step, double beta, double beta_sigma, double gamma,
                                                  double gamma_sigma, double rho, bool projection) {
-  check_moco_args(J_in, Y, lam, step);
-  const int64_t m = J_in.size(0), n = J_in.size(1);
+  check_moco_args(J, Y, lam, step);
+  const int64_t m = J.size(0), n = J.size(1);
   at::Tensor weights = at::empty({m}, lam.options());
-  at::Tensor out = at::empty({n}, J_in.options());
+  at::Tensor out = at::empty({n}, J.options());
   if (m == 0) {  // nothing to weigh: zeros, state untouched
     out.zero_();
     return {weights, out};
   }
-  const at::Tensor J = (n <= 1 || J_in.stride(1) == 1) ? J_in : J_in.contiguous();
+  const at::Tensor Jc = (n <= 1 || J.stride(1) == 1) ? J : J.contiguous();
   const int64_t k = step.data_ptr<int64_t>()[0] + 1;
   double b = 0.0, c = 0.0;
   moco_rates(k, beta, beta_sigma, gamma, gamma_sigma, &b, &c);
@@ -43,11 +43,11 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J_in, at::Ten
   });
 
   bool ok = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, J.scalar_type(), "fusedjd_moco_step_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jc.scalar_type(), "fusedjd_moco_step_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     scalar_t* y = Y.data_ptr<scalar_t>();
-    const scalar_t* j = J.data_ptr<scalar_t>();
-    const int64_t ldj = J.stride(0);
+    const scalar_t* j = Jc.data_ptr<scalar_t>();
+    const int64_t ldj = Jc.stride(0);
     std::vector<const scalar_t*> rows(static_cast<size_t>(2 * m));
     for (int64_t r = 0; r < m; ++r) {
       rows[r] = y + r * n;

@@ -18,6 +18,7 @@ namespace fusedjd {
 #if !defined(__CUDA_ARCH__)
 using std::exp;
 using std::fmax;
+using std::fmin;
 using std::isfinite;
 using std::pow;
 using std::sqrt;
@@ -51,8 +52,11 @@ FUSEDJD_HD double gradvac_pair(double norm_i_sq, double dot, double gjj, double 
   const double ni = sqrt(fmax(norm_i_sq, 0.0));
   const double nj = sqrt(fmax(gjj, 0.0));
   const double denom = ni * nj + eps;
-  // A zero row with eps = 0 would give 0/0: its cosine is taken as 0.
-  const double c = denom > 0.0 ? dot / denom : 0.0;
+  // A zero row with eps = 0 would give 0/0: its cosine is taken as 0. A cosine is in
+  // [-1, 1] (Cauchy-Schwarz); rounding can push it out -- slightly for collinear rows, and
+  // without bound once a row has cancelled to rounding noise (|p| ~ 0, <p, g_j> != 0) --
+  // so it is clamped there before it reaches the comparison or the EMA target.
+  const double c = denom > 0.0 ? fmin(fmax(dot / denom, -1.0), 1.0) : 0.0;
   *cos_out = c;
   if (!(c < t) || nj == 0.0) return 0.0;  // adding w * 0 changes nothing but the weights
   const double sc = sqrt(fmax(1.0 - c * c, 0.0));

@@ -1,0 +1,375 @@
+"""GradVac / PCGrad / GroupedGradVac: drop-in parity with torchjd 0.18 and the class contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchjd
+from torch import nn
+from torchjd import aggregation as ta
+from torchjd.autogram import Engine
+from torchjd.autojac import jac_to_grad, mtl_backward
+
+import fusedjd
+
+from conftest import DEVICES, rel_err
+
+PAIRS = [
+    (fusedjd.GradVac, ta.GradVac, "matrix"),
+    (fusedjd.GradVacWeighting, ta.GradVacWeighting, "gramian"),
+    (fusedjd.PCGrad, ta.PCGrad, "matrix"),
+    (fusedjd.PCGradWeighting, ta.PCGradWeighting, "gramian"),
+]
+
+
+def _inputs(m, n, dtype, calls, seed, kind):
+    gen = torch.Generator().manual_seed(seed)
+    Js = [torch.randn(m, n, generator=gen, dtype=dtype) for _ in range(calls)]
+    return Js if kind == "matrix" else [J @ J.T for J in Js]
+
+
+def _run(agg, xs, seed, device="cpu"):
+    torch.manual_seed(seed)
+    return [agg(x.to(device)).cpu() for x in xs]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ours,theirs,kind", PAIRS, ids=[p[0].__name__ for p in PAIRS])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_parity_with_torchjd_over_20_calls(device, ours, theirs, kind, m, dtype):
+    xs = _inputs(m, 3 * m + 11, dtype, 20, seed=m, kind=kind)
+    got = _run(ours(), xs, seed=123, device=device)
+    expected = _run(theirs(), xs, seed=123)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for call, (g, e) in enumerate(zip(got, expected)):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        assert rel_err(g, e) < tol, f"call {call}"
+    # same number of draws from the global generator as torchjd
+    torch.manual_seed(0)
+    ours()(xs[0].to(device))
+    after_ours = torch.rand(1)
+    torch.manual_seed(0)
+    theirs()(xs[0])
+    assert torch.equal(after_ours, torch.rand(1))
+
+
+@pytest.mark.parametrize("beta,eps", [(0.0, 1e-8), (1.0, 0.0), (0.2, 1e-3)])
+def test_parity_hyperparameters(beta, eps):
+    xs = _inputs(6, 40, torch.float64, 10, seed=9, kind="matrix")
+    if eps > 0:
+        xs[3][2] = 0.0  # a zero row
+    got = _run(fusedjd.GradVac(beta, eps), xs, seed=5)
+    expected = _run(ta.GradVac(beta, eps), xs, seed=5)
+    for g, e in zip(got, expected):
+        assert rel_err(g, e) < 1e-10
+
+
+def test_zero_row_with_eps_zero_does_not_poison_targets():
+    # torchjd computes the cosine with a zero row as 0/0 = NaN when eps = 0 and keeps NaN
+    # targets from then on; fusedjd takes that cosine as 0 (documented) and stays finite.
+    xs = _inputs(4, 30, torch.float64, 6, seed=2, kind="matrix")
+    xs[1][2] = 0.0
+    ours, theirs = fusedjd.GradVac(eps=0.0), ta.GradVac(eps=0.0)
+    got, expected = _run(ours, xs, seed=3), _run(theirs, xs, seed=3)
+    assert rel_err(got[0], expected[0]) < 1e-10  # before the zero row: identical
+    assert torch.isfinite(ours.gramian_weighting._targets).all()
+    assert all(torch.isfinite(g).all() for g in got)
+    assert torch.isnan(theirs.gramian_weighting._phi_t).any()
+
+
+def _recipe(sizes, Js, seed):
+    """torchjd's grouping recipe: one torchjd GradVac per group, called in group order."""
+    aggs = [ta.GradVac() for _ in sizes]
+    torch.manual_seed(seed)
+    outs = []
+    for J in Js:
+        blocks = torch.split(J, sizes, dim=1)
+        outs.append(torch.cat([a(b) for a, b in zip(aggs, blocks)]))
+    return outs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sizes", [[7], [3, 0, 9, 4], [2] * 12, [50, 20, 30]])
+def test_grouped_equals_torchjd_recipe(device, sizes):
+    n = sum(sizes)
+    gen = torch.Generator().manual_seed(n)
+    # Groups narrower than m hold nearly collinear rows, whose weights amplify rounding:
+    # compare those in float64.
+    dtype = torch.float64 if min(s for s in sizes if s > 0) < 5 else torch.float32
+    Js = [torch.randn(5, n, generator=gen, dtype=dtype) for _ in range(20)]
+    got = _run(fusedjd.GroupedGradVac(sizes), Js, seed=77, device=device)
+    for g, e in zip(got, _recipe(sizes, Js, seed=77)):
+        assert rel_err(g, e) < (1e-9 if dtype == torch.float64 else 1e-4)
+
+
+def _collinear(m, scale, same_sign, seed):
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(1, 1001, generator=gen, dtype=torch.float64)
+    coef = torch.rand(m, 1, generator=gen, dtype=torch.float64) * 3 + 0.1
+    if not same_sign:
+        coef[::2] *= -1
+    return (coef * v * scale).float()
+
+
+@pytest.mark.parametrize("scale", [1e5, 1e15])
+def test_collinear_rows_stay_finite_where_torchjd_overflows(scale):
+    torchjd_blew_up = False
+    for seed, m in enumerate([2, 3, 4, 5, 8]):
+        J = _collinear(m, scale, same_sign=False, seed=seed)
+        ours, theirs = fusedjd.GradVac(), ta.GradVac()
+        bound = J.double().abs().sum(0).norm()
+        for call in range(50):
+            torch.manual_seed(call)
+            out = ours(J)
+            torch.manual_seed(call)
+            torchjd_blew_up |= not bool(torch.isfinite(theirs(J)).all())
+            assert torch.isfinite(out).all(), (seed, call)
+            assert out.double().norm() <= 1.01 * bound
+    assert torchjd_blew_up  # the case is real: torchjd 0.18 overflows on some of these
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e5, 1e15])
+def test_matches_torchjd_where_it_does_not_blow_up(scale):
+    # same-sign collinear rows: targets saturate at 1, torchjd stays finite, results agree
+    for seed, m in enumerate([2, 4, 8]):
+        J = _collinear(m, scale, same_sign=True, seed=seed)
+        got = _run(fusedjd.GradVac(), [J] * 40, seed=1)
+        expected = _run(ta.GradVac(), [J] * 40, seed=1)
+        for g, e in zip(got, expected):
+            assert torch.isfinite(e).all()
+            assert rel_err(g, e) < 1e-5
+    # generic rows at large scale
+    gen = torch.Generator().manual_seed(3)
+    Js = [torch.randn(6, 200, generator=gen) * scale for _ in range(20)]
+    for g, e in zip(_run(fusedjd.GradVac(), Js, seed=2), _run(ta.GradVac(), Js, seed=2)):
+        assert rel_err(g, e) < 1e-4
+
+
+def test_real_subclasses_of_torchjd_bases():
+    assert isinstance(fusedjd.GradVac(), ta.GramianWeightedAggregator)
+    assert isinstance(fusedjd.PCGrad(), ta.GramianWeightedAggregator)
+    assert isinstance(fusedjd.GroupedGradVac([3]), ta.Aggregator)
+    for w in [fusedjd.GradVacWeighting(), fusedjd.PCGradWeighting()]:
+        assert isinstance(w, ta.Weighting)
+    for s in [fusedjd.GradVac(), fusedjd.GradVacWeighting(), fusedjd.GroupedGradVac([3])]:
+        assert isinstance(s, torchjd.Stateful)
+    assert not isinstance(fusedjd.PCGrad(), torchjd.Stateful)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU())
+        self.heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(3)])
+
+    def losses(self, x, ys):
+        f = self.encoder(x)
+        return f, [((h(f).squeeze(-1) - y) ** 2).mean() for h, y in zip(self.heads, ys)]
+
+
+def _backward(net, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 10, generator=gen)
+    ys = [torch.randn(32, generator=gen) for _ in range(3)]
+    f, losses = net.losses(x, ys)
+    mtl_backward(losses, features=f)
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_jac_to_grad_returns_weights_like_torchjd(optimize):
+    torch.manual_seed(0)
+    net = _Net()
+    results = []
+    for agg in [fusedjd.GradVac(), ta.GradVac()]:
+        grads, weights = [], []
+        for step in range(5):
+            for p in net.parameters():
+                p.grad = None
+            _backward(net, seed=step)
+            torch.manual_seed(100 + step)
+            w = jac_to_grad(net.encoder.parameters(), agg, optimize_gramian_computation=optimize)
+            weights.append(w)
+            grads.append(torch.cat([p.grad.flatten() for p in net.encoder.parameters()]))
+        results.append((weights, grads))
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        assert a is not None and rel_err(a, b) < 1e-4
+
+
+def test_grouped_all_layer_equals_recipe_through_jac_to_grad():
+    torch.manual_seed(0)
+    net = _Net()
+    enc = list(net.encoder.parameters())
+    sizes = fusedjd.groups.all_layer(net.encoder)
+    layers = [m for m in net.encoder.modules() if list(m.parameters(recurse=False))]
+    ours, theirs = fusedjd.GroupedGradVac(sizes), [ta.GradVac() for _ in layers]
+    for step in range(5):
+        _backward(net, seed=step)
+        torch.manual_seed(step)
+        jac_to_grad(enc, ours)
+        got = torch.cat([p.grad.flatten() for p in enc])
+        for p in net.parameters():
+            p.grad = None
+        _backward(net, seed=step)
+        torch.manual_seed(step)
+        for layer, agg in zip(layers, theirs):
+            jac_to_grad(layer.parameters(), agg)
+        expected = torch.cat([p.grad.flatten() for p in enc])
+        for p in net.parameters():
+            p.grad = None
+        assert rel_err(got, expected) < 1e-4
+
+
+def test_weighting_works_with_autogram_engine():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 1))
+    x, y = torch.randn(12, 5), torch.randn(12)
+    results = []
+    for weighting in [fusedjd.GradVacWeighting(), ta.GradVacWeighting()]:
+        engine = Engine(model, batch_dim=0)
+        losses = (model(x).squeeze(-1) - y) ** 2
+        G = engine.compute_gramian(losses)
+        torch.manual_seed(4)
+        w = weighting(G)
+        losses.backward(w)
+        results.append((w, [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    assert rel_err(results[0][0], results[1][0]) < 1e-4
+    for a, b in zip(results[0][1], results[1][1]):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_repr_str_and_validated_properties():
+    assert repr(fusedjd.GradVac()) == repr(ta.GradVac()) == "GradVac(beta=0.5, eps=1e-08)"
+    assert str(fusedjd.GradVac()) == str(ta.GradVac()) == "GradVac"
+    assert repr(fusedjd.PCGrad()) == repr(ta.PCGrad()) and str(fusedjd.PCGrad()) == "PCGrad"
+    assert repr(fusedjd.GroupedGradVac([2, 3], beta=0.1)) == "GroupedGradVac(group_sizes=[2, 3], beta=0.1, eps=1e-08)"
+    for cls in [fusedjd.GradVac, fusedjd.GradVacWeighting, lambda **kw: fusedjd.GroupedGradVac([2], **kw)]:
+        with pytest.raises(ValueError, match=r"Attribute `beta` must be in \[0, 1\]. Found beta=1.5."):
+            cls(beta=1.5)
+        with pytest.raises(ValueError, match=r"Attribute `eps` must be non-negative. Found eps=-1.0."):
+            cls(eps=-1.0)
+        agg = cls()
+        with pytest.raises(ValueError, match="beta"):
+            agg.beta = -0.1
+        agg.beta = 0.25
+        assert agg.beta == 0.25
+    for bad in [[], [3, -1], [2.5], "ab", [None]]:
+        with pytest.raises(ValueError, match="Attribute `group_sizes` must be a non-empty sequence"):
+            fusedjd.GroupedGradVac(bad)
+
+
+def test_outputs_do_not_require_grad():
+    J = torch.randn(3, 8, requires_grad=True)
+    for agg in [fusedjd.GradVac(), fusedjd.PCGrad(), fusedjd.GroupedGradVac([4, 4])]:
+        assert not agg(J).requires_grad
+    G = (J @ J.T).detach().requires_grad_()
+    assert not fusedjd.GradVacWeighting()(G).requires_grad
+
+
+@pytest.mark.parametrize("make", [fusedjd.GradVac, lambda: fusedjd.GroupedGradVac([5, 0, 7])])
+def test_state_dict_round_trip_continues_exactly(make):
+    gen = torch.Generator().manual_seed(1)
+    Js = [torch.randn(4, 12, generator=gen) for _ in range(8)]
+    a = make()
+    torch.manual_seed(0)
+    for J in Js[:4]:
+        a(J)
+    b = make()
+    b.load_state_dict(a.state_dict())
+    assert any(k.endswith("_targets") for k in a.state_dict())
+    rng = torch.get_rng_state()
+    outs_a = [a(J) for J in Js[4:]]
+    torch.set_rng_state(rng)
+    outs_b = [b(J) for J in Js[4:]]
+    for x, y in zip(outs_a, outs_b):
+        assert torch.equal(x, y)
+
+
+def _targets(agg):
+    return agg.gramian_weighting._targets
+
+
+def test_state_resets_on_change_of_m_n_dtype():
+    agg = fusedjd.GradVac()
+    J = torch.randn(3, 10)
+    torch.manual_seed(0)
+    agg(J)
+    agg(J)
+    for changed in [torch.randn(4, 10), torch.randn(3, 11), torch.randn(3, 10, dtype=torch.float64)]:
+        fresh = fusedjd.GradVac()
+        torch.manual_seed(1)
+        expected = fresh(changed)
+        torch.manual_seed(1)
+        assert torch.equal(agg(changed), expected)
+        torch.manual_seed(0)
+        agg(J)
+
+
+def test_reset_clears_state():
+    agg = fusedjd.GradVac()
+    J = torch.randn(3, 10)
+    torch.manual_seed(0)
+    first = agg(J)
+    agg(J)
+    agg.reset()
+    torch.manual_seed(0)
+    assert torch.equal(agg(J), first)
+
+
+@pytest.mark.parametrize("make,kind", [(fusedjd.GradVac, "matrix"), (lambda: fusedjd.GroupedGradVac([6, 4]), "matrix"),
+                                       (fusedjd.GradVacWeighting, "gramian")])
+def test_nonfinite_input_keeps_state_and_returns_nonfinite(make, kind):
+    agg = make()
+    J = torch.randn(3, 10)
+    torch.manual_seed(0)
+    agg(J if kind == "matrix" else J @ J.T)
+    state = {k: v.clone() for k, v in agg.state_dict().items() if isinstance(v, torch.Tensor)}
+    for bad in [float("nan"), float("inf")]:
+        Jb = J.clone()
+        Jb[1, 7] = bad
+        out = agg(Jb if kind == "matrix" else Jb @ Jb.T)
+        assert not torch.isfinite(out).all()
+        for k, v in agg.state_dict().items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, state[k]), k
+
+
+def test_empty_inputs_like_torchjd():
+    for ours, theirs in [(fusedjd.GradVac(), ta.GradVac()), (fusedjd.PCGrad(), ta.PCGrad())]:
+        for shape in [(0, 5), (3, 0), (0, 0)]:
+            J = torch.zeros(shape)
+            torch.manual_seed(0)
+            g = ours(J)
+            torch.manual_seed(0)
+            e = theirs(J)
+            assert g.shape == e.shape and torch.equal(g, e)
+    assert torch.equal(fusedjd.GroupedGradVac([5])(torch.zeros(0, 5)), torch.zeros(5))
+    assert fusedjd.GradVacWeighting()(torch.zeros(0, 0)).shape == (0,)
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match=r"Parameter `matrix` should be a tensor of dimension 2"):
+        fusedjd.GradVac()(torch.randn(3))
+    with pytest.raises(TypeError, match=r"Parameter `matrix` must be a floating-point tensor. Found dtype=torch.int64"):
+        fusedjd.GradVac()(torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`gramian` should be a square matrix .* Found `gramian.shape = \(2, 3\)`"):
+        fusedjd.GradVacWeighting()(torch.randn(2, 3))
+    with pytest.raises(TypeError, match=r"`gramian` must be a floating-point tensor"):
+        fusedjd.PCGradWeighting()(torch.ones(2, 2, dtype=torch.int32))
+    agg = fusedjd.GroupedGradVac([3, 4])
+    with pytest.raises(ValueError, match=r"must sum to the number of columns of `matrix` \(8\). Found sum\(group_sizes\)=7"):
+        agg(torch.randn(2, 8))
+    before = agg.state_dict()
+    assert all(v.numel() == 0 for v in before.values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_inputs(dtype):
+    gen = torch.Generator().manual_seed(0)
+    J = torch.randn(4, 300, generator=gen)
+    torch.manual_seed(0)
+    ours = fusedjd.GradVac()(J.to(dtype))
+    torch.manual_seed(0)
+    ref = ta.GradVac()(J.to(dtype).double()).to(dtype)
+    assert ours.dtype == dtype and rel_err(ours, ref) < 2e-2

@@ -18,16 +18,9 @@ class _MoCoState(_BufferState):
 
     _state_names = ("_y", "_lam", "_step")
 
-    def __init__(
-        self,
-        beta: float = 0.5,
-        beta_sigma: float = 0.5,
-        gamma: float = 0.1,
-        gamma_sigma: float = 0.5,
-        rho: float = 0.0,
-        simplex: str = "softmax",
+    def _configure(
+        self, beta: float, beta_sigma: float, gamma: float, gamma_sigma: float, rho: float, simplex: str
     ) -> None:
-        super().__init__()
         self.beta = beta
         self.beta_sigma = beta_sigma
         self.gamma = gamma
@@ -182,6 +175,18 @@ class MoCoWeighting(Weighting, _MoCoState, Stateful, _NonDifferentiable):
         + _MOCO_DOC
     )
 
+    def __init__(
+        self,
+        beta: float = 0.5,
+        beta_sigma: float = 0.5,
+        gamma: float = 0.1,
+        gamma_sigma: float = 0.5,
+        rho: float = 0.0,
+        simplex: str = "softmax",
+    ) -> None:
+        super().__init__()
+        self._configure(beta, beta_sigma, gamma, gamma_sigma, rho, simplex)
+
     def forward(self, matrix: Tensor, /) -> Tensor:
         return self._step_once(matrix)[0]
 
@@ -197,6 +202,18 @@ class MoCo(Aggregator, _MoCoState, Stateful, _NonDifferentiable):
 """
         + _MOCO_DOC
     )
+
+    def __init__(
+        self,
+        beta: float = 0.5,
+        beta_sigma: float = 0.5,
+        gamma: float = 0.1,
+        gamma_sigma: float = 0.5,
+        rho: float = 0.0,
+        simplex: str = "softmax",
+    ) -> None:
+        super().__init__()
+        self._configure(beta, beta_sigma, gamma, gamma_sigma, rho, simplex)
 
     def forward(self, matrix: Tensor, /) -> Tensor:
         return self._step_once(matrix)[1]

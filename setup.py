@@ -29,7 +29,7 @@ def _want_cuda() -> bool:
 
 def _extension():
     cpu_sources = ["csrc/fusedjd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-std=c++17", "-DFUSEDJD_PYTHON_MODULE"]
     if os.environ.get("FUSEDJD_PORTABLE", "0") in ("", "0"):
         cxx.append("-march=native")
     if _want_cuda():

@@ -5,8 +5,10 @@
 // csrc/cpu/<family>.cpp (TORCH_LIBRARY_IMPL(fusedjd, CPU)) and
 // csrc/cuda/<family>.cu (TORCH_LIBRARY_IMPL(fusedjd, CUDA)); fake kernels are
 // registered from Python (python/fusedjd/ops.py).
-#include <Python.h>
 #include <torch/library.h>
+
+#ifdef FUSEDJD_PYTHON_MODULE  // set by setup.py; the CMake build is a plain C++ library
+#include <Python.h>
 
 extern "C" {
 // Importing fusedjd._C loads this shared library, which runs the static
@@ -17,6 +19,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 TORCH_LIBRARY(fusedjd, m) {
   // Per-column-group Gramians of J [m, n]: returns [k, m, m], G[g] = J_g J_g^T

@@ -101,27 +101,28 @@ FUSEDJD_HD void softmax_inplace(double* v, int64_t m) {
 }
 
 // The MoCo weight update, from the Gramian terms of pass 1.
-//   gram: the (2m x 2m) Gramian of the stacked rows [Y; J] (row-major), i.e.
+//   gram: the (2m x 2m) Gramian (any floating type) of the stacked rows [Y; J] (row-major), i.e.
 //         YY^T in the top-left block, YJ^T top-right, JJ^T bottom-right.
 //   lam:  current weights (length m); lam_new receives S(lam - c (Yn Yn^T + rho I) lam)
 //         where Yn = (1 - b) Y + b J.
 //   scratch: 2m doubles.
 // Returns false (and leaves lam_new unspecified) when any Gramian term or the
 // result is non-finite: the caller must then leave the whole state untouched.
-FUSEDJD_HD bool moco_lambda_update(const double* gram, const double* lam, double* lam_new,
+template <typename GT>
+FUSEDJD_HD bool moco_lambda_update(const GT* gram, const double* lam, double* lam_new,
                                    int64_t m, double b, double c, double rho, bool projection,
                                    double* scratch) {
   const int64_t w = 2 * m;
   for (int64_t e = 0; e < w * w; ++e)
-    if (!isfinite(gram[e])) return false;
+    if (!isfinite(static_cast<double>(gram[e]))) return false;
   const double a = 1.0 - b;
   for (int64_t r = 0; r < m; ++r) {
     double acc = rho * lam[r];
     for (int64_t s = 0; s < m; ++s) {
-      const double yy = gram[r * w + s];
-      const double yj = gram[r * w + (m + s)];      // <Y_r, J_s>
-      const double jy = gram[s * w + (m + r)];      // <Y_s, J_r>
-      const double jj = gram[(m + r) * w + (m + s)];
+      const double yy = static_cast<double>(gram[r * w + s]);
+      const double yj = static_cast<double>(gram[r * w + (m + s)]);      // <Y_r, J_s>
+      const double jy = static_cast<double>(gram[s * w + (m + r)]);      // <Y_s, J_r>
+      const double jj = static_cast<double>(gram[(m + r) * w + (m + s)]);
       const double mrs = a * a * yy + a * b * (yj + jy) + b * b * jj;
       acc += mrs * lam[s];
     }

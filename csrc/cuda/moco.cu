@@ -1,0 +1,132 @@
+// CUDA kernels of the MoCo family: one in-place MoCo step, free of host syncs.
+//   pass 1: the Gramian of the stacked rows [Y; J] (gram_rows, one read of J and Y);
+//   step:   one thread reads the device step counter, computes the step sizes, the
+//           weight update and the skip decision (math.h), and updates lam and step;
+//   pass 2: Y <- Y + b (J - Y) in place and out = lam^T Y, or NaN and no write when the
+//           step was refused (non-finite J).
+// Peak memory: J + Y + O(m^2 + n).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../common.h"
+#include "../math.h"
+#include "cuda_common.cuh"
+
+namespace fusedjd::cuda {
+namespace {
+
+// scratch (float64): [lam_old m | lam_new m | tmp 2m | b | ok]
+template <typename acc_t, typename lam_t>
+__global__ void moco_update_kernel(const acc_t* gram, int64_t m, lam_t* lam, int64_t* step, double beta,
+                                   double beta_sigma, double gamma, double gamma_sigma, double rho, bool projection,
+                                   double* scratch, lam_t* weights) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  double* lam_old = scratch;
+  double* lam_new = scratch + m;
+  double* tmp = scratch + 2 * m;
+  const int64_t k = *step + 1;
+  double b = 0.0, c = 0.0;
+  moco_rates(k, beta, beta_sigma, gamma, gamma_sigma, &b, &c);
+  for (int64_t r = 0; r < m; ++r) lam_old[r] = static_cast<double>(lam[r]);
+  const bool ok = moco_lambda_update(gram, lam_old, lam_new, m, b, c, rho, projection, tmp);
+  for (int64_t r = 0; r < m; ++r) {
+    if (ok) lam[r] = static_cast<lam_t>(lam_new[r]);
+    weights[r] = ok ? static_cast<lam_t>(lam_new[r]) : static_cast<lam_t>(NAN);
+  }
+  if (ok) *step = k;
+  scratch[4 * m] = b;
+  scratch[4 * m + 1] = ok ? 1.0 : 0.0;
+}
+
+template <typename T, typename opmath_t>
+__global__ void moco_pass2_kernel(const T* J, int64_t ldj, T* Y, int64_t m, int64_t n, const double* scratch, T* out) {
+  const double* lam_new = scratch + m;
+  const bool ok = scratch[4 * m + 1] != 0.0;
+  const opmath_t b = static_cast<opmath_t>(scratch[4 * m]);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < n; c += stride) {
+    if (!ok) {
+      out[c] = static_cast<T>(NAN);
+      continue;
+    }
+    opmath_t acc = opmath_t(0);
+    for (int64_t r = 0; r < m; ++r) {
+      const opmath_t y = static_cast<opmath_t>(Y[r * n + c]);
+      const T ynew = static_cast<T>(y + b * (static_cast<opmath_t>(J[r * ldj + c]) - y));
+      Y[r * n + c] = ynew;
+      acc += static_cast<opmath_t>(lam_new[r]) * static_cast<opmath_t>(ynew);
+    }
+    out[c] = static_cast<T>(acc);
+  }
+}
+
+// Pass 1 for tall J (2m rows beyond the tiled kernel): three cuBLAS products into the
+// blocks of the stacked Gramian; still no m x n temporary for float32/float64.
+at::Tensor stacked_gram_blas(const at::Tensor& J, const at::Tensor& Y, at::ScalarType acc) {
+  const int64_t m = J.size(0);
+  at::Tensor gram = at::empty({2 * m, 2 * m}, J.options().dtype(acc));
+  const at::Tensor Ja = J.to(acc), Ya = Y.to(acc);
+  at::Tensor tl = gram.narrow(0, 0, m).narrow(1, 0, m), tr = gram.narrow(0, 0, m).narrow(1, m, m);
+  at::Tensor bl = gram.narrow(0, m, m).narrow(1, 0, m), br = gram.narrow(0, m, m).narrow(1, m, m);
+  at::mm_out(tl, Ya, Ya.t());
+  at::mm_out(tr, Ya, Ja.t());
+  at::mm_out(bl, Ja, Ya.t());
+  at::mm_out(br, Ja, Ja.t());
+  return gram;
+}
+
+std::tuple<at::Tensor, at::Tensor> moco_step_cuda(const at::Tensor& J, at::Tensor& Y, at::Tensor& lam,
+                                                  at::Tensor& step, double beta, double beta_sigma, double gamma,
+                                                  double gamma_sigma, double rho, bool projection) {
+  check_moco_args(J, Y, lam, step);
+  const c10::cuda::CUDAGuard guard(J.device());
+  const int64_t m = J.size(0), n = J.size(1);
+  at::Tensor weights = at::empty({m}, lam.options());
+  at::Tensor out = at::empty({n}, J.options());
+  if (m == 0) {
+    out.zero_();
+    return {weights, out};
+  }
+  const at::Tensor Jc = (n <= 1 || J.stride(1) == 1) ? J : J.contiguous();
+  const at::ScalarType acc = acc_dtype(J.scalar_type());
+  at::Tensor gram;
+  if (2 * m <= gram_rows_max(J.scalar_type())) {
+    const Rows R{Y.data_ptr(), n, Jc.data_ptr(), Jc.stride(0), m};
+    const int64_t sizes[1] = {n};
+    gram = gram_rows(R, 2 * m, at::IntArrayRef(sizes, 1), n, J.scalar_type(), J.device()).select(0, 0);
+  } else {
+    gram = stacked_gram_blas(Jc, Y, acc);
+  }
+  at::Tensor scratch = at::empty({4 * m + 2}, J.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(acc, "fusedjd_moco_update_cuda", [&] {
+    moco_update_kernel<scalar_t, scalar_t><<<1, 1, 0, stream()>>>(
+        gram.data_ptr<scalar_t>(), m, lam.data_ptr<scalar_t>(), step.data_ptr<int64_t>(), beta, beta_sigma, gamma,
+        gamma_sigma, rho, projection, scratch.data_ptr<double>(), weights.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (n == 0) return {weights, out};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, J.scalar_type(), "fusedjd_moco_pass2_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const int threads = 256;
+    const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 32 * static_cast<int64_t>(sm_count()));
+    moco_pass2_kernel<scalar_t, opmath_t><<<static_cast<unsigned>(blocks), threads, 0, stream()>>>(
+        Jc.data_ptr<scalar_t>(), Jc.stride(0), Y.data_ptr<scalar_t>(), m, n, scratch.data_ptr<double>(),
+        out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {weights, out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedjd, CUDA, m) {
+  m.impl("moco_step", &moco_step_cuda);
+}
+
+}  // namespace fusedjd::cuda

@@ -37,6 +37,11 @@ TORCH_LIBRARY(fusedjd, m) {
   // The PCGrad loop (target fixed at 0, no state) on the same inputs.
   m.def("pcgrad_loop(Tensor G, Tensor perms) -> Tensor");
 
+  // Visit orders [k, m, m-1] (int64, CPU) drawn from the default CPU generator exactly as
+  // torchjd draws them with torch.randperm: GradVac takes randperm(m-1) per row mapped onto
+  // the other rows, PCGrad randperm(m) per row with the row itself skipped.
+  m.def("draw_perms(int k, int m, bool pcgrad) -> Tensor", {at::Tag::nondeterministic_seeded});
+
   // Per-group combination of the rows of J [m, n] with weights [k, m]:
   // out[cols of g] = weights[g] @ J_g. Output dtype is J's.
   m.def("combine(Tensor J, Tensor weights, int[] group_sizes) -> Tensor");

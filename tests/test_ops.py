@@ -160,7 +160,9 @@ def test_moco_step_matches_reference(device, dtype, m, n, simplex, rho):
         J = torch.randn(m, n, generator=gen, dtype=dtype)
         w, out = ops.moco_step(J.to(device), Y, lam, step, 0.6, 0.4, 0.7, 0.3, rho, simplex == "projection")
         w_ref, out_ref = ref(J)
-        tol = 1e-11 if dtype == torch.float64 else 2e-5
+        # float32: the Gramian terms accumulate in float32 (BLAS), and the weight update
+        # amplifies their rounding by c_k * |J|^2
+        tol = 1e-11 if dtype == torch.float64 else 2e-4
         assert rel_err(w, w_ref) < tol
         assert rel_err(out, out_ref) < tol
         assert rel_err(Y, ref.Y) < tol

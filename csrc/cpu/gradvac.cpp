@@ -2,11 +2,14 @@
 // of Gramians. Every (group, row) pair is an independent chain; the chains
 // run in parallel, each chain's steps run in order.
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "../common.h"
@@ -28,13 +31,50 @@ void check_perm_values(const at::Tensor& perms, int64_t m) {
   }
 }
 
+// torch.randperm(n) on the CPU: identity, then a Fisher-Yates pass drawing
+// generator->random() % (n - i) for i < n - 1 (the draws torch itself makes).
+void randperm_into(at::CPUGeneratorImpl* gen, int64_t n, int64_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = i;
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    const int64_t z = gen->random() % (n - i);
+    std::swap(out[i], out[z + i]);
+  }
+}
+
+at::Tensor draw_perms(int64_t k, int64_t m, bool pcgrad) {
+  TORCH_CHECK(k >= 0 && m >= 0, "fusedjd: draw_perms needs k >= 0 and m >= 0, got k=", k, ", m=", m);
+  at::Tensor out = at::empty({k, m, m > 0 ? m - 1 : 0}, at::TensorOptions().dtype(at::kLong));
+  if (k == 0 || m == 0) return out;
+  int64_t* o = out.data_ptr<int64_t>();
+  std::vector<int64_t> perm(static_cast<size_t>(m));
+  at::Generator g = at::detail::getDefaultCPUGenerator();
+  auto* gen = at::check_generator<at::CPUGeneratorImpl>(g);
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  for (int64_t chain = 0; chain < k * m; ++chain) {
+    const int64_t i = chain % m;
+    int64_t* dst = o + chain * (m - 1);
+    if (pcgrad) {  // randperm(m), skipping i
+      randperm_into(gen, m, perm.data());
+      int64_t s = 0;
+      for (int64_t a = 0; a < m; ++a)
+        if (perm[a] != i) dst[s++] = perm[a];
+    } else {  // randperm(m - 1) mapped onto [0..i-1, i+1..m-1]
+      randperm_into(gen, m - 1, perm.data());
+      for (int64_t a = 0; a + 1 < m; ++a) dst[a] = perm[a] + (perm[a] >= i ? 1 : 0);
+    }
+  }
+  return out;
+}
+
 template <typename S>
 void run_chains(const S* G, const int64_t* perms, S* targets, S* weights, int64_t k, int64_t m,
                 double beta, double eps, bool pcgrad) {
   const int64_t mm = m * m;
   std::vector<double> coef(static_cast<size_t>(k * mm), 0.0);
   const double floor = target_sine_floor<S>();
-  at::parallel_for(0, k * m, 1, [&](int64_t lo, int64_t hi) {
+  // a chain is ~m^2 flops: keep small problems on one thread (no wake-up cost)
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, mm));
+  at::parallel_for(0, k * m, grain, [&](int64_t lo, int64_t hi) {
     std::vector<double> cG(static_cast<size_t>(m));
     for (int64_t chain = lo; chain < hi; ++chain) {
       const int64_t g = chain / m, i = chain % m;
@@ -79,7 +119,12 @@ at::Tensor loop_cpu(const at::Tensor& G_in, const at::Tensor& perms_in, at::Tens
   const at::Tensor perms = perms_in.contiguous();
   check_perm_values(perms, m);
   // A non-finite Gramian must not reach the targets: return NaN weights, keep the state.
-  if (!at::isfinite(G).all().item<bool>()) return weights.fill_(std::numeric_limits<double>::quiet_NaN());
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "fusedjd_gradvac_finite_cpu", [&] {
+    const scalar_t* g = G.data_ptr<scalar_t>();
+    for (int64_t e = 0; e < G.numel(); ++e) finite &= std::isfinite(static_cast<double>(g[e]));
+  });
+  if (!finite) return weights.fill_(std::numeric_limits<double>::quiet_NaN());
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "fusedjd_gradvac_loop_cpu", [&] {
     run_chains<scalar_t>(G.data_ptr<scalar_t>(), perms.data_ptr<int64_t>(),
                          targets ? targets->data_ptr<scalar_t>() : nullptr, weights.data_ptr<scalar_t>(),
@@ -101,6 +146,10 @@ at::Tensor pcgrad_loop_cpu(const at::Tensor& G, const at::Tensor& perms) {
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(fusedjd, CompositeExplicitAutograd, m) {
+  m.impl("draw_perms", &draw_perms);
+}
 
 TORCH_LIBRARY_IMPL(fusedjd, CPU, m) {
   m.impl("gradvac_loop", &gradvac_loop_cpu);

@@ -109,6 +109,18 @@ at::Tensor combine_cpu(const at::Tensor& J, const at::Tensor& weights, at::IntAr
   const at::Tensor Jc = unit_col_stride(J);
   const at::Tensor W = weights.to(at::kDouble).contiguous();
   const double* w = W.data_ptr<double>();
+  // Wide float32/float64 groups: BLAS gemv into the output slice; the rest below.
+  std::vector<bool> done(static_cast<size_t>(k), false);
+  if (Jc.scalar_type() == at::kFloat || Jc.scalar_type() == at::kDouble) {
+    const at::Tensor Wj = W.to(Jc.scalar_type());
+    for (int64_t g = 0; g < k; ++g) {
+      const int64_t s = off[g + 1] - off[g];
+      if (s < kBlasMinCols) continue;
+      at::Tensor og = out.narrow(0, off[g], s);
+      at::mv_out(og, Jc.narrow(1, off[g], s).t(), Wj.select(0, g));
+      done[g] = true;
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jc.scalar_type(), "fusedjd_combine_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* base = Jc.data_ptr<scalar_t>();
@@ -124,6 +136,10 @@ at::Tensor combine_cpu(const at::Tensor& J, const at::Tensor& weights, at::IntAr
         for (int64_t s0 = c0; s0 < c1; ++g) {
           const int64_t s1 = std::min(c1, off[g + 1]);
           if (s1 <= s0) continue;  // empty group
+          if (done[g]) {           // already written by BLAS
+            s0 = s1;
+            continue;
+          }
           opmath_t* a = acc.data();
           const int64_t len = s1 - s0;
           for (int64_t c = 0; c < len; ++c) a[c] = opmath_t(0);

@@ -1,7 +1,8 @@
 // CPU kernel of the MoCo family: one in-place MoCo step in two passes over J
 // and Y, with no m x n temporary.
 //   pass 1: the Gramian of the stacked rows [Y; J] (gives Yn Yn^T for the new Y
-//           without forming it) -- a non-finite term means a non-finite J;
+//           without forming it) -- a non-finite term means a non-finite J; BLAS
+//           products for float32/float64, the generic row loop for half types;
 //   step:   step sizes, the weight update and the skip decision (math.h);
 //   pass 2: Y <- Y + b (J - Y) in place and out = lam^T Y, fused.
 #include <ATen/ATen.h>
@@ -11,6 +12,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -53,7 +55,23 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J, at::Tensor
       rows[r] = y + r * n;
       rows[m + r] = j + r * ldj;
     }
-    gram_rows_parallel(rows.data(), 2 * m, n, gram.data());
+    if (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+      // BLAS products into the blocks of the stacked Gramian (no m x n temporary)
+      const at::Tensor yy = at::mm(Y, Y.t()).to(at::kDouble).contiguous();
+      const at::Tensor yj = at::mm(Y, Jc.t()).to(at::kDouble).contiguous();
+      const at::Tensor jj = at::mm(Jc, Jc.t()).to(at::kDouble).contiguous();
+      const double *a = yy.data_ptr<double>(), *bq = yj.data_ptr<double>(), *d = jj.data_ptr<double>();
+      const int64_t w = 2 * m;
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t q = 0; q < m; ++q) {
+          gram[r * w + q] = a[r * m + q];
+          gram[r * w + m + q] = bq[r * m + q];
+          gram[(m + q) * w + r] = bq[r * m + q];
+          gram[(m + r) * w + m + q] = d[r * m + q];
+        }
+    } else {
+      gram_rows_parallel(rows.data(), 2 * m, n, gram.data());
+    }
     ok = moco_lambda_update(gram.data(), lam_old.data(), lam_new.data(), m, b, c, rho, projection,
                             scratch.data());
     if (!ok) return;

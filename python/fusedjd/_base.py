@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import ops  # noqa: F401  (loads the operator library)
+
 
 class _NonDifferentiable(nn.Module):
     """Runs the module under :func:`torch.no_grad`: the outputs never require grad."""
@@ -101,19 +103,10 @@ def _to_device(perms: Tensor, device: torch.device) -> Tensor:
 def draw_gradvac_perms(k: int, m: int) -> Tensor:
     """Visit orders ``[k, m, m-1]`` drawn exactly as torchjd's GradVac draws them: for each
     group, for each row ``i``, ``torch.randperm(m - 1)`` mapped onto the other rows."""
-    if m == 0:
-        return torch.empty((k, 0, 0), dtype=torch.long)
-    P = torch.stack([torch.randperm(m - 1) for _ in range(k * m)]).view(k, m, m - 1)
-    rows = torch.arange(m).view(1, m, 1)
-    return P + (P >= rows)
+    return torch.ops.fusedjd.draw_perms.default(k, m, False)
 
 
 def draw_pcgrad_perms(k: int, m: int) -> Tensor:
     """Visit orders ``[k, m, m-1]`` drawn exactly as torchjd's PCGrad draws them: for each
     row ``i``, ``torch.randperm(m)`` with ``i`` skipped."""
-    if m == 0:
-        return torch.empty((k, 0, 0), dtype=torch.long)
-    P = torch.stack([torch.randperm(m) for _ in range(k * m)]).view(k, m, m)
-    keep = P != torch.arange(m).view(1, m, 1)
-    return P[keep].view(k, m, m - 1)
-
+    return torch.ops.fusedjd.draw_perms.default(k, m, True)

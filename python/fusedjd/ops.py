@@ -108,6 +108,11 @@ def _(G, perms):
     return G.new_empty((G.shape[0], G.shape[1]))
 
 
+@torch.library.register_fake("fusedjd::draw_perms")
+def _(k, m, pcgrad):
+    return torch.empty((k, m, max(m - 1, 0)), dtype=torch.long)
+
+
 @torch.library.register_fake("fusedjd::combine")
 def _(J, weights, group_sizes):
     return J.new_empty((J.shape[1],))

@@ -1,0 +1,101 @@
+"""Timing, formatting and progress helpers for the fusedjd benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], device: str, budget_s: float = 0.4, min_reps: int = 3,
+                max_reps: int = 200) -> float:
+    """Median wall time of fn() in seconds: warm-up first, then repetitions until the time budget
+    (at least min_reps). CUDA: timed with events around each call."""
+    fn()
+    sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str) -> float | None:
+    """Device-to-device copy bandwidth (bytes read + written per second), measured in this run."""
+    if device != "cuda":
+        return None
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), device, budget_s=0.5)
+    return 2 * src.numel() * 4 / t
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    d = b.norm().item()
+    return (a - b).norm().item() / (d if d > 0 else 1.0)
+
+
+def fmt_time(t: float | None) -> str:
+    if t is None:
+        return "—"
+    if t < 1e-3:
+        return f"{t * 1e6:.1f} µs"
+    if t < 1:
+        return f"{t * 1e3:.2f} ms"
+    return f"{t:.2f} s"
+
+
+def fmt_x(x: float | None) -> str:
+    return "—" if x is None else (f"{x:,.0f}×" if x >= 100 else f"{x:.1f}×")
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        out = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |",
+               "|" + "|".join(" --- " for _ in self.columns) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(out) + "\n"
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = max(total, 1), 0, time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        width = 30
+        filled = int(width * self.done / self.total)
+        el = time.perf_counter() - self.t0
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {el:5.0f}s  {label[:60]:<60}")
+        sys.stderr.flush()
+        if self.done == self.total:
+            sys.stderr.write("\n")

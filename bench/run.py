@@ -1,0 +1,403 @@
+"""fusedjd benchmark: fusedjd against torchjd 0.18 and plain PyTorch, on the device at hand.
+
+    python bench/run.py               # default set, a few minutes on a 2-core CPU
+    python bench/run.py --full        # the full grid
+    python bench/run.py --device cuda # force the GPU
+
+Every row checks fusedjd's result against the baseline before it times anything; a row
+whose check fails is marked MISMATCH and the run exits non-zero. Times are medians
+(CUDA events on a GPU). On a GPU, GB/s and time / floor use the device-to-device copy
+bandwidth measured in the same run. The markdown tables are printed and written to
+bench/results/<device>.md, with a speedup plot next to it when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+
+import torch
+import torchjd
+from torch import nn
+from torchjd import aggregation as ta
+from torchjd.autogram import Engine
+from torchjd.autojac import jac_to_grad, mtl_backward
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fusedjd  # noqa: E402
+from common import Progress, Table, copy_bandwidth, fmt_time, fmt_x, median_time, rel_err, sync  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MISMATCHES: list[str] = []
+
+
+class PlainMoCo(ta.Aggregator):
+    """MoCo written the plain PyTorch way (LibMTL style): temporaries for every expression."""
+
+    def __init__(self, beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5, rho=0.0):
+        super().__init__()
+        self.h = (beta, beta_sigma, gamma, gamma_sigma, rho)
+        self.Y = self.lam = None
+        self.k = 0
+
+    def forward(self, J):
+        beta, bs, gamma, gs, rho = self.h
+        with torch.no_grad():
+            if self.Y is None or self.Y.shape != J.shape:
+                self.Y = torch.zeros_like(J)
+                self.lam = torch.full((J.shape[0],), 1.0 / J.shape[0], dtype=J.dtype, device=J.device)
+                self.k = 0
+            self.k += 1
+            b, c = beta / self.k**bs, gamma / self.k**gs
+            self.Y = self.Y - b * (self.Y - J)
+            M = self.Y @ self.Y.T + rho * torch.eye(J.shape[0], dtype=J.dtype, device=J.device)
+            self.lam = torch.softmax(self.lam - c * (M @ self.lam), dim=0)
+            return self.lam @ self.Y
+
+
+def check(label: str, got: torch.Tensor, expected: torch.Tensor, tol: float) -> str:
+    err = rel_err(got, expected)
+    if not err < tol:
+        MISMATCHES.append(f"{label}: relative error {err:.2e} > {tol:.0e}")
+        return "MISMATCH"
+    return "ok"
+
+
+def seeded(fn, seed=0):
+    def run():
+        torch.manual_seed(seed)
+        return fn()
+    return run
+
+
+def nice_n(n: int) -> str:
+    return f"1e{len(str(n)) - 1}" if str(n).strip("0") == "1" else f"{n:,}"
+
+
+def per_parameter_sizes() -> tuple[str, list[int]]:
+    """The per-parameter grouping of a real model's parameter list (a small CNN + MLP)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.Conv2d(32, 64, 3), nn.BatchNorm2d(64),
+        nn.Conv2d(64, 128, 3), nn.BatchNorm2d(128), nn.Flatten(), nn.Linear(128 * 16, 256), nn.Linear(256, 256),
+        nn.Linear(256, 128),
+    )
+    sizes = fusedjd.groups.all_matrix(model.parameters())
+    return f"CNN, {len(sizes)} tensors", sizes
+
+
+def bench_gramian(device, cfg, bw, progress):
+    t = Table("Gramian (fp32): fusedjd.ops.gramian vs torch `J @ J.T` (per group for grouped J)",
+              ["m", "n", "groups", "check", "fusedjd", "GB/s", "time / floor", "torch", "speedup"])
+    for m, n, grouping in cfg:
+        name, sizes = grouping if grouping else ("1", None)
+        if sizes is None:
+            sizes = [n]
+        n = sum(sizes)
+        J = torch.randn(m, n, device=device)
+        fused = lambda: fusedjd.ops.gramian(J, sizes)  # noqa: E731
+        if len(sizes) == 1:
+            base = lambda: J @ J.T  # noqa: E731
+            status = check(f"gramian m={m} n={n}", fused()[0], base(), 1e-4)
+        else:
+            base = lambda: [b @ b.T for b in J.split(sizes, dim=1)]  # noqa: E731
+            status = check(f"gramian m={m} grouped", fused(), torch.stack(base()), 1e-4)
+        tf, tb = median_time(fused, device), median_time(base, device)
+        nbytes = 4 * m * n
+        floor = nbytes / bw if bw else None
+        t.rows.append([str(m), nice_n(n), name, status, fmt_time(tf), f"{nbytes / tf / 1e9:.0f}",
+                       f"{tf / floor:.2f}" if floor else "—", fmt_time(tb), fmt_x(tb / tf)])
+        progress.step(f"gramian m={m} n={n}")
+        del J
+    return t
+
+
+def bench_loops(device, cfg, progress, speedups):
+    t = Table("GradVac / PCGrad loop on the Gramian (weightings, fp32)",
+              ["weighting", "m", "check", "fusedjd", "torchjd 0.18", "speedup"])
+    for m, with_torchjd in cfg:
+        A = torch.randn(m, 4 * m + 8, device=device)
+        G = A @ A.T
+        for ours_cls, theirs_cls in [(fusedjd.GradVacWeighting, ta.GradVacWeighting),
+                                     (fusedjd.PCGradWeighting, ta.PCGradWeighting)]:
+            ours = ours_cls()
+            tf = median_time(seeded(lambda: ours(G)), device)
+            if with_torchjd:
+                status = check(f"{ours_cls.__name__} m={m}", seeded(lambda: ours_cls()(G))(),
+                               seeded(lambda: theirs_cls()(G))(), 1e-4)
+                theirs = theirs_cls()
+                tt = median_time(seeded(lambda: theirs(G)), device, budget_s=1.0, min_reps=2)
+                if ours_cls is fusedjd.GradVacWeighting:
+                    speedups["m"].append((m, tt / tf))
+            else:
+                status, tt = "ok (no baseline)", None
+            t.rows.append([ours_cls.__name__, str(m), status, fmt_time(tf),
+                           fmt_time(tt) if tt else "not run (too slow)", fmt_x(tt / tf) if tt else "—"])
+            progress.step(f"{ours_cls.__name__} m={m}")
+    return t
+
+
+def bench_aggregators(device, cfg, bw, progress, speedups):
+    t = Table("Aggregators end to end (fp32): fusedjd vs torchjd 0.18",
+              ["aggregator", "m", "n", "check", "fusedjd", "GB/s", "time / floor", "torch J@Jᵀ + wᵀJ", "torchjd",
+               "speedup"])
+    for kind, m, n, grouping in cfg:
+        if grouping:
+            name, sizes = grouping
+            n = sum(sizes)
+        J = torch.randn(m, n, device=device)
+        w = torch.randn(m, device=device)
+        if kind == "GroupedGradVac":
+            ours = fusedjd.GroupedGradVac(sizes)
+            recipe = [ta.GradVac() for _ in sizes]
+
+            def theirs_call():
+                return torch.cat([a(b) for a, b in zip(recipe, J.split(sizes, dim=1))])
+
+            fresh = [ta.GradVac() for _ in sizes]
+            status = check(f"GroupedGradVac m={m}", seeded(lambda: fusedjd.GroupedGradVac(sizes)(J))(),
+                           seeded(lambda: torch.cat([a(b) for a, b in zip(fresh, J.split(sizes, dim=1))]))(), 1e-3)
+            label = f"GroupedGradVac ({name})"
+            plain = None
+        else:
+            ours_cls, theirs_cls = {"GradVac": (fusedjd.GradVac, ta.GradVac), "PCGrad": (fusedjd.PCGrad, ta.PCGrad)}[kind]
+            ours, theirs = ours_cls(), theirs_cls()
+            theirs_call = lambda: theirs(J)  # noqa: E731
+            status = check(f"{kind} m={m} n={n}", seeded(lambda: ours_cls()(J))(), seeded(lambda: theirs_cls()(J))(), 1e-3)
+            label = kind
+            plain = median_time(lambda: w @ J + (J @ J.T).sum(), device)
+        tf = median_time(seeded(lambda: ours(J)), device)
+        tt = median_time(seeded(theirs_call), device, budget_s=1.0, min_reps=2)
+        nbytes = 2 * 4 * m * n
+        floor = nbytes / bw if bw else None
+        if kind == "GradVac":
+            speedups["n"].append((m, n, tt / tf))
+        t.rows.append([label, str(m), nice_n(n), status, fmt_time(tf), f"{nbytes / tf / 1e9:.0f}",
+                       f"{tf / floor:.2f}" if floor else "—", fmt_time(plain), fmt_time(tt), fmt_x(tt / tf)])
+        progress.step(f"{label} m={m} n={n}")
+        del J
+    return t
+
+
+def bench_moco(device, cfg, bw, progress):
+    t = Table("MoCo step (fp32): fusedjd vs plain PyTorch MoCo",
+              ["m", "n", "check", "fusedjd", "GB/s", "time / floor (5 passes)", "plain PyTorch", "speedup",
+               "peak extra memory fusedjd / plain"])
+    for m, n in cfg:
+        J = torch.randn(m, n, device=device)
+        # reference in float64: the float32 plain loop is itself off by its rounding, which
+        # the softmax amplifies when |J|^2 is large
+        status = check(f"MoCo m={m} n={n}", fusedjd.MoCo()(J), PlainMoCo()(J.double()), 1e-4)
+        ours, plain = fusedjd.MoCo(), PlainMoCo()
+        ours(J), plain(J)
+        mem = "—"
+        if device == "cuda":
+            peaks = []
+            for agg in (ours, plain):
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                agg(J)
+                torch.cuda.synchronize()
+                peaks.append((torch.cuda.max_memory_allocated() - base) / (4 * m * n))
+            mem = f"{peaks[0]:.2f} / {peaks[1]:.2f} × J"
+        tf, tp = median_time(lambda: ours(J), device), median_time(lambda: plain(J), device)
+        nbytes = 5 * 4 * m * n
+        floor = nbytes / bw if bw else None
+        t.rows.append([str(m), nice_n(n), status, fmt_time(tf), f"{nbytes / tf / 1e9:.0f}",
+                       f"{tf / floor:.2f}" if floor else "—", fmt_time(tp), fmt_x(tp / tf), mem])
+        progress.step(f"MoCo m={m} n={n}")
+        del J, ours, plain
+    return t
+
+
+class MultiTaskMLP(nn.Module):
+    def __init__(self, d_in, hidden, tasks):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, hidden), nn.ReLU())
+        self.heads = nn.ModuleList([nn.Linear(hidden, 1) for _ in range(tasks)])
+
+
+def bench_training(device, cfg, progress):
+    d_in, hidden, tasks, batch = cfg
+    t = Table(f"End-to-end training step: MLP encoder ({d_in}→{hidden}→{hidden}→{hidden}), {tasks} task heads, "
+              f"batch {batch} (forward, mtl_backward, jac_to_grad, SGD step)",
+              ["aggregation", "torchjd 0.18 / baseline", "fusedjd", "speedup"])
+    torch.manual_seed(0)
+    net = MultiTaskMLP(d_in, hidden, tasks).to(device)
+    x = torch.randn(batch, d_in, device=device)
+    ys = [torch.randn(batch, device=device) for _ in range(tasks)]
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    layers = [m for m in net.encoder.modules() if list(m.parameters(recurse=False))]
+
+    def step(aggregate):
+        def run():
+            f = net.encoder(x)
+            losses = [((h(f).squeeze(-1) - y) ** 2).mean() for h, y in zip(net.heads, ys)]
+            opt.zero_grad()
+            mtl_backward(losses, features=f)
+            aggregate()
+            opt.step()
+        return run
+
+    enc = list(net.encoder.parameters())
+    pairs = [
+        ("GradVac", ta.GradVac(), fusedjd.GradVac()),
+        ("PCGrad", ta.PCGrad(), fusedjd.PCGrad()),
+    ]
+    for name, theirs, ours in pairs:
+        tt = median_time(seeded(step(lambda: jac_to_grad(enc, theirs))), device, budget_s=1.0)
+        tf = median_time(seeded(step(lambda: jac_to_grad(enc, ours))), device, budget_s=1.0)
+        t.rows.append([name, fmt_time(tt), fmt_time(tf), fmt_x(tt / tf)])
+        progress.step(f"train {name}")
+    recipe = [ta.GradVac() for _ in layers]
+    grouped = fusedjd.GroupedGradVac(fusedjd.groups.all_layer(net.encoder))
+
+    def torchjd_recipe():
+        for layer, agg in zip(layers, recipe):
+            jac_to_grad(layer.parameters(), agg)
+
+    tt = median_time(seeded(step(torchjd_recipe)), device, budget_s=1.0)
+    tf = median_time(seeded(step(lambda: jac_to_grad(enc, grouped))), device, budget_s=1.0)
+    t.rows.append([f"GradVac all_layer ({len(layers)} groups): torchjd recipe vs GroupedGradVac", fmt_time(tt),
+                   fmt_time(tf), fmt_x(tt / tf)])
+    progress.step("train GroupedGradVac")
+    plain, moco = PlainMoCo(), fusedjd.MoCo()
+    tt = median_time(step(lambda: jac_to_grad(enc, plain)), device, budget_s=1.0)
+    tf = median_time(step(lambda: jac_to_grad(enc, moco)), device, budget_s=1.0)
+    t.rows.append(["MoCo: plain PyTorch vs fusedjd", fmt_time(tt), fmt_time(tf), fmt_x(tt / tf)])
+    progress.step("train MoCo")
+
+    # per-sample weighting through autogram: m = batch size
+    pbatch = min(batch, 32)
+    model = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, 1)).to(device)
+    xs, yv = torch.randn(pbatch, d_in, device=device), torch.randn(pbatch, device=device)
+    popt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    engine = Engine(model, batch_dim=0)
+
+    def autogram_step(weighting):
+        def run():
+            losses = (model(xs).squeeze(-1) - yv) ** 2
+            popt.zero_grad()
+            losses.backward(weighting(engine.compute_gramian(losses)))
+            popt.step()
+        return run
+
+    tt = median_time(seeded(autogram_step(ta.GradVacWeighting())), device, budget_s=1.0, min_reps=2)
+    tf = median_time(seeded(autogram_step(fusedjd.GradVacWeighting())), device, budget_s=1.0)
+    t.rows.append([f"per-sample GradVacWeighting via autogram (m = {pbatch})", fmt_time(tt), fmt_time(tf),
+                   fmt_x(tt / tf)])
+    progress.step("train autogram")
+    return t
+
+
+def configs(device: str, full: bool):
+    gpu = device == "cuda"
+    grouping = per_parameter_sizes()
+    if gpu:
+        ns = [10**6, 10**7, 10**8]
+        gram = [(m, n, None) for m in (2, 8, 32) for n in ns] + [(8, 0, grouping), (32, 0, grouping)]
+        agg = [("GradVac", m, n, None) for m in (2, 8, 32) for n in ns[: 3 if full else 2]]
+        agg += [("PCGrad", 8, 10**7, None), ("GroupedGradVac", 8, 0, grouping)]
+        moco = [(m, n) for m in (2, 8, 32) for n in ns[: 3 if full else 2]]
+        train = (512, 1024, 8, 256)
+    else:
+        ns = [10**5, 10**6] + ([10**7] if full else [])
+        gram = [(m, n, None) for m in (2, 8, 32) for n in ns] + [(8, 0, grouping)]
+        agg = [("GradVac", m, n, None) for m in (2, 8, 32) for n in ns]
+        agg += [("PCGrad", 8, 10**6, None), ("GroupedGradVac", 8, 0, grouping)]
+        moco = [(m, n) for m in (2, 8, 32) for n in ns]
+        train = (256, 512, 8, 128)
+    loops = [(m, True) for m in ((2, 4, 8, 16, 32) if full else (2, 8, 32))] + [(64, full), (256, False)]
+    return gram, loops, agg, moco, train
+
+
+def plot(speedups, path, device_name):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    if speedups["m"]:
+        ms, s = zip(*sorted(speedups["m"]))
+        a1.plot(ms, s, "o-")
+    a1.set(xscale="log", yscale="log", xlabel="m (tasks)", ylabel="speedup over torchjd 0.18",
+           title="GradVacWeighting (loop on the Gramian)")
+    for m in sorted({m for m, _, _ in speedups["n"]}):
+        pts = sorted((n, s) for mm, n, s in speedups["n"] if mm == m)
+        a2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"m = {m}")
+    a2.set(xscale="log", yscale="log", xlabel="n (parameters)", ylabel="speedup over torchjd 0.18",
+           title="GradVac aggregator end to end")
+    a2.legend()
+    for ax in (a1, a2):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"fusedjd speedup, {device_name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--full", action="store_true", help="run the full grid")
+    ap.add_argument("--out", default=None, help="results file (default: bench/results/<device>.md)")
+    args = ap.parse_args()
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device is available")
+        if not fusedjd.ops.has_cuda_kernels():
+            sys.exit("--device cuda: this fusedjd build has no CUDA kernels (rebuild with a CUDA torch)")
+        device_name = torch.cuda.get_device_name()
+        tag = "cuda-" + device_name.replace("NVIDIA ", "").split()[0].lower()
+    else:
+        device_name = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        tag = "cpu"
+    gram, loops, agg, moco, train = configs(device, args.full)
+    total = len(gram) + 2 * len(loops) + len(agg) + len(moco) + 6
+    progress = Progress(total)
+    bw = copy_bandwidth(device)
+    speedups = {"m": [], "n": []}
+    tables = [
+        bench_gramian(device, gram, bw, progress),
+        bench_loops(device, loops, progress, speedups),
+        bench_aggregators(device, agg, bw, progress, speedups),
+        bench_moco(device, moco, bw, progress),
+        bench_training(device, train, progress),
+    ]
+    sync(device)
+    header = [
+        f"# fusedjd benchmark — {device_name}",
+        "",
+        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        f"- torch {torch.__version__}, torchjd {getattr(torchjd, '__version__', '0.18.0')}, fusedjd {fusedjd.__version__}, "
+        f"Python {platform.python_version()}",
+        f"- command: `python bench/run.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- copy bandwidth (read + write, measured): {bw / 1e9:.0f} GB/s" if bw else
+        "- CPU run: no bandwidth floor is quoted (time / floor is for GPUs)",
+        "",
+    ]
+    report = "\n".join(header) + "\n".join(t.markdown() for t in tables)
+    out = args.out or os.path.join(HERE, "results", f"{tag}{'-full' if args.full else ''}.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    png = plot(speedups, os.path.splitext(out)[0] + ".png", device_name)
+    if png:
+        report += f"\n![speedup]({os.path.basename(png)})\n"
+    with open(out, "w") as fh:
+        fh.write(report)
+    print(report)
+    print(f"results written to {out}" + (f" and {png}" if png else " (no plot: matplotlib not installed)"))
+    if MISMATCHES:
+        print("MISMATCHES:\n  " + "\n  ".join(MISMATCHES))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,6 +72,26 @@ inline void check_loop_args(const at::Tensor& G, const at::Tensor& perms) {
               (m > 0 ? m - 1 : 0), "], got ", perms.sizes());
 }
 
+inline void check_gradvac_hyper(double beta, double eps) {
+  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "fusedjd: `beta` must be in [0, 1], got ", beta);
+  TORCH_CHECK(eps >= 0.0, "fusedjd: `eps` must be non-negative, got ", eps);
+}
+
+// Checks of the combine op; returns the group offsets.
+inline std::vector<int64_t> check_combine_args(const at::Tensor& J, const at::Tensor& weights,
+                                               at::IntArrayRef group_sizes) {
+  FUSEDJD_CHECK_DIM(J, 2);
+  FUSEDJD_CHECK_FLOAT(J);
+  FUSEDJD_CHECK_DIM(weights, 2);
+  FUSEDJD_CHECK_FLOAT(weights);
+  FUSEDJD_CHECK_SAME_DEVICE(J, weights);
+  std::vector<int64_t> off = group_offsets(group_sizes, J.size(1));
+  const int64_t k = static_cast<int64_t>(group_sizes.size());
+  TORCH_CHECK(weights.size(0) == k && weights.size(1) == J.size(0), "fusedjd: `weights` must have shape [k, m] = [",
+              k, ", ", J.size(0), "], got ", weights.sizes());
+  return off;
+}
+
 inline void check_targets(const at::Tensor& G, const at::Tensor& targets) {
   FUSEDJD_CHECK_SAME_DEVICE(G, targets);
   TORCH_CHECK(targets.sizes() == G.sizes(), "fusedjd: `targets` must have the shape of `G` ",

@@ -93,16 +93,9 @@ at::Tensor gramian_cpu(const at::Tensor& J, at::IntArrayRef group_sizes) {
 }
 
 at::Tensor combine_cpu(const at::Tensor& J, const at::Tensor& weights, at::IntArrayRef group_sizes) {
-  FUSEDJD_CHECK_DIM(J, 2);
-  FUSEDJD_CHECK_FLOAT(J);
-  FUSEDJD_CHECK_DIM(weights, 2);
-  FUSEDJD_CHECK_FLOAT(weights);
-  FUSEDJD_CHECK_SAME_DEVICE(J, weights);
+  const std::vector<int64_t> off = check_combine_args(J, weights, group_sizes);
   const int64_t m = J.size(0), n = J.size(1);
-  const std::vector<int64_t> off = group_offsets(group_sizes, n);
   const int64_t k = static_cast<int64_t>(group_sizes.size());
-  TORCH_CHECK(weights.size(0) == k && weights.size(1) == m, "fusedjd: `weights` must have shape [k, m] = [",
-              k, ", ", m, "], got ", weights.sizes());
   at::Tensor out = at::empty({n}, J.options());
   if (n == 0) return out;
   if (m == 0) return out.zero_();

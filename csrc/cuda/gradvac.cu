@@ -121,8 +121,7 @@ at::Tensor loop_cuda(const at::Tensor& G_in, const at::Tensor& perms_in, at::Ten
 at::Tensor gradvac_loop_cuda(const at::Tensor& G, const at::Tensor& perms, at::Tensor& targets, double beta,
                              double eps) {
   check_targets(G, targets);
-  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "fusedjd: `beta` must be in [0, 1], got ", beta);
-  TORCH_CHECK(eps >= 0.0, "fusedjd: `eps` must be non-negative, got ", eps);
+  check_gradvac_hyper(beta, eps);
   return loop_cuda(G, perms, &targets, beta, eps);
 }
 

@@ -384,17 +384,10 @@ __global__ void combine_kernel(const T* J, int64_t ld, int64_t m, int64_t n, con
 }
 
 at::Tensor combine_cuda(const at::Tensor& J, const at::Tensor& weights, at::IntArrayRef group_sizes) {
-  FUSEDJD_CHECK_DIM(J, 2);
-  FUSEDJD_CHECK_FLOAT(J);
-  FUSEDJD_CHECK_DIM(weights, 2);
-  FUSEDJD_CHECK_FLOAT(weights);
-  FUSEDJD_CHECK_SAME_DEVICE(J, weights);
+  check_combine_args(J, weights, group_sizes);
   const c10::cuda::CUDAGuard guard(J.device());
   const int64_t m = J.size(0), n = J.size(1);
-  group_offsets(group_sizes, n);
   const int64_t k = static_cast<int64_t>(group_sizes.size());
-  TORCH_CHECK(weights.size(0) == k && weights.size(1) == m, "fusedjd: `weights` must have shape [k, m] = [", k, ", ",
-              m, "], got ", weights.sizes());
   at::Tensor out = at::empty({n}, J.options());
   if (n == 0) return out;
   if (m == 0) return out.zero_();

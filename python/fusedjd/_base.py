@@ -51,6 +51,34 @@ class _BufferState(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
+def in_unit_interval(name: str) -> property:
+    """A float attribute validated to lie in [0, 1] (ValueError naming it otherwise)."""
+
+    def setter(self, value: float) -> None:
+        if not (0.0 <= value <= 1.0):
+            raise ValueError(f"Attribute `{name}` must be in [0, 1]. Found {name}={value!r}.")
+        setattr(self, "_" + name, value)
+
+    return property(lambda self: getattr(self, "_" + name), setter)
+
+
+def non_negative(name: str) -> property:
+    """A float attribute validated to be >= 0 (ValueError naming it otherwise; NaN is refused)."""
+
+    def setter(self, value: float) -> None:
+        if not (value >= 0.0):
+            raise ValueError(f"Attribute `{name}` must be non-negative. Found {name}={value!r}.")
+        setattr(self, "_" + name, value)
+
+    return property(lambda self: getattr(self, "_" + name), setter)
+
+
+def forwarded(name: str, to: str = "gramian_weighting") -> property:
+    """An attribute read from and written to the submodule `to` (which validates it)."""
+    return property(lambda self: getattr(getattr(self, to), name),
+                    lambda self, value: setattr(getattr(self, to), name, value))
+
+
 def _check_floating(t: Tensor, name: str) -> None:
     if not t.is_floating_point():
         raise TypeError(f"Parameter `{name}` must be a floating-point tensor. Found dtype={t.dtype}.")

@@ -18,6 +18,9 @@ from ._base import (
     _check_square,
     _loop_dtype,
     _NonDifferentiable,
+    forwarded,
+    in_unit_interval,
+    non_negative,
     _to_device,
     draw_gradvac_perms,
     draw_pcgrad_perms,
@@ -62,25 +65,8 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         self.eps = eps
         self._init_state()
 
-    @property
-    def beta(self) -> float:
-        return self._beta
-
-    @beta.setter
-    def beta(self, value: float) -> None:
-        if not (0.0 <= value <= 1.0):
-            raise ValueError(f"Attribute `beta` must be in [0, 1]. Found beta={value!r}.")
-        self._beta = value
-
-    @property
-    def eps(self) -> float:
-        return self._eps
-
-    @eps.setter
-    def eps(self, value: float) -> None:
-        if not (value >= 0.0):
-            raise ValueError(f"Attribute `eps` must be non-negative. Found eps={value!r}.")
-        self._eps = value
+    beta = in_unit_interval("beta")
+    eps = non_negative("eps")
 
     def reset(self) -> None:
         """Clears the EMA targets so the next call starts from zero targets."""
@@ -126,21 +112,8 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
         self.weighting = self.gramian_weighting << _whole_gramian
         self._n: int | None = None
 
-    @property
-    def beta(self) -> float:
-        return self.gramian_weighting.beta
-
-    @beta.setter
-    def beta(self, value: float) -> None:
-        self.gramian_weighting.beta = value
-
-    @property
-    def eps(self) -> float:
-        return self.gramian_weighting.eps
-
-    @eps.setter
-    def eps(self, value: float) -> None:
-        self.gramian_weighting.eps = value
+    beta = forwarded("beta")
+    eps = forwarded("eps")
 
     def reset(self) -> None:
         """Clears the EMA targets so the next call starts from zero targets."""
@@ -196,21 +169,8 @@ class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
         self._group_sizes = _check_group_sizes(value)
         self.gramian_weighting.reset()
 
-    @property
-    def beta(self) -> float:
-        return self.gramian_weighting.beta
-
-    @beta.setter
-    def beta(self, value: float) -> None:
-        self.gramian_weighting.beta = value
-
-    @property
-    def eps(self) -> float:
-        return self.gramian_weighting.eps
-
-    @eps.setter
-    def eps(self, value: float) -> None:
-        self.gramian_weighting.eps = value
+    beta = forwarded("beta")
+    eps = forwarded("eps")
 
     def reset(self) -> None:
         """Clears the EMA targets of every group."""

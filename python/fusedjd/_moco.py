@@ -8,7 +8,7 @@ from torchjd import Stateful
 from torchjd.aggregation import Aggregator, Weighting
 
 from . import ops
-from ._base import _BufferState, _check_matrix, _loop_dtype, _NonDifferentiable
+from ._base import _BufferState, _check_matrix, _loop_dtype, _NonDifferentiable, in_unit_interval, non_negative
 
 _SIMPLEX = ("softmax", "projection")
 
@@ -29,53 +29,11 @@ class _MoCoState(_BufferState):
         self.simplex = simplex
         self._init_state()
 
-    @staticmethod
-    def _non_negative(name: str, value: float) -> float:
-        if not (value >= 0.0):
-            raise ValueError(f"Attribute `{name}` must be non-negative. Found {name}={value!r}.")
-        return value
-
-    @property
-    def beta(self) -> float:
-        return self._beta
-
-    @beta.setter
-    def beta(self, value: float) -> None:
-        if not (0.0 <= value <= 1.0):
-            raise ValueError(f"Attribute `beta` must be in [0, 1]. Found beta={value!r}.")
-        self._beta = value
-
-    @property
-    def beta_sigma(self) -> float:
-        return self._beta_sigma
-
-    @beta_sigma.setter
-    def beta_sigma(self, value: float) -> None:
-        self._beta_sigma = self._non_negative("beta_sigma", value)
-
-    @property
-    def gamma(self) -> float:
-        return self._gamma
-
-    @gamma.setter
-    def gamma(self, value: float) -> None:
-        self._gamma = self._non_negative("gamma", value)
-
-    @property
-    def gamma_sigma(self) -> float:
-        return self._gamma_sigma
-
-    @gamma_sigma.setter
-    def gamma_sigma(self, value: float) -> None:
-        self._gamma_sigma = self._non_negative("gamma_sigma", value)
-
-    @property
-    def rho(self) -> float:
-        return self._rho
-
-    @rho.setter
-    def rho(self, value: float) -> None:
-        self._rho = self._non_negative("rho", value)
+    beta = in_unit_interval("beta")
+    beta_sigma = non_negative("beta_sigma")
+    gamma = non_negative("gamma")
+    gamma_sigma = non_negative("gamma_sigma")
+    rho = non_negative("rho")
 
     @property
     def simplex(self) -> str:

@@ -336,8 +336,17 @@ def plot(speedups, path, device_name):
     a2.set(xscale="log", yscale="log", xlabel="n (parameters)", ylabel="speedup over torchjd 0.18",
            title="GradVac aggregator end to end")
     a2.legend()
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    if speedups["m"]:
+        a1.set_xticks([m for m, _ in speedups["m"]])
     for ax in (a1, a2):
         ax.grid(True, which="both", alpha=0.3)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(plain)
+    a1.xaxis.set_major_formatter(plain)
     fig.suptitle(f"fusedjd speedup, {device_name}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -383,6 +392,7 @@ def main() -> int:
         f"- command: `python bench/run.py {' '.join(sys.argv[1:])}`".rstrip(),
         f"- copy bandwidth (read + write, measured): {bw / 1e9:.0f} GB/s" if bw else
         "- CPU run: no bandwidth floor is quoted (time / floor is for GPUs)",
+        "",
         "",
     ]
     report = "\n".join(header) + "\n".join(t.markdown() for t in tables)

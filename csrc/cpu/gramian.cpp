@@ -42,7 +42,11 @@ at::Tensor gramian_cpu(const at::Tensor& J, at::IntArrayRef group_sizes) {
       at::mm_out(og, Jg, Jg.t());
       // BLAS need not return an exactly symmetric A A^T: mirror the upper triangle, as
       // every other path (and the CUDA kernel) does.
-      og.copy_(og.triu() + og.triu(1).t());
+      AT_DISPATCH_FLOATING_TYPES(og.scalar_type(), "fusedjd_mirror", [&] {
+        scalar_t* o = og.data_ptr<scalar_t>();
+        for (int64_t a = 0; a < m; ++a)
+          for (int64_t b = a + 1; b < m; ++b) o[b * m + a] = o[a * m + b];
+      });
     } else if (s > 0) {
       rest.push_back(g);
     }

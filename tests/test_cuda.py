@@ -193,3 +193,37 @@ def test_classes_on_cuda_match_torchjd(m):
         expected = [theirs(J) for J in Js]
         for g, e in zip(got, expected):
             assert rel_err(g, e) < 1e-4
+
+
+def test_state_follows_to_and_resets_on_device_change():
+    J = torch.randn(3, 100)
+    for make in [fusedjd.GradVac, fusedjd.MoCo]:
+        agg = make()
+        torch.manual_seed(0)
+        agg(J)
+        agg(J)
+        agg.cuda()  # .to() moves the state: the run continues on the GPU
+        twin = make()
+        torch.manual_seed(0)
+        twin(J)
+        twin(J)
+        torch.manual_seed(1)
+        got = agg(J.cuda())
+        torch.manual_seed(1)
+        assert rel_err(got, twin(J)) < 1e-5
+        fresh = make()  # a device change without .to() resets the state
+        torch.manual_seed(0)
+        fresh(J)
+        torch.manual_seed(2)
+        got = fresh(J.cuda())
+        torch.manual_seed(2)
+        assert rel_err(got, make()(J)) < 1e-5
+
+
+def test_mixed_devices_are_refused():
+    J = torch.randn(3, 10, device="cuda")
+    with pytest.raises(RuntimeError, match=r"`J` is on cuda:0 but `weights` is on cpu"):
+        ops.combine(J, torch.ones(1, 3), [10])
+    with pytest.raises(RuntimeError, match=r"`J` is on cuda:0 but `Y` is on cpu"):
+        ops.moco_step(J, torch.zeros(3, 10), torch.ones(3, device="cuda"), torch.zeros((), dtype=torch.long,
+                      device="cuda"), 0.5, 0.5, 0.1, 0.5, 0.0, False)

@@ -217,6 +217,28 @@ def _op_samples(device):
     ]
 
 
+def test_draw_perms_matches_torch_randperm_and_opcheck():
+    for m in [0, 1, 2, 5, 33]:
+        torch.manual_seed(7)
+        got = torch.ops.fusedjd.draw_perms.default(2, m, False)
+        after = torch.rand(1)
+        torch.manual_seed(7)
+        ref = [torch.randperm(m - 1) for _ in range(2 * m)] if m > 0 else []
+        assert torch.equal(torch.rand(1), after)  # the generator advanced exactly as torch's
+        for chain, P in enumerate(ref):
+            i = chain % m
+            assert torch.equal(got.reshape(2 * m, max(m - 1, 0))[chain], P + (P >= i))
+        assert got.shape == (2, m, max(m - 1, 0))
+    torch.manual_seed(1)
+    pc = draw_pcgrad_perms(1, 6)
+    torch.manual_seed(1)
+    ref = [torch.randperm(6) for _ in range(6)]
+    for i, P in enumerate(ref):
+        assert torch.equal(pc[0, i], P[P != i])
+    torch.library.opcheck(torch.ops.fusedjd.draw_perms.default, (3, 4, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index", range(5))
 def test_opcheck(device, index):

@@ -39,19 +39,24 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
     :class:`~fusedjd.GradVac`, computed from the Gramian alone by a C++/CUDA kernel.
 
     Same arguments, state and results (under the same ``torch.manual_seed``) as
-    :class:`torchjd.aggregation.GradVacWeighting`: the visit orders are drawn with
-    ``torch.randperm`` on the CPU exactly as torchjd draws them, and the loop runs on the
-    Gramian's device in float64 arithmetic.
+    :class:`torchjd.aggregation.GradVacWeighting`: the visit orders are drawn from the default
+    CPU generator with the same draws ``torch.randperm`` makes for torchjd (then moved to the
+    Gramian's device without a host sync), and the loop runs there in float64 arithmetic.
 
     The EMA targets :math:`\hat{\phi}` live in a registered buffer: they follow ``.to()``, are
     saved by ``state_dict()``, and are reset when ``m``, the dtype or the device of the Gramian
     changes. A non-finite Gramian returns NaN weights and leaves the targets as they were.
 
-    Guard: once a target has saturated at exactly :math:`\pm 1` in its dtype (collinear rows,
-    after enough calls), the closed-form weight of the paper divides by ``eps`` alone and
-    overflows. fusedjd floors :math:`\sqrt{1-\hat{\phi}^2}` at half the square root of the
-    dtype's machine epsilon, a value no unsaturated target reaches, so results are unchanged
-    everywhere else and stay finite there.
+    Guards (results are torchjd's everywhere else):
+
+    - once a target has saturated at exactly :math:`\pm 1` in its dtype, the closed-form weight
+      of the paper divides by ``eps`` alone and overflows; :math:`\sqrt{1-\hat{\phi}^2}` is
+      floored at half the square root of the dtype's machine epsilon, a value no unsaturated
+      target reaches;
+    - the cosine is clamped to :math:`[-1, 1]`: after a row cancels to rounding noise
+      (collinear rows of opposite sign) the quotient is otherwise unbounded and poisons the
+      targets;
+    - with ``eps = 0``, the cosine with a zero row (0/0) is taken as 0 instead of NaN.
 
     :param beta: EMA rate for :math:`\hat{\phi}`, in [0, 1].
     :param eps: Small non-negative constant added to denominators.

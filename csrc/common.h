@@ -40,6 +40,12 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The kernels read columns with unit stride (rows may have any stride): other layouts are
+// copied once.
+inline at::Tensor unit_col_stride(const at::Tensor& J) {
+  return (J.size(1) <= 1 || J.stride(1) == 1) ? J : J.contiguous();
+}
+
 // Validates column-group sizes against n and returns their prefix offsets
 // (size k + 1). Sizes may be zero; they must be non-negative and sum to n.
 inline std::vector<int64_t> group_offsets(at::IntArrayRef group_sizes, int64_t n) {

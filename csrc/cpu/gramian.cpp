@@ -16,11 +16,6 @@ namespace {
 // dominates and groups are better run side by side in one parallel loop.
 constexpr int64_t kBlasMinCols = 32768;
 
-// Columns must have unit stride for the kernels; rows may have any stride.
-at::Tensor unit_col_stride(const at::Tensor& J) {
-  return (J.size(1) <= 1 || J.stride(1) == 1) ? J : J.contiguous();
-}
-
 at::Tensor gramian_cpu(const at::Tensor& J, at::IntArrayRef group_sizes) {
   FUSEDJD_CHECK_DIM(J, 2);
   FUSEDJD_CHECK_FLOAT(J);

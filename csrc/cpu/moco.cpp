@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J, at::Tensor
     out.zero_();
     return {weights, out};
   }
-  const at::Tensor Jc = (n <= 1 || J.stride(1) == 1) ? J : J.contiguous();
+  const at::Tensor Jc = unit_col_stride(J);
   const int64_t k = step.data_ptr<int64_t>()[0] + 1;
   double b = 0.0, c = 0.0;
   moco_rates(k, beta, beta_sigma, gamma, gamma_sigma, &b, &c);

@@ -318,10 +318,6 @@ at::Tensor gram_rows(const Rows& R, int64_t rows, at::IntArrayRef group_sizes, i
 
 namespace {
 
-at::Tensor unit_col_stride(const at::Tensor& J) {
-  return (J.size(1) <= 1 || J.stride(1) == 1) ? J : J.contiguous();
-}
-
 at::Tensor gramian_cuda(const at::Tensor& J, at::IntArrayRef group_sizes) {
   FUSEDJD_CHECK_DIM(J, 2);
   FUSEDJD_CHECK_FLOAT(J);

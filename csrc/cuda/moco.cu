@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cuda(const at::Tensor& J, at::Tenso
     out.zero_();
     return {weights, out};
   }
-  const at::Tensor Jc = (n <= 1 || J.stride(1) == 1) ? J : J.contiguous();
+  const at::Tensor Jc = unit_col_stride(J);
   const at::ScalarType acc = acc_dtype(J.scalar_type());
   at::Tensor gram;
   if (2 * m <= gram_rows_max(J.scalar_type())) {

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import ops  # noqa: F401  (loads the operator library)
+from .ops import _acc_dtype as _loop_dtype  # noqa: F401  (also loads the operator library)
 
 
 class _NonDifferentiable(nn.Module):
@@ -113,10 +113,6 @@ def _check_group_sizes(group_sizes: Any) -> list[int]:
             f"Found group_sizes={group_sizes!r}."
         )
     return sizes
-
-
-def _loop_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _to_device(perms: Tensor, device: torch.device) -> Tensor:

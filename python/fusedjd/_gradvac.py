@@ -126,8 +126,7 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
         self._n = None
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        _check_matrix(matrix)
-        n = matrix.shape[1]
+        n = matrix.shape[1]  # `matrix` is checked by Aggregator.__call__ and _whole_gramian
         if self._n is not None and self._n != n:
             self.gramian_weighting.reset()
         self._n = n
@@ -227,8 +226,7 @@ class PCGrad(GramianWeightedAggregator, _NonDifferentiable):
         self.weighting = self.gramian_weighting << _whole_gramian
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        _check_matrix(matrix)
-        weights = self.weighting(matrix)
+        weights = self.weighting(matrix)  # checks `matrix` (_whole_gramian)
         return ops.combine(matrix, weights.unsqueeze(0), [matrix.shape[1]])
 
 

@@ -19,6 +19,8 @@ __all__ = ["gramian", "gradvac_loop", "pcgrad_loop", "combine", "moco_step", "ha
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for every other floating dtype (the kernels' accumulation
+    and state dtype)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

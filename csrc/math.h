@@ -42,10 +42,12 @@ FUSEDJD_HD double target_sine_floor() {
 // One GradVac step for the pair (i, j), given |p|^2, <p, g_j>, |g_j|^2 and the
 // current target t. Returns the cosine c (written to *cos_out) and the
 // coefficient w to add to C[i, j] (0 when no correction applies).
-//   pcgrad = true: PCGrad's rule, w = -<p, g_j> / |g_j|^2 when <p, g_j> < 0.
+//   PCGRAD = true: PCGrad's rule, w = -<p, g_j> / |g_j|^2 when <p, g_j> < 0 (t, eps and
+//   sine_floor unused, *cos_out = 0).
+template <bool PCGRAD>
 FUSEDJD_HD double gradvac_pair(double norm_i_sq, double dot, double gjj, double t, double eps,
-                               double sine_floor, bool pcgrad, double* cos_out) {
-  if (pcgrad) {
+                               double sine_floor, double* cos_out) {
+  if (PCGRAD) {
     *cos_out = 0.0;
     return (dot < 0.0 && gjj > 0.0) ? -dot / gjj : 0.0;
   }

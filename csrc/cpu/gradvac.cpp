@@ -18,17 +18,18 @@
 namespace fusedjd::cpu {
 namespace {
 
-void check_perm_values(const at::Tensor& perms, int64_t m) {
+// Whether every visit order names, for its row i, only rows in [0, m) other than i.
+bool perms_valid(const at::Tensor& perms, int64_t m) {
   const int64_t* p = perms.data_ptr<int64_t>();
   const int64_t rows = perms.size(0) * m;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r % m;
     for (int64_t s = 0; s + 1 < m; ++s) {
       const int64_t j = p[r * (m - 1) + s];
-      TORCH_CHECK(j >= 0 && j < m && j != i, "fusedjd: `perms` must hold, for row i, indices of the other rows "
-                  "in [0, m) \\ {i}; got ", j, " for row ", i, " with m=", m);
+      if (j < 0 || j >= m || j == i) return false;
     }
   }
+  return true;
 }
 
 // torch.randperm(n) on the CPU: identity, then a Fisher-Yates pass drawing
@@ -66,9 +67,9 @@ at::Tensor draw_perms(int64_t k, int64_t m, bool pcgrad) {
   return out;
 }
 
-template <typename S>
+template <typename S, bool PCGRAD>
 void run_chains(const S* G, const int64_t* perms, S* targets, S* weights, int64_t k, int64_t m,
-                double beta, double eps, bool pcgrad) {
+                double beta, double eps) {
   const int64_t mm = m * m;
   std::vector<double> coef(static_cast<size_t>(k * mm), 0.0);
   const double floor = target_sine_floor<S>();
@@ -87,16 +88,16 @@ void run_chains(const S* G, const int64_t* perms, S* targets, S* weights, int64_
         const int64_t j = order[s];
         double norm_sq = 0.0;
         for (int64_t a = 0; a < m; ++a) norm_sq += cG[a] * C[a];
-        S* tgt = pcgrad ? nullptr : targets + g * mm + i * m + j;
-        const double t = pcgrad ? 0.0 : static_cast<double>(*tgt);
+        S* tgt = PCGRAD ? nullptr : targets + g * mm + i * m + j;
+        const double t = PCGRAD ? 0.0 : static_cast<double>(*tgt);
         double c = 0.0;
-        const double w = gradvac_pair(norm_sq, cG[j], static_cast<double>(Gg[j * m + j]), t, eps, floor,
-                                      pcgrad, &c);
+        const double w = gradvac_pair<PCGRAD>(norm_sq, cG[j], static_cast<double>(Gg[j * m + j]), t, eps,
+                                              floor, &c);
         if (w != 0.0) {
           C[j] += w;
           for (int64_t a = 0; a < m; ++a) cG[a] += w * static_cast<double>(Gg[j * m + a]);
         }
-        if (!pcgrad) *tgt = static_cast<S>((1.0 - beta) * t + beta * c);
+        if (!PCGRAD) *tgt = static_cast<S>((1.0 - beta) * t + beta * c);
       }
     }
   });
@@ -109,6 +110,7 @@ void run_chains(const S* G, const int64_t* perms, S* targets, S* weights, int64_
     }
 }
 
+template <bool PCGRAD>
 at::Tensor loop_cpu(const at::Tensor& G_in, const at::Tensor& perms_in, at::Tensor* targets,
                     double beta, double eps) {
   check_loop_args(G_in, perms_in);
@@ -117,18 +119,18 @@ at::Tensor loop_cpu(const at::Tensor& G_in, const at::Tensor& perms_in, at::Tens
   if (k == 0 || m == 0) return weights;
   const at::Tensor G = G_in.contiguous();
   const at::Tensor perms = perms_in.contiguous();
-  check_perm_values(perms, m);
-  // A non-finite Gramian must not reach the targets: return NaN weights, keep the state.
+  // A non-finite Gramian or an invalid visit order must not reach the targets: NaN weights,
+  // state kept (the CUDA kernel cannot raise without a host sync, so neither backend does).
   bool finite = true;
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "fusedjd_gradvac_finite_cpu", [&] {
     const scalar_t* g = G.data_ptr<scalar_t>();
     for (int64_t e = 0; e < G.numel(); ++e) finite &= std::isfinite(static_cast<double>(g[e]));
   });
-  if (!finite) return weights.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (!finite || !perms_valid(perms, m)) return weights.fill_(std::numeric_limits<double>::quiet_NaN());
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "fusedjd_gradvac_loop_cpu", [&] {
-    run_chains<scalar_t>(G.data_ptr<scalar_t>(), perms.data_ptr<int64_t>(),
-                         targets ? targets->data_ptr<scalar_t>() : nullptr, weights.data_ptr<scalar_t>(),
-                         k, m, beta, eps, targets == nullptr);
+    run_chains<scalar_t, PCGRAD>(G.data_ptr<scalar_t>(), perms.data_ptr<int64_t>(),
+                                 targets ? targets->data_ptr<scalar_t>() : nullptr, weights.data_ptr<scalar_t>(),
+                                 k, m, beta, eps);
   });
   return weights;
 }
@@ -137,11 +139,11 @@ at::Tensor gradvac_loop_cpu(const at::Tensor& G, const at::Tensor& perms, at::Te
                             double eps) {
   check_targets(G, targets);
   check_gradvac_hyper(beta, eps);
-  return loop_cpu(G, perms, &targets, beta, eps);
+  return loop_cpu<false>(G, perms, &targets, beta, eps);
 }
 
 at::Tensor pcgrad_loop_cpu(const at::Tensor& G, const at::Tensor& perms) {
-  return loop_cpu(G, perms, nullptr, 0.0, 0.0);
+  return loop_cpu<true>(G, perms, nullptr, 0.0, 0.0);
 }
 
 }  // namespace

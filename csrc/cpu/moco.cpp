@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../blas_gram.h"
 #include "../common.h"
 #include "../math.h"
 #include "gram_rows.h"
@@ -57,18 +58,8 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J, at::Tensor
     }
     if (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
       // BLAS products into the blocks of the stacked Gramian (no m x n temporary)
-      const at::Tensor yy = at::mm(Y, Y.t()).to(at::kDouble).contiguous();
-      const at::Tensor yj = at::mm(Y, Jc.t()).to(at::kDouble).contiguous();
-      const at::Tensor jj = at::mm(Jc, Jc.t()).to(at::kDouble).contiguous();
-      const double *a = yy.data_ptr<double>(), *bq = yj.data_ptr<double>(), *d = jj.data_ptr<double>();
-      const int64_t w = 2 * m;
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t q = 0; q < m; ++q) {
-          gram[r * w + q] = a[r * m + q];
-          gram[r * w + m + q] = bq[r * m + q];
-          gram[(m + q) * w + r] = bq[r * m + q];
-          gram[(m + r) * w + m + q] = d[r * m + q];
-        }
+      const at::Tensor g = blas_gram(Y, Jc, Y.scalar_type()).to(at::kDouble).contiguous();
+      std::copy(g.data_ptr<double>(), g.data_ptr<double>() + 4 * m * m, gram.begin());
     } else {
       gram_rows_parallel(rows.data(), 2 * m, n, gram.data());
     }

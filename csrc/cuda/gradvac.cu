@@ -1,13 +1,14 @@
 // CUDA kernels of the GradVac family: the GradVac and PCGrad loops on k Gramians in one
 // launch. Each (group, row) chain is one warp; its steps run in order, the O(m) work of a
-// step (|p|^2, the update of <p, g_.>) is spread over the warp's lanes. A first tiny kernel
-// checks that every Gramian is finite: if not, no target is written and the weights are NaN.
-// The weights (column sums of the coefficient rows) are summed in a fixed order.
+// step (|p|^2, the update of <p, g_.>) is spread over the warp's lanes. A first kernel checks
+// that every Gramian is finite and every visit order valid: if not, no chain runs, no target is
+// written and the weights are NaN. The weights (column sums of the coefficient rows) are summed
+// in a fixed order. A chain's working rows live in shared memory up to m = kSmemMaxRows, in
+// global memory beyond (any m).
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "../common.h"
@@ -18,28 +19,44 @@ namespace fusedjd::cuda {
 namespace {
 
 constexpr int kChainsPerBlock = 4;
+constexpr int64_t kSmemMaxRows = 48 * 1024 / (2 * static_cast<int64_t>(sizeof(double)) * kChainsPerBlock);  // 768
 
+// flags[0] |= some G entry is not finite; flags[1] |= some visit order names row i itself or a
+// row outside [0, m).
 template <typename S>
-__global__ void nonfinite_kernel(const S* x, int64_t count, int* flag) {
+__global__ void check_inputs_kernel(const S* G, int64_t count, const int64_t* perms, int64_t chains, int64_t m,
+                                    int* flags) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  bool bad = false;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += stride)
-    bad |= !isfinite(static_cast<double>(x[e]));
-  if (__any_sync(0xffffffffu, bad) && threadIdx.x % kWarp == 0) atomicOr(flag, 1);
+  const int64_t nperm = chains * (m - 1);
+  const int64_t total = count > nperm ? count : nperm;
+  bool bad_g = false, bad_p = false;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    if (e < count) bad_g |= !isfinite(static_cast<double>(G[e]));
+    if (e < nperm) {
+      const int64_t i = (e / (m - 1)) % m, j = perms[e];
+      bad_p |= j < 0 || j >= m || j == i;
+    }
+  }
+  const bool any_g = __any_sync(0xffffffffu, bad_g), any_p = __any_sync(0xffffffffu, bad_p);
+  if (threadIdx.x % kWarp == 0) {
+    if (any_g) atomicOr(flags, 1);
+    if (any_p) atomicOr(flags + 1, 1);
+  }
 }
 
-// flags[0]: a Gramian is non-finite; flags[1]: a visit order names an invalid row.
-template <typename S>
-__global__ void chain_kernel(const S* G, const int64_t* perms, S* targets, double* coef, int64_t k, int64_t m,
-                             double beta, double eps, bool pcgrad, int* flags) {
-  extern __shared__ double smem[];
+// PCGRAD: PCGrad's rule, no targets. SMEM: the chain's rows C and C·G in shared memory (else in
+// global scratch).
+template <typename S, bool PCGRAD, bool SMEM>
+__global__ void chain_kernel(const S* G, const int64_t* perms, S* targets, double* coef, double* scratch, int64_t k,
+                             int64_t m, double beta, double eps, const int* flags) {
+  FUSEDJD_DYNAMIC_SMEM(double, smem);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t chain = static_cast<int64_t>(blockIdx.x) * kChainsPerBlock + warp;
-  if (chain >= k * m || flags[0] != 0) return;  // whole warps leave together
+  if (chain >= k * m || flags[0] != 0 || flags[1] != 0) return;  // whole warps leave together
   const int64_t g = chain / m, i = chain % m;
   const S* Gg = G + g * m * m;
-  double* C = smem + static_cast<int64_t>(warp) * 2 * m;
-  double* cG = C + m;
+  double* C = SMEM ? smem + static_cast<int64_t>(warp) * 2 * m : coef + chain * m;
+  double* cG = SMEM ? C + m : scratch + chain * m;
   const int64_t* order = perms + chain * (m - 1);
   const double floor = target_sine_floor<S>();
   for (int64_t a = lane; a < m; a += kWarp) {
@@ -49,26 +66,23 @@ __global__ void chain_kernel(const S* G, const int64_t* perms, S* targets, doubl
   __syncwarp();
   for (int64_t s = 0; s + 1 < m; ++s) {
     const int64_t j = order[s];
-    if (j < 0 || j >= m || j == i) {
-      if (lane == 0) atomicOr(flags + 1, 1);
-      continue;
-    }
     double part = 0.0;
     for (int64_t a = lane; a < m; a += kWarp) part += cG[a] * C[a];
     const double norm_sq = warp_sum(part);
-    S* tgt = pcgrad ? nullptr : targets + (g * m + i) * m + j;
-    const double t = pcgrad ? 0.0 : static_cast<double>(*tgt);
+    S* tgt = PCGRAD ? nullptr : targets + (g * m + i) * m + j;
+    const double t = PCGRAD ? 0.0 : static_cast<double>(*tgt);
     double c = 0.0;
-    const double w = gradvac_pair(norm_sq, cG[j], static_cast<double>(Gg[j * m + j]), t, eps, floor, pcgrad, &c);
+    const double w = gradvac_pair<PCGRAD>(norm_sq, cG[j], static_cast<double>(Gg[j * m + j]), t, eps, floor, &c);
     __syncwarp();  // every lane has read cG[j] before it changes
     if (w != 0.0) {
       for (int64_t a = lane; a < m; a += kWarp) cG[a] += w * static_cast<double>(Gg[j * m + a]);
       if (lane == 0) C[j] += w;
     }
-    if (!pcgrad && lane == 0) *tgt = static_cast<S>((1.0 - beta) * t + beta * c);
+    if (!PCGRAD && lane == 0) *tgt = static_cast<S>((1.0 - beta) * t + beta * c);
     __syncwarp();
   }
-  for (int64_t a = lane; a < m; a += kWarp) coef[chain * m + a] = C[a];
+  if (SMEM)
+    for (int64_t a = lane; a < m; a += kWarp) coef[chain * m + a] = C[a];
 }
 
 template <typename S>
@@ -85,10 +99,11 @@ __global__ void column_sums_kernel(const double* coef, int64_t k, int64_t m, con
   weights[e] = static_cast<S>(s);
 }
 
+template <bool PCGRAD>
 at::Tensor loop_cuda(const at::Tensor& G_in, const at::Tensor& perms_in, at::Tensor* targets, double beta,
                      double eps) {
   check_loop_args(G_in, perms_in);
-  const c10::cuda::CUDAGuard guard(G_in.device());
+  const DeviceGuard guard(G_in.device());
   const int64_t k = G_in.size(0), m = G_in.size(1);
   at::Tensor weights = at::empty({k, m}, G_in.options());
   if (k == 0 || m == 0) return weights;
@@ -96,24 +111,23 @@ at::Tensor loop_cuda(const at::Tensor& G_in, const at::Tensor& perms_in, at::Ten
   const at::Tensor perms = perms_in.contiguous();
   at::Tensor flags = at::zeros({2}, G.options().dtype(at::kInt));
   at::Tensor coef = at::empty({k * m * m}, G.options().dtype(at::kDouble));
-  const size_t smem = static_cast<size_t>(kChainsPerBlock) * 2 * m * sizeof(double);
-  TORCH_CHECK(smem <= 48 * 1024, "fusedjd: the CUDA GradVac loop takes m <= ", 48 * 1024 / (2 * 8 * kChainsPerBlock),
-              ", got m=", m);
+  const bool smem_path = m <= kSmemMaxRows;
+  at::Tensor scratch = smem_path ? coef : at::empty({k * m * m}, G.options().dtype(at::kDouble));
+  const size_t smem = smem_path ? static_cast<size_t>(kChainsPerBlock) * 2 * m * sizeof(double) : 0;
+  const int64_t chains = k * m;
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "fusedjd_gradvac_loop_cuda", [&] {
     const int64_t count = k * m * m;
     const int64_t fblocks = std::min<int64_t>((count + 255) / 256, 4 * static_cast<int64_t>(sm_count()));
-    nonfinite_kernel<scalar_t><<<static_cast<unsigned>(fblocks), 256, 0, stream()>>>(G.data_ptr<scalar_t>(), count,
-                                                                                      flags.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t chains = k * m;
-    const int64_t blocks = (chains + kChainsPerBlock - 1) / kChainsPerBlock;
-    chain_kernel<scalar_t><<<static_cast<unsigned>(blocks), kChainsPerBlock * kWarp, smem, stream()>>>(
-        G.data_ptr<scalar_t>(), perms.data_ptr<int64_t>(), targets ? targets->data_ptr<scalar_t>() : nullptr,
-        coef.data_ptr<double>(), k, m, beta, eps, targets == nullptr, flags.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    column_sums_kernel<scalar_t><<<static_cast<unsigned>((chains + 255) / 256), 256, 0, stream()>>>(
-        coef.data_ptr<double>(), k, m, flags.data_ptr<int>(), weights.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch("check_inputs_kernel", check_inputs_kernel<scalar_t>, dim3(static_cast<unsigned>(fblocks)), 256, 0,
+           G.data_ptr<scalar_t>(), count, perms.data_ptr<int64_t>(), chains, m, flags.data_ptr<int>());
+    const dim3 grid(static_cast<unsigned>((chains + kChainsPerBlock - 1) / kChainsPerBlock));
+    scalar_t* tg = targets ? targets->data_ptr<scalar_t>() : nullptr;
+    auto kernel = smem_path ? chain_kernel<scalar_t, PCGRAD, true> : chain_kernel<scalar_t, PCGRAD, false>;
+    launch("chain_kernel", kernel, grid, kChainsPerBlock * kWarp, smem, G.data_ptr<scalar_t>(),
+           perms.data_ptr<int64_t>(), tg, coef.data_ptr<double>(), scratch.data_ptr<double>(), k, m, beta, eps,
+           flags.data_ptr<int>());
+    launch("column_sums_kernel", column_sums_kernel<scalar_t>, dim3(static_cast<unsigned>((chains + 255) / 256)), 256,
+           0, coef.data_ptr<double>(), k, m, flags.data_ptr<int>(), weights.data_ptr<scalar_t>());
   });
   return weights;
 }
@@ -122,16 +136,16 @@ at::Tensor gradvac_loop_cuda(const at::Tensor& G, const at::Tensor& perms, at::T
                              double eps) {
   check_targets(G, targets);
   check_gradvac_hyper(beta, eps);
-  return loop_cuda(G, perms, &targets, beta, eps);
+  return loop_cuda<false>(G, perms, &targets, beta, eps);
 }
 
 at::Tensor pcgrad_loop_cuda(const at::Tensor& G, const at::Tensor& perms) {
-  return loop_cuda(G, perms, nullptr, 0.0, 0.0);
+  return loop_cuda<true>(G, perms, nullptr, 0.0, 0.0);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedjd, CUDA, m) {
+FUSEDJD_CUDA_IMPL(m) {
   m.impl("gradvac_loop", &gradvac_loop_cuda);
   m.impl("pcgrad_loop", &pcgrad_loop_cuda);
 }

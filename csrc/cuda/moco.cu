@@ -1,5 +1,6 @@
 // CUDA kernels of the MoCo family: one in-place MoCo step, free of host syncs.
-//   pass 1: the Gramian of the stacked rows [Y; J] (gram_rows, one read of J and Y);
+//   pass 1: the Gramian of the stacked rows [Y; J] (the streaming engine, gram_engine.cuh; for
+//           2m beyond its tiles, blas_gram, which makes no m x n temporary either);
 //   step:   one thread reads the device step counter, computes the step sizes, the
 //           weight update and the skip decision (math.h), and updates lam and step;
 //   pass 2: Y <- Y + b (J - Y) in place and out = lam^T Y, or NaN and no write when the
@@ -7,16 +8,15 @@
 // Peak memory: J + Y + O(m^2 + n).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
+#include "../blas_gram.h"
 #include "../common.h"
 #include "../math.h"
-#include "cuda_common.cuh"
+#include "gram_engine.cuh"
 
 namespace fusedjd::cuda {
 namespace {
@@ -66,26 +66,11 @@ __global__ void moco_pass2_kernel(const T* J, int64_t ldj, T* Y, int64_t m, int6
   }
 }
 
-// Pass 1 for tall J (2m rows beyond the tiled kernel): three cuBLAS products into the
-// blocks of the stacked Gramian; still no m x n temporary for float32/float64.
-at::Tensor stacked_gram_blas(const at::Tensor& J, const at::Tensor& Y, at::ScalarType acc) {
-  const int64_t m = J.size(0);
-  at::Tensor gram = at::empty({2 * m, 2 * m}, J.options().dtype(acc));
-  const at::Tensor Ja = J.to(acc), Ya = Y.to(acc);
-  at::Tensor tl = gram.narrow(0, 0, m).narrow(1, 0, m), tr = gram.narrow(0, 0, m).narrow(1, m, m);
-  at::Tensor bl = gram.narrow(0, m, m).narrow(1, 0, m), br = gram.narrow(0, m, m).narrow(1, m, m);
-  at::mm_out(tl, Ya, Ya.t());
-  at::mm_out(tr, Ya, Ja.t());
-  at::mm_out(bl, Ja, Ya.t());
-  at::mm_out(br, Ja, Ja.t());
-  return gram;
-}
-
 std::tuple<at::Tensor, at::Tensor> moco_step_cuda(const at::Tensor& J, at::Tensor& Y, at::Tensor& lam,
                                                   at::Tensor& step, double beta, double beta_sigma, double gamma,
                                                   double gamma_sigma, double rho, bool projection) {
   check_moco_args(J, Y, lam, step);
-  const c10::cuda::CUDAGuard guard(J.device());
+  const DeviceGuard guard(J.device());
   const int64_t m = J.size(0), n = J.size(1);
   at::Tensor weights = at::empty({m}, lam.options());
   at::Tensor out = at::empty({n}, J.options());
@@ -101,31 +86,29 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cuda(const at::Tensor& J, at::Tenso
     const int64_t sizes[1] = {n};
     gram = gram_rows(R, 2 * m, at::IntArrayRef(sizes, 1), n, J.scalar_type(), J.device()).select(0, 0);
   } else {
-    gram = stacked_gram_blas(Jc, Y, acc);
+    gram = blas_gram(Y, Jc, acc);
   }
   at::Tensor scratch = at::empty({4 * m + 2}, J.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(acc, "fusedjd_moco_update_cuda", [&] {
-    moco_update_kernel<scalar_t, scalar_t><<<1, 1, 0, stream()>>>(
-        gram.data_ptr<scalar_t>(), m, lam.data_ptr<scalar_t>(), step.data_ptr<int64_t>(), beta, beta_sigma, gamma,
-        gamma_sigma, rho, projection, scratch.data_ptr<double>(), weights.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch("moco_update_kernel", moco_update_kernel<scalar_t, scalar_t>, dim3(1), dim3(1), 0,
+           gram.data_ptr<scalar_t>(), m, lam.data_ptr<scalar_t>(), step.data_ptr<int64_t>(), beta, beta_sigma, gamma,
+           gamma_sigma, rho, projection, scratch.data_ptr<double>(), weights.data_ptr<scalar_t>());
   });
   if (n == 0) return {weights, out};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, J.scalar_type(), "fusedjd_moco_pass2_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const int threads = 256;
+    constexpr int threads = 256;
     const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 32 * static_cast<int64_t>(sm_count()));
-    moco_pass2_kernel<scalar_t, opmath_t><<<static_cast<unsigned>(blocks), threads, 0, stream()>>>(
-        Jc.data_ptr<scalar_t>(), Jc.stride(0), Y.data_ptr<scalar_t>(), m, n, scratch.data_ptr<double>(),
-        out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch("moco_pass2_kernel", moco_pass2_kernel<scalar_t, opmath_t>, dim3(static_cast<unsigned>(blocks)), threads,
+           0, Jc.data_ptr<scalar_t>(), Jc.stride(0), Y.data_ptr<scalar_t>(), m, n, scratch.data_ptr<double>(),
+           out.data_ptr<scalar_t>());
   });
   return {weights, out};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedjd, CUDA, m) {
+FUSEDJD_CUDA_IMPL(m) {
   m.impl("moco_step", &moco_step_cuda);
 }
 

@@ -1,0 +1,41 @@
+// The Gramian of a row stack by ATen matrix products, for the shapes the streaming kernels do
+// not take (more rows than their tiles cover). ATen only: the CPU and CUDA kernels share it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "common.h"
+
+namespace fusedjd {
+
+// Gramian [r, r] (dtype `acc`) of the rows of A [ra, n], stacked over those of B [rb, n] when B is
+// defined (r = ra + rb): the blocks A Aᵀ, A Bᵀ, B Bᵀ.
+// - float32/float64 rows (A's dtype is `acc`) go straight to the products: no temporary beyond
+//   the r x r result;
+// - other dtypes are converted `cols` columns at a time (at most 2^22 elements per block), so no
+//   r x n temporary exists.
+// The result is mirrored from its upper triangle: exactly symmetric, as every other path.
+inline at::Tensor blas_gram(const at::Tensor& A, const at::Tensor& B, at::ScalarType acc) {
+  const int64_t ra = A.size(0), rb = B.defined() ? B.size(0) : 0, r = ra + rb, n = A.size(1);
+  at::Tensor out = at::zeros({r, r}, A.options().dtype(acc));
+  if (r == 0 || n == 0) return out;
+  if (A.scalar_type() == acc) {
+    out.narrow(0, 0, ra).narrow(1, 0, ra).copy_(at::mm(A, A.t()));
+    if (rb > 0) {
+      out.narrow(0, 0, ra).narrow(1, ra, rb).copy_(at::mm(A, B.t()));
+      out.narrow(0, ra, rb).narrow(1, ra, rb).copy_(at::mm(B, B.t()));
+    }
+  } else {
+    const int64_t cols = std::max<int64_t>(1, (int64_t{1} << 22) / r);
+    for (int64_t c = 0; c < n; c += cols) {
+      const int64_t w = std::min(cols, n - c);
+      at::Tensor S = rb > 0 ? at::cat({A.narrow(1, c, w), B.narrow(1, c, w)}).to(acc) : A.narrow(1, c, w).to(acc);
+      out.addmm_(S, S.t());
+    }
+  }
+  return at::triu(out) + at::triu(out, 1).t();
+}
+
+}  // namespace fusedjd

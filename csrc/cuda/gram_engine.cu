@@ -1,0 +1,297 @@
+// The streaming Gramian engine (gram_engine.cuh).
+//
+// The columns are split into work items (enough to fill the GPU); the row pairs into tiles.
+// One block takes one (item, tile): each thread keeps the tile's pair sums in registers while it
+// streams its columns (16-byte packed loads for small aligned diagonal tiles, scalar head and
+// tail), the block reduces them into the tile's slots of `partial`, and a second kernel sums the
+// partials of each group in a fixed order (deterministic). Blocks are numbered tile-fastest, so
+// the tiles over the same columns run side by side and a row's second read comes from L2.
+//
+// Tiles: up to BASE rows (16; 8 for float64), one diagonal tile. Beyond, diagonal tiles of BASE
+// rows and off-diagonal tiles of BASE x 8 rows. Row reads per column over the rows, i.e. reads
+// of J through L2 (the tiles of one item run side by side, so DRAM should see about one read;
+// that is not yet measured on a GPU):
+//   float32/16/bf16: m <= 16: 1;  m = 24: 2;  m = 32: 2.5;  m = 64: 5.5;  m = 128: 11.5
+//   float64:         m <= 8: 1;   m = 16: 2;  m = 32: 4;    m = 64: 8
+// `partial` holds exactly the tiles' slots: sum over tiles of rows_a x rows_b, per work item.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../common.h"
+#include "gram_engine.cuh"
+
+namespace fusedjd::cuda {
+namespace {
+
+constexpr int kGramThreads = 256;
+constexpr int kGramWarps = kGramThreads / kWarp;
+constexpr int kMaxTiles = 64;  // covers up to 128 rows
+
+// Rows [a0, a0 + na) x [b0, b0 + nb); its slots in `partial` start at slot0.
+struct Tile {
+  int a0, b0, na, nb;
+  int slot0;
+  int diag;
+};
+struct TileList {
+  Tile t[kMaxTiles];
+};
+
+inline int64_t max_rows(at::ScalarType t) { return t == at::kDouble ? 64 : 128; }
+
+template <typename T>
+__device__ __forceinline__ const T* row_ptr(const Rows& R, int64_t r) {
+  return r < R.split ? static_cast<const T*>(R.a) + r * R.lda : static_cast<const T*>(R.b) + (r - R.split) * R.ldb;
+}
+
+// Locates the work item: its column range [c0, c1).
+__device__ __forceinline__ void locate(const int64_t* table, int64_t k, int64_t chunk, int64_t item, int64_t* c0,
+                                       int64_t* c1) {
+  const int64_t* col_off = table;
+  const int64_t* item_off = table + k + 1;
+  int64_t lo = 0, hi = k;  // largest g with item_off[g] <= item (a non-empty group)
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (item_off[mid] <= item) lo = mid; else hi = mid;
+  }
+  *c0 = col_off[lo] + (item - item_off[lo]) * chunk;
+  *c1 = min(col_off[lo + 1], *c0 + chunk);
+}
+
+// The pair sums of one tile over columns [c0, c1), reduced over the block into `partial`.
+template <typename T, typename acc_t, int TA, int TB, bool DIAG, int V>
+__device__ __forceinline__ void tile_partial(const Rows& R, const Tile& tl, int64_t c0, int64_t c1, int64_t items,
+                                             int64_t item, acc_t* partial) {
+  const T* pa[TA];
+  const T* pb[TB];
+#pragma unroll
+  for (int i = 0; i < TA; ++i) pa[i] = i < tl.na ? row_ptr<T>(R, tl.a0 + i) : nullptr;
+#pragma unroll
+  for (int j = 0; j < TB; ++j) pb[j] = j < tl.nb ? row_ptr<T>(R, tl.b0 + j) : nullptr;
+
+  acc_t acc[TA][TB];
+#pragma unroll
+  for (int i = 0; i < TA; ++i)
+#pragma unroll
+    for (int j = 0; j < TB; ++j) acc[i][j] = acc_t(0);
+
+  auto fma_column = [&](const acc_t* xa, const acc_t* xb) {
+#pragma unroll
+    for (int i = 0; i < TA; ++i)
+#pragma unroll
+      for (int j = 0; j < TB; ++j)
+        if (!DIAG || j >= i) acc[i][j] += xa[i] * xb[j];
+  };
+  auto scalar_column = [&](int64_t c) {
+    acc_t xa[TA], xb[TB];
+#pragma unroll
+    for (int i = 0; i < TA; ++i) xa[i] = pa[i] ? static_cast<acc_t>(pa[i][c]) : acc_t(0);
+    if (DIAG) {
+#pragma unroll
+      for (int j = 0; j < TB; ++j) xb[j] = xa[j < TA ? j : 0];
+    } else {
+#pragma unroll
+      for (int j = 0; j < TB; ++j) xb[j] = pb[j] ? static_cast<acc_t>(pb[j][c]) : acc_t(0);
+    }
+    fma_column(xa, xb);
+  };
+
+  const int64_t tid = threadIdx.x;
+  if (V > 1) {  // diagonal tiles only (TA == TB), every row start 16-byte aligned
+    const int64_t ca = min(c1, (c0 + V - 1) / V * V);
+    const int64_t cb = max(ca, c1 / V * V);
+    for (int64_t c = c0 + tid; c < ca; c += kGramThreads) scalar_column(c);
+    for (int64_t c = cb + tid; c < c1; c += kGramThreads) scalar_column(c);
+    for (int64_t c = ca + tid * V; c < cb; c += static_cast<int64_t>(kGramThreads) * V) {
+      Pack<T, V> la[TA];
+#pragma unroll
+      for (int i = 0; i < TA; ++i) {
+        if (pa[i]) la[i] = load_pack<V>(pa[i] + c);
+        else
+#pragma unroll
+          for (int v = 0; v < V; ++v) la[i].v[v] = T(0);
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        acc_t xa[TA];
+#pragma unroll
+        for (int i = 0; i < TA; ++i) xa[i] = static_cast<acc_t>(la[i].v[v]);
+        fma_column(xa, xa);
+      }
+    }
+  } else {
+    for (int64_t c = c0 + tid; c < c1; c += kGramThreads) scalar_column(c);
+  }
+
+  __shared__ acc_t red[kGramWarps][TA * TB];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int i = 0; i < TA; ++i)
+#pragma unroll
+    for (int j = 0; j < TB; ++j) {
+      if ((DIAG && j < i) || i >= tl.na || j >= tl.nb) continue;  // the same for the whole block
+      const acc_t s = warp_sum(acc[i][j]);
+      if (lane == 0) red[warp][i * TB + j] = s;
+    }
+  __syncthreads();
+  for (int s = threadIdx.x; s < tl.na * tl.nb; s += kGramThreads) {
+    const int i = s / tl.nb, j = s % tl.nb;
+    if (DIAG && j < i) continue;
+    acc_t tot = acc_t(0);
+    for (int w = 0; w < kGramWarps; ++w) tot += red[w][i * TB + j];
+    partial[(static_cast<int64_t>(tl.slot0) + s) * items + item] = tot;
+  }
+}
+
+// One block per (item, tile), tile-fastest. TO = 0: diagonal tiles only; VD: pack width of the
+// diagonal tiles (1: scalar loads).
+template <typename T, typename acc_t, int TD, int TO, int VD>
+__global__ void __launch_bounds__(kGramThreads)
+    gram_partial_kernel(Rows R, const int64_t* table, int64_t k, int64_t chunk, int64_t items, TileList tiles,
+                        int ntiles, acc_t* partial) {
+  const int64_t bid = blockIdx.x;
+  const Tile tl = tiles.t[bid % ntiles];
+  const int64_t item = bid / ntiles;
+  int64_t c0, c1;
+  locate(table, k, chunk, item, &c0, &c1);
+  if constexpr (TO > 0) {
+    if (!tl.diag) {
+      tile_partial<T, acc_t, TD, TO, false, 1>(R, tl, c0, c1, items, item, partial);
+      return;
+    }
+  }
+  tile_partial<T, acc_t, TD, TD, true, VD>(R, tl, c0, c1, items, item, partial);
+}
+
+// One warp per (group, a <= b): ordered sum of the group's partials, mirrored.
+template <typename acc_t>
+__global__ void gram_finalize_kernel(const acc_t* partial, int64_t items, const int64_t* table, int64_t k,
+                                     int64_t rows, TileList tiles, int ntiles, acc_t* out) {
+  const int64_t npairs = rows * (rows + 1) / 2;
+  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (w >= k * npairs) return;  // whole warps leave together
+  const int64_t g = w / npairs;
+  int64_t rem = w % npairs, a = 0;
+  while (rem >= rows - a) { rem -= rows - a; ++a; }
+  const int64_t b = a + rem;
+  int t = 0;
+  for (; t < ntiles; ++t) {
+    const Tile tl = tiles.t[t];
+    if (a >= tl.a0 && a < tl.a0 + tl.na && b >= tl.b0 && b < tl.b0 + tl.nb) break;
+  }
+  const Tile tl = tiles.t[t];
+  const int64_t slot = tl.slot0 + (a - tl.a0) * tl.nb + (b - tl.b0);
+  const int64_t* item_off = table + k + 1;
+  acc_t s = acc_t(0);
+  for (int64_t it = item_off[g] + lane; it < item_off[g + 1]; it += kWarp) s += partial[slot * items + it];
+  s = warp_sum(s);
+  if (lane == 0) {
+    out[(g * rows + a) * rows + b] = s;
+    out[(g * rows + b) * rows + a] = s;
+  }
+}
+
+struct Plan {
+  const int64_t* table;
+  int64_t k, chunk, items;
+  TileList tiles;
+  int ntiles;
+};
+
+template <typename T, typename acc_t, int TD, int TO>
+void run_tiles(const Rows& R, bool aligned, const Plan& p, acc_t* partial) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  const dim3 grid(static_cast<unsigned>(p.items * p.ntiles));
+  if constexpr (TO == 0 && TD <= 8) {
+    if (aligned) {
+      launch("gram_partial_kernel", gram_partial_kernel<T, acc_t, TD, TO, V>, grid, kGramThreads, 0, R, p.table, p.k,
+             p.chunk, p.items, p.tiles, p.ntiles, partial);
+      return;
+    }
+  }
+  launch("gram_partial_kernel", gram_partial_kernel<T, acc_t, TD, TO, 1>, grid, kGramThreads, 0, R, p.table, p.k,
+         p.chunk, p.items, p.tiles, p.ntiles, partial);
+}
+
+template <typename T>
+at::Tensor gram_rows_impl(const Rows& R, int64_t rows, at::IntArrayRef group_sizes, int64_t n,
+                          const at::Device& device) {
+  using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const int64_t k = static_cast<int64_t>(group_sizes.size());
+  const auto acc_type = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
+  at::Tensor out = at::zeros({k, rows, rows}, at::TensorOptions().dtype(acc_type).device(device));
+  if (rows == 0 || n == 0) return out;
+
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  const int64_t target_items = 4 * static_cast<int64_t>(sm_count());
+  int64_t chunk = (n + target_items - 1) / target_items;
+  chunk = std::min<int64_t>(65536, std::max<int64_t>(1024, (chunk + kGramThreads * V - 1) / (kGramThreads * V) *
+                                                               (kGramThreads * V)));
+  Plan p{};
+  p.k = k;
+  p.chunk = chunk;
+  const at::Tensor table = group_table(group_sizes, chunk, device, &p.items);
+  if (p.items == 0) return out;
+  p.table = table.data_ptr<int64_t>();
+
+  // Diagonal tiles of BASE rows, off-diagonal tiles of BASE x OFFB rows: float64 uses
+  // smaller tiles so that the register sums do not spill.
+  constexpr int BASE = std::is_same_v<T, double> ? 8 : 16;
+  constexpr int OFFB = 8;
+  int slots = 0;
+  auto add = [&](int a0, int b0, int na, int nb, bool diag) {
+    p.tiles.t[p.ntiles++] = Tile{a0, b0, na, nb, slots, diag ? 1 : 0};
+    slots += na * nb;
+  };
+  const int r = static_cast<int>(rows);
+  if (r <= BASE) {
+    add(0, 0, r, r, true);
+  } else {
+    const int nblk = (r + BASE - 1) / BASE;
+    for (int t = 0; t < nblk; ++t) add(BASE * t, BASE * t, std::min(BASE, r - BASE * t), std::min(BASE, r - BASE * t), true);
+    for (int ta = 0; ta < nblk; ++ta)
+      for (int tb = ta + 1; tb < nblk; ++tb)
+        for (int sub = BASE * tb; sub < std::min(r, BASE * (tb + 1)); sub += OFFB)
+          add(BASE * ta, sub, BASE, std::min(OFFB, r - sub), false);
+  }
+  at::Tensor partial = at::empty({static_cast<int64_t>(slots) * p.items}, at::TensorOptions().dtype(acc_type).device(device));
+  acc_t* part = partial.data_ptr<acc_t>();
+  // packed loads need every row start aligned to 16 bytes
+  const bool aligned = reinterpret_cast<uintptr_t>(R.a) % 16 == 0 && reinterpret_cast<uintptr_t>(R.b) % 16 == 0 &&
+                       (R.lda * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
+                       (R.ldb * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  if (rows <= 4) run_tiles<T, acc_t, 4, 0>(R, aligned, p, part);
+  else if (rows <= 8) run_tiles<T, acc_t, 8, 0>(R, aligned, p, part);
+  else if constexpr (BASE == 16) {
+    if (rows <= 16) run_tiles<T, acc_t, 16, 0>(R, aligned, p, part);
+    else run_tiles<T, acc_t, 16, OFFB>(R, aligned, p, part);
+  } else {
+    run_tiles<T, acc_t, BASE, OFFB>(R, aligned, p, part);
+  }
+  const int64_t warps = k * rows * (rows + 1) / 2;
+  const int64_t blocks = (warps * kWarp + kGramThreads - 1) / kGramThreads;
+  launch("gram_finalize_kernel", gram_finalize_kernel<acc_t>, dim3(static_cast<unsigned>(blocks)), kGramThreads, 0,
+         part, p.items, p.table, k, rows, p.tiles, p.ntiles, out.data_ptr<acc_t>());
+  return out;
+}
+
+}  // namespace
+
+int64_t gram_rows_max(at::ScalarType dtype) { return max_rows(dtype); }
+
+at::Tensor gram_rows(const Rows& R, int64_t rows, at::IntArrayRef group_sizes, int64_t n, at::ScalarType dtype,
+                     const at::Device& device) {
+  TORCH_CHECK(rows <= gram_rows_max(dtype), "fusedjd: the CUDA Gramian kernel takes at most ", gram_rows_max(dtype),
+              " rows of ", dtype, ", got ", rows);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedjd_gram_rows_cuda", [&] {
+    out = gram_rows_impl<scalar_t>(R, rows, group_sizes, n, device);
+  });
+  return out;
+}
+
+}  // namespace fusedjd::cuda

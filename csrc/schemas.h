@@ -1,0 +1,46 @@
+// The fusedjd operator schemas, shared by the extension (csrc/fusedjd.cpp) and the test-only
+// SIMT emulation build of the CUDA sources (csrc/simt), which registers the same ops under
+// its own namespace.
+#pragma once
+
+#include <torch/library.h>
+
+namespace fusedjd {
+
+inline void define_ops(torch::Library& m) {
+  // Per-column-group Gramians of J [m, n]: returns [k, m, m], G[g] = J_g J_g^T
+  // where J_g are the consecutive column blocks of the given sizes. Float32
+  // output for float16/bfloat16/float32 inputs, float64 for float64.
+  m.def("gramian(Tensor J, int[] group_sizes) -> Tensor");
+
+  // The GradVac loop on k Gramians G [k, m, m] with visit orders perms
+  // [k, m, m-1] (row i of group g visits perms[g, i, :]); updates the EMA
+  // targets [k, m, m] in place and returns the weights [k, m] (column sums of
+  // the coefficient matrix). A non-finite G, or a visit order that names row i
+  // itself or a row outside [0, m), leaves the targets untouched and returns NaN
+  // weights, on every backend (CUDA cannot raise without a host sync). Any m.
+  m.def("gradvac_loop(Tensor G, Tensor perms, Tensor(a!) targets, float beta, float eps) -> Tensor");
+
+  // The PCGrad loop (target fixed at 0, no state) on the same inputs, with the
+  // same refusal of non-finite G and invalid visit orders.
+  m.def("pcgrad_loop(Tensor G, Tensor perms) -> Tensor");
+
+  // Visit orders [k, m, m-1] (int64, CPU) drawn from the default CPU generator exactly as
+  // torchjd draws them with torch.randperm: GradVac takes randperm(m-1) per row mapped onto
+  // the other rows, PCGrad randperm(m) per row with the row itself skipped.
+  m.def("draw_perms(int k, int m, bool pcgrad) -> Tensor", {at::Tag::nondeterministic_seeded});
+
+  // Per-group combination of the rows of J [m, n] with weights [k, m]:
+  // out[cols of g] = weights[g] @ J_g. Output dtype is J's.
+  m.def("combine(Tensor J, Tensor weights, int[] group_sizes) -> Tensor");
+
+  // One MoCo step: step += 1; Y <- Y - b (Y - J); lam <- S(lam - c (Y Y^T + rho I) lam);
+  // returns (weights, lam^T Y). A non-finite J (or Gramian term) leaves Y, lam
+  // and step untouched and returns NaN for both outputs. `step` is a 0-dim
+  // int64 tensor so that no host sync is ever needed.
+  m.def(
+      "moco_step(Tensor J, Tensor(a!) Y, Tensor(b!) lam, Tensor(c!) step, float beta, "
+      "float beta_sigma, float gamma, float gamma_sigma, float rho, bool projection) -> (Tensor, Tensor)");
+}
+
+}  // namespace fusedjd

@@ -42,8 +42,11 @@ def ref_gramians(J: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 def ref_gradvac_loop(G: torch.Tensor, perms: torch.Tensor, targets: torch.Tensor, beta: float, eps: float,
                      pcgrad: bool = False) -> torch.Tensor:
-    """SPEC §1, written as a plain float64 Python loop over one stack of Gramians.
+    """SPEC §1, written as a plain float64 Python loop over one stack of Gramians, with the three
+    documented guards: the cosine clamped to [-1, 1] (0 for 0/0), and sqrt(1 - t²) floored at
+    half the square root of the machine epsilon of G's dtype (the dtype the targets are kept in).
     Updates `targets` (float64, CPU) in place and returns the weights [k, m]."""
+    sine_floor = 0.5 * torch.finfo(G.dtype).eps ** 0.5
     G = G.double().cpu()
     k, m = G.shape[0], G.shape[1]
     W = torch.zeros(k, m, dtype=torch.float64)
@@ -54,16 +57,17 @@ def ref_gradvac_loop(G: torch.Tensor, perms: torch.Tensor, targets: torch.Tensor
             for j in perms[g, i].tolist():
                 cG = C @ G[g]
                 if pcgrad:
-                    if cG[j] < 0:
+                    if cG[j] < 0 and G[g, j, j] > 0:
                         C[j] -= cG[j] / G[g, j, j]
                     continue
                 ni = (C @ G[g] @ C).clamp(min=0).sqrt()
                 nj = G[g, j, j].clamp(min=0).sqrt()
-                c = cG[j] / (ni * nj + eps)
+                denom = ni * nj + eps
+                c = (cG[j] / denom).clamp(-1.0, 1.0) if denom > 0 else torch.zeros((), dtype=torch.float64)
                 t = targets[g, i, j].clone()
-                if c < t:
+                if c < t and nj > 0:
                     sc = (1 - c * c).clamp(min=0).sqrt()
-                    st = (1 - t * t).clamp(min=0).sqrt()
+                    st = (1 - t * t).clamp(min=0).sqrt().clamp(min=sine_floor)
                     C[j] += ni * (t * sc - c * st) / (nj * st + eps)
                 targets[g, i, j] = (1 - beta) * t + beta * c
             W[g] += C

@@ -123,6 +123,43 @@ def test_no_host_sync_in_forward(make):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_group_table_first_made_inside_capture_then_eager():
+    """A grouping first seen inside a CUDA-graph capture: its table is written only at replay, so
+    a later eager call must not be handed it (device.cu, (a))."""
+    gen = torch.Generator().manual_seed(21)
+    J = torch.randn(8, 50001, generator=gen).cuda()
+    sizes = [12347, 0, 37654]  # a grouping no other test uses
+    ref = ops.gramian(J.cpu(), sizes)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        G_captured = ops.gramian(J, sizes)
+    G_eager = ops.gramian(J, sizes)
+    torch.cuda.synchronize()
+    assert rel_err(G_eager, ref) < 1e-5
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(G_captured, ref) < 1e-5
+
+
+def test_group_table_first_made_on_one_stream_then_another():
+    """A table written by an asynchronous copy on one stream is never read from another stream
+    that did not wait for it (device.cu, (c))."""
+    gen = torch.Generator().manual_seed(22)
+    J = torch.randn(8, 50001, generator=gen).cuda()
+    sizes = [777, 49224]  # a grouping no other test uses
+    ref = ops.gramian(J.cpu(), sizes)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    s1.wait_stream(torch.cuda.current_stream())
+    s2.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s1):
+        torch.cuda._sleep(10_000_000)  # keep s1 busy, so its table copy is still pending
+        G1 = ops.gramian(J, sizes)
+    with torch.cuda.stream(s2):
+        G2 = ops.gramian(J, sizes)
+    torch.cuda.synchronize()
+    assert rel_err(G1, ref) < 1e-5 and rel_err(G2, ref) < 1e-5
+
+
 def test_cuda_graph_capture_of_ops_and_moco():
     gen = torch.Generator().manual_seed(0)
     J = torch.randn(6, 30001, generator=gen).cuda()

@@ -1,0 +1,386 @@
+"""The CUDA kernels, executed on the CPU by the SIMT emulator (``csrc/simt``, built by
+``tests/simt_build.py``), against float64 references.
+
+``torch.ops.fusedjd_simt.*`` are the host functions of ``csrc/cuda/*.cu`` compiled as C++: every
+launch runs the kernel's code with one fiber per CUDA thread. Each case runs under two schedule
+orders of the threads (forward and reverse; some also seeded random) and on several
+multiprocessor counts, and the results must be bit-identical: a missing barrier or a
+warp-synchronous assumption changes them. These tests never skip: no GPU is needed.
+
+``FUSEDJD_SIMT_FULL=1`` runs the whole grid of shapes (minutes); the default is a subset that
+still takes every m, n, dtype and code path once. Cases marked ``asan`` are the ones CI also runs
+under AddressSanitizer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+import simt_build
+from conftest import MoCoRef, ref_gradvac_loop, ref_gramians, rel_err
+from fusedjd._base import draw_gradvac_perms, draw_pcgrad_perms
+
+simt_build.load()
+EMU = torch.ops.fusedjd_simt
+FULL = os.environ.get("FUSEDJD_SIMT_FULL", "0") not in ("", "0")
+
+MS = [1, 2, 3, 8, 16, 17, 32, 33, 64, 129]
+NS = [0, 1, 3, 4, 5, 1000, 4099]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SMS = [1, 7, 132]
+# relative error of the Gramian against the float64 Gramian of the same (rounded) input
+GRAM_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+# the combination is rounded to J's dtype
+OUT_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _asan(*values, asan=False):
+    return pytest.param(*values, marks=pytest.mark.asan) if asan else pytest.param(*values)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The raw bits of x, so that NaN == NaN and -0.0 != 0.0 in a comparison."""
+    x = x.detach().contiguous().reshape(-1)
+    return x.view(torch.uint8) if x.numel() else x
+
+
+def run_schedules(fn, orders=(simt_build.FORWARD, simt_build.REVERSE), sm_count=132, seed=0):
+    """Runs fn() once per schedule order and checks that every output (and everything fn mutates,
+    which fn returns) is bit-identical across orders. Returns the first run's outputs."""
+    results = []
+    launches = simt_build.stats()["launches"]
+    for order in orders:
+        simt_build.configure(order, seed, sm_count)
+        out = fn()
+        results.append([t.clone() for t in (out if isinstance(out, (tuple, list)) else [out])])
+    simt_build.configure()
+    for other, order in zip(results[1:], orders[1:]):
+        for a, b in zip(results[0], other):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert torch.equal(_bits(a), _bits(b)), f"results change with the schedule order ({order})"
+    results[0].append(simt_build.stats()["launches"] - launches)
+    return results[0]
+
+
+def _sizes(n: int, k: int, gen: torch.Generator) -> list[int]:
+    """k consecutive group sizes summing to n; some may be empty."""
+    cuts = sorted(torch.randint(0, n + 1, (k - 1,), generator=gen).tolist())
+    return [b - a for a, b in zip([0] + cuts, cuts + [n])]
+
+
+def _matrix(m, n, dtype, gen, kind="random"):
+    J = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    if kind == "collinear" and m > 1:  # rows along one direction, both signs, one zero row
+        J = torch.randn(m, 1, generator=gen, dtype=torch.float64) * J[:1]
+        J[m // 2] = 0.0
+    if kind == "scaled":
+        J = J * 1e3
+    return J.to(dtype)
+
+
+# ---- the emulator itself -------------------------------------------------------------------
+
+
+def test_emulator_library_covers_every_cuda_op():
+    for op in ["gramian", "combine", "gradvac_loop", "pcgrad_loop", "moco_step"]:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedjd_simt::{op}", "CPU"), op
+    assert simt_build.cuda_sources(), "no CUDA sources found"
+
+
+@pytest.mark.parametrize("name", ["neighbour", "warp_neighbour"])
+def test_missing_barrier_changes_with_the_order(name):
+    """A kernel that omits its barrier gives order-dependent results; with it, identical ones."""
+    outs = {}
+    for sync in ["sync", "nosync"]:
+        for order in [simt_build.FORWARD, simt_build.REVERSE]:
+            simt_build.configure(order)
+            outs[sync, order] = EMU.selftest(f"{name}_{sync}")
+    simt_build.configure()
+    size, shift, offset = (64, 1, 0.5) if name == "neighbour" else (32, 5, 0.25)
+    expected = torch.tensor([(t + shift) % size + offset for t in range(size)])
+    for order in [simt_build.FORWARD, simt_build.REVERSE]:
+        assert torch.equal(outs["sync", order][:size], expected)
+    assert not torch.equal(outs["nosync", simt_build.FORWARD], outs["nosync", simt_build.REVERSE])
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("exited_lane", r"__shfl_xor_sync\(mask 0xffffffff\) names lane 16, which has exited"),
+        ("different_collectives", r"names lane 16, which sits at a different collective: __syncwarp"),
+        ("barrier_after_exit", r"__syncthreads reached by 32 threads while 32 threads of the block have exited"),
+        ("packed_misaligned", r"misaligned packed load: 16-byte access .* % 16 = 4\)"),
+        ("block_1025", r"block \(1025,1,1\) exceeds sm_90's limits"),
+        ("grid_y_65536", r"grid \(1,65536,1\) exceeds sm_90's limits"),
+        ("grid_zero", r"grid \(0,1,1\) has a zero dimension"),
+        ("smem_49k", r"50176 bytes of dynamic shared memory exceed the 49152-byte limit"),
+    ],
+)
+def test_emulator_refuses_broken_rules(name, message):
+    with pytest.raises(RuntimeError, match=message) as info:
+        EMU.selftest(name)
+    assert "simt: kernel `" in str(info.value)  # the error names the kernel
+
+
+def test_emulator_collectives_atomics_and_smem():
+    assert EMU.selftest("packed_aligned")[0].item() == 0 + 1 + 2 + 3
+    assert EMU.selftest("atomics")[0].item() == 3 * 64
+    assert torch.isnan(EMU.selftest("smem_49k_opt_in")[0])  # unwritten dynamic smem reads as NaN
+    out = EMU.selftest("collectives").view(64, 8)[:32].double()
+    v = [float(t * t) for t in range(32)]
+    pred = [t % 3 == 0 for t in range(32)]
+    ballot = sum(1 << t for t in range(32) if pred[t])
+    for t in range(32):
+        expected = [
+            v[3],
+            v[t ^ 5],
+            v[t + 2] if t + 2 < 32 else v[t],
+            v[t - 7] if t >= 7 else v[t],
+            v[(t // 8) * 8 + 1],
+            float(any(pred)),
+            float(all(pred)),
+            float(torch.tensor(ballot, dtype=torch.int64).to(torch.float32)),
+        ]
+        assert out[t].tolist() == expected, t
+
+
+# ---- gramian and combine -------------------------------------------------------------------
+
+
+def _gram_cases():
+    cases = []
+    for i, (m, n) in enumerate(itertools.product(MS, NS)):
+        dtypes = DTYPES if FULL else [DTYPES[(i + j) % 4] for j in range(2)]
+        for dtype in dtypes:
+            if not FULL and m >= 64 and n >= 1000 and dtype != torch.float32:
+                continue  # the big tiles once per dtype are enough for the default run
+            k = [1, 3, 1000][(i + len(cases)) % 3] if n >= 1000 else [1, 2][i % 2]
+            kind = ["random", "collinear", "scaled"][len(cases) % 3]
+            asan = (m, n) in {(3, 1000), (17, 4099), (8, 5), (33, 1000)} and dtype in (torch.float32, torch.float16)
+            cases.append(_asan(m, n, k, dtype, kind, SMS[len(cases) % 3], asan=asan))
+    return cases
+
+
+@pytest.mark.parametrize("m,n,k,dtype,kind,sm_count", _gram_cases())
+def test_gramian_and_combine(m, n, k, dtype, kind, sm_count):
+    gen = torch.Generator().manual_seed(m * 10007 + n + k)
+    J = _matrix(m, n, dtype, gen, kind)
+    sizes = _sizes(n, k, gen) if k > 1 else [n]
+    W = torch.randn(len(sizes), m, generator=gen)
+    G, out, launches = run_schedules(lambda: (EMU.gramian(J, sizes), EMU.combine(J, W, sizes)), sm_count=sm_count)
+    ref = ref_gramians(J, sizes)
+    assert G.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert G.shape == (len(sizes), m, m)
+    assert torch.equal(G, G.transpose(1, 2)), "the Gramian must be exactly symmetric"
+    assert rel_err(G, ref) <= GRAM_TOL[dtype]
+    Jd, start, ref_out = J.double(), 0, torch.zeros(n, dtype=torch.float64)
+    for g, s in enumerate(sizes):
+        ref_out[start : start + s] = W[g].double() @ Jd[:, start : start + s]
+        start += s
+    assert out.dtype == dtype and out.shape == (n,)
+    assert rel_err(out, ref_out) <= OUT_TOL[dtype]
+    if m > 0 and n > 0 and m <= 128:
+        assert launches > 0, "the emulated kernels did not run"
+
+
+@pytest.mark.parametrize("dtype", [_asan(d, asan=d in (torch.float32, torch.bfloat16)) for d in DTYPES])
+def test_views_misaligned_and_strided(dtype):
+    """Views whose start or row stride breaks 16-byte alignment take the scalar path; aligned ones
+    the packed path with a scalar head and tail. Both must agree with the reference."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(9, 4103, generator=gen).to(dtype)
+    views = [
+        base[1:, 1:],             # misaligned start, odd row stride
+        base[:, 3:4100],          # misaligned start, unaligned row stride
+        base[:5, ::2],            # non-unit column stride (copied)
+        base[2:7].T.contiguous().T,  # column-major
+        torch.randn(4, 4096, generator=gen).to(dtype)[:, 4:],  # aligned start, aligned stride
+        base[:8, :4000],          # aligned start, odd row stride
+    ]
+    for J in views:
+        sizes = [J.shape[1] // 3, J.shape[1] - J.shape[1] // 3]
+        W = torch.randn(2, J.shape[0], generator=gen)
+        G, out, _ = run_schedules(lambda: (EMU.gramian(J, sizes), EMU.combine(J, W, sizes)))
+        assert rel_err(G, ref_gramians(J, sizes)) <= GRAM_TOL[dtype]
+        Jd = J.double()
+        ref = torch.cat([W[0].double() @ Jd[:, : sizes[0]], W[1].double() @ Jd[:, sizes[0] :]])
+        assert rel_err(out, ref) <= OUT_TOL[dtype]
+
+
+def test_gramian_errors_match_the_cpu_kernel():
+    J = torch.randn(3, 10)
+    for bad, msg in [
+        (lambda op: op(J, [4, 5]), r"`group_sizes` must sum to the number of columns n=10, got sum 9"),
+        (lambda op: op(J[0], [10]), r"`J` must have 2 dimensions, got shape \[10\]"),
+        (lambda op: op(J.long(), [10]), r"`J` must be a floating-point tensor, got dtype Long"),
+    ]:
+        for op in [EMU.gramian, torch.ops.fusedjd.gramian]:
+            with pytest.raises(RuntimeError, match=msg):
+                bad(op)
+
+
+# ---- GradVac / PCGrad loops ----------------------------------------------------------------
+
+
+def _loop_cases():
+    cases = []
+    for i, m in enumerate(MS):
+        for dtype in [torch.float32, torch.float64]:
+            k = 1 if m >= 64 else [1, 3, 5][i % 3]
+            cases.append(_asan(m, k, dtype, asan=m in (3, 33) and dtype == torch.float64))
+    return cases
+
+
+@pytest.mark.parametrize("m,k,dtype", _loop_cases())
+def test_gradvac_and_pcgrad_loops(m, k, dtype):
+    gen = torch.Generator().manual_seed(m * 31 + k)
+    A = torch.randn(k, m, 2 * m + 3, generator=gen, dtype=torch.float64)
+    A[:, m // 2] = 0.0  # a zero row
+    if m > 2:
+        A[:, -1] = -2.0 * A[:, 0]  # a row collinear with row 0, opposite sign
+    G = (A @ A.transpose(1, 2)).to(dtype)
+    T0 = (torch.rand(k, m, m, generator=gen, dtype=torch.float64) - 0.5).to(dtype)
+    perms = draw_gradvac_perms(k, m)
+    T = T0.clone()
+
+    def gradvac():
+        T.copy_(T0)
+        return EMU.gradvac_loop(G, perms, T, 0.4, 1e-8), T
+
+    W, T_emu, _ = run_schedules(gradvac)
+    T_ref = T0.double().clone()
+    W_ref = ref_gradvac_loop(G, perms, T_ref, 0.4, 1e-8)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert rel_err(W, W_ref) <= tol and rel_err(T_emu, T_ref) <= tol
+    pperms = draw_pcgrad_perms(k, m)
+    (P, _) = run_schedules(lambda: EMU.pcgrad_loop(G, pperms))
+    assert rel_err(P, ref_gradvac_loop(G, pperms, torch.zeros(k, m, m, dtype=torch.float64), 0.0, 0.0, pcgrad=True)) <= tol
+
+
+def test_loop_beyond_shared_memory_rows():
+    """m > 768: the chains keep their rows in global memory instead of shared memory."""
+    m = 800
+    gen = torch.Generator().manual_seed(800)
+    A = torch.randn(1, m, 40, generator=gen, dtype=torch.float64)
+    G = A @ A.transpose(1, 2)
+    perms = draw_pcgrad_perms(1, m)
+    P = EMU.pcgrad_loop(G, perms)
+    assert rel_err(P, torch.ops.fusedjd.pcgrad_loop(G, perms)) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", ["emulated_cuda", "cpu"])
+@pytest.mark.parametrize("defect", ["row_itself", "out_of_range", "negative", "nonfinite_G"])
+def test_loop_refusal_keeps_targets(backend, defect):
+    """An invalid visit order or a non-finite G: NaN weights and the targets bit-identical, on
+    both backends."""
+    op = EMU if backend == "emulated_cuda" else torch.ops.fusedjd
+    gen = torch.Generator().manual_seed(5)
+    k, m = 2, 5
+    A = torch.randn(k, m, 9, generator=gen, dtype=torch.float64)
+    G = A @ A.transpose(1, 2)
+    perms = draw_gradvac_perms(k, m)
+    if defect == "row_itself":
+        perms[1, 3, 2] = 3
+    elif defect == "out_of_range":
+        perms[0, 0, 0] = m
+    elif defect == "negative":
+        perms[1, 4, 3] = -1
+    else:
+        G[1, 2, 0] = float("inf")
+    T = torch.rand(k, m, m, generator=gen, dtype=torch.float64)
+    T_before = T.clone()
+    W = op.gradvac_loop(G, perms, T, 0.5, 1e-8)
+    assert torch.isnan(W).all()
+    assert torch.equal(_bits(T), _bits(T_before))
+    if defect != "nonfinite_G":
+        assert torch.isnan(op.pcgrad_loop(G, perms)).all()
+
+
+# ---- MoCo ----------------------------------------------------------------------------------
+
+
+def _moco_cases():
+    cases = []
+    shapes = [(1, 9), (2, 1), (3, 4099), (8, 1000), (8, 0), (17, 5), (33, 1000), (64, 4), (65, 1000)]
+    for i, (m, n) in enumerate(shapes):
+        dtypes = DTYPES if FULL else [DTYPES[i % 4], DTYPES[(i + 1) % 4]]
+        for dtype in dtypes:
+            projection = (i + len(cases)) % 2 == 1
+            rho = 0.0 if i % 3 else 0.3
+            cases.append(_asan(m, n, dtype, projection, rho, SMS[len(cases) % 3],
+                               asan=(m, n) in {(3, 4099), (8, 1000)}))
+    return cases
+
+
+MOCO_TOL = {torch.float64: 1e-10, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 6e-2}
+
+
+@pytest.mark.parametrize("m,n,dtype,projection,rho,sm_count", _moco_cases())
+def test_moco_steps(m, n, dtype, projection, rho, sm_count):
+    gen = torch.Generator().manual_seed(m * 101 + n)
+    h = dict(beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5, rho=rho)
+    ref = MoCoRef(**h, simplex="projection" if projection else "softmax")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    Y = torch.zeros(m, n, dtype=dtype)
+    lam = torch.full((m,), 1.0 / max(m, 1), dtype=acc)
+    step = torch.zeros((), dtype=torch.long)
+    for _ in range(3):
+        J = (torch.randn(m, n, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+        Y0, lam0, step0 = Y.clone(), lam.clone(), step.clone()
+
+        def one_step():
+            Y.copy_(Y0), lam.copy_(lam0), step.copy_(step0)
+            w, out = EMU.moco_step(J, Y, lam, step, h["beta"], h["beta_sigma"], h["gamma"], h["gamma_sigma"], rho,
+                                   projection)
+            return w, out, Y, lam, step
+
+        w, out, Y_new, lam_new, step_new, _ = run_schedules(one_step, sm_count=sm_count)
+        Y.copy_(Y_new), lam.copy_(lam_new), step.copy_(step_new)
+        if m == 0:
+            continue
+        w_ref, out_ref = ref(J)
+        assert step.item() == ref.k
+        assert rel_err(w, w_ref) <= MOCO_TOL[dtype]
+        assert rel_err(lam, w_ref) <= MOCO_TOL[dtype]
+        if n > 0:
+            assert rel_err(out, out_ref) <= MOCO_TOL[dtype]
+            assert rel_err(Y, ref.Y) <= MOCO_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [_asan(torch.float32, asan=True), torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("m", [3, 65])
+def test_moco_nonfinite_keeps_state(dtype, m):
+    gen = torch.Generator().manual_seed(11)
+    n = 301
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    Y = torch.randn(m, n, generator=gen).to(dtype)
+    lam = torch.softmax(torch.randn(m, generator=gen), 0).to(acc)
+    step = torch.tensor(4)
+    J = torch.randn(m, n, generator=gen).to(dtype)
+    J[m - 1, 17] = float("nan")
+    before = [_bits(t).clone() for t in (Y, lam, step)]
+    w, out = EMU.moco_step(J, Y, lam, step, 0.5, 0.5, 0.1, 0.5, 0.0, False)
+    assert torch.isnan(w).all() and torch.isnan(out).all()
+    for t, b in zip((Y, lam, step), before):
+        assert torch.equal(_bits(t), b)
+
+
+def test_random_schedules_agree():
+    """Seeded random orders (a new order every round) on a few shapes of each op."""
+    gen = torch.Generator().manual_seed(1)
+    J = torch.randn(20, 3001, generator=gen)
+    A = torch.randn(2, 9, 20, generator=gen, dtype=torch.float64)
+    G = A @ A.transpose(1, 2)
+    perms = draw_gradvac_perms(2, 9)
+    T0 = torch.zeros(2, 9, 9, dtype=torch.float64)
+    orders = (simt_build.FORWARD, simt_build.RANDOM, simt_build.REVERSE)
+    for seed in [1, 2]:
+        run_schedules(lambda: EMU.gramian(J, [1000, 2001]), orders=orders, seed=seed, sm_count=7)
+        run_schedules(lambda: (EMU.gradvac_loop(G, perms, T0.clone(), 0.5, 1e-8),), orders=orders, seed=seed)
+        Y, lam, step = torch.zeros(20, 3001), torch.full((20,), 0.05), torch.zeros((), dtype=torch.long)
+        run_schedules(lambda: EMU.moco_step(J, Y.clone(), lam.clone(), step.clone(), 0.5, 0.5, 0.1, 0.5, 0.0, True),
+                      orders=orders, seed=seed)

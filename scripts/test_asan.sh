@@ -10,4 +10,5 @@ export FUSEDJD_SIMT_ASAN=1  # the tests then build (cached) and load the instrum
 # libstdc++ is preloaded too: ASan's __cxa_throw interceptor needs it resolved at start-up.
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-exec "$PY" -m pytest -q -rs -m asan tests/test_cuda_emulated.py "$@"
+# --capture=sys: a sanitizer report goes to the real stderr before the abort, not into a capture
+exec "$PY" -m pytest -q -rs --capture=sys -m asan tests/test_cuda_emulated.py "$@"

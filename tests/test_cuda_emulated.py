@@ -100,8 +100,8 @@ def test_missing_barrier_changes_with_the_order(name):
             simt_build.configure(order)
             outs[sync, order] = EMU.selftest(f"{name}_{sync}")
     simt_build.configure()
-    size, shift, offset = (64, 1, 0.5) if name == "neighbour" else (32, 5, 0.25)
-    expected = torch.tensor([(t + shift) % size + offset for t in range(size)])
+    size, shift = (64, 1) if name == "neighbour" else (32, 5)
+    expected = torch.tensor([(t + shift) % size + 0.5 for t in range(size)])
     for order in [simt_build.FORWARD, simt_build.REVERSE]:
         assert torch.equal(outs["sync", order][:size], expected)
     assert not torch.equal(outs["nosync", simt_build.FORWARD], outs["nosync", simt_build.REVERSE])

@@ -30,25 +30,17 @@ at::Tensor stats() {
 // ---- self-tests: small kernels, each breaking (or keeping) one rule ------------------------
 using fusedjd::cuda::launch;
 
-// Each thread writes its slot of shared memory, then reads its neighbour's: correct only with
-// the barrier between the two.
-template <bool SYNC>
+// Each of N threads writes its slot of shared memory, then reads the slot SHIFT further on:
+// correct only with the barrier between the two (__syncthreads for a block, __syncwarp for a
+// warp).
+template <int N, int SHIFT, bool SYNC>
 __global__ void neighbour_kernel(float* out) {
-  __shared__ float buf[64];
+  __shared__ float buf[N];
   const int t = threadIdx.x;
   buf[t] = static_cast<float>(t) + 0.5f;
-  if (SYNC) __syncthreads();
-  out[t] = buf[(t + 1) % 64];
-}
-
-// The same within a warp, with or without __syncwarp.
-template <bool SYNC>
-__global__ void warp_neighbour_kernel(float* out) {
-  __shared__ float buf[32];
-  const int t = threadIdx.x;
-  buf[t] = static_cast<float>(t) + 0.25f;
-  if (SYNC) __syncwarp();
-  out[t] = buf[(t + 5) % 32];
+  if (SYNC && N > 32) __syncthreads();
+  if (SYNC && N <= 32) __syncwarp();
+  out[t] = buf[(t + SHIFT) % N];
 }
 
 // Lanes 16..31 leave before a full-mask shuffle.
@@ -107,10 +99,10 @@ at::Tensor selftest(c10::string_view name_view) {
   const std::string name(name_view);
   at::Tensor out = at::zeros({64 * 8}, at::kFloat);
   float* o = out.data_ptr<float>();
-  if (name == "neighbour_sync") launch("neighbour_kernel", neighbour_kernel<true>, 1, 64, 0, o);
-  else if (name == "neighbour_nosync") launch("neighbour_kernel", neighbour_kernel<false>, 1, 64, 0, o);
-  else if (name == "warp_neighbour_sync") launch("warp_neighbour_kernel", warp_neighbour_kernel<true>, 1, 32, 0, o);
-  else if (name == "warp_neighbour_nosync") launch("warp_neighbour_kernel", warp_neighbour_kernel<false>, 1, 32, 0, o);
+  if (name == "neighbour_sync") launch("neighbour_kernel", neighbour_kernel<64, 1, true>, 1, 64, 0, o);
+  else if (name == "neighbour_nosync") launch("neighbour_kernel", neighbour_kernel<64, 1, false>, 1, 64, 0, o);
+  else if (name == "warp_neighbour_sync") launch("neighbour_kernel", neighbour_kernel<32, 5, true>, 1, 32, 0, o);
+  else if (name == "warp_neighbour_nosync") launch("neighbour_kernel", neighbour_kernel<32, 5, false>, 1, 32, 0, o);
   else if (name == "exited_lane") launch("exited_lane_kernel", exited_lane_kernel, 1, 32, 0, o);
   else if (name == "different_collectives") launch("different_collectives_kernel", different_collectives_kernel, 1, 32, 0, o);
   else if (name == "barrier_after_exit") launch("barrier_after_exit_kernel", barrier_after_exit_kernel, 1, 64, 0, o);

@@ -198,47 +198,29 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
 }
 
 // Fibers switch only at sync points, so a plain read-modify-write is atomic here.
-template <typename T>
-T atomicAdd(T* p, T v) {
+namespace simt::detail {
+template <typename T, typename F>
+T read_modify_write(T* p, F f) {
   const T old = *p;
-  *p = old + v;
+  *p = f(old);
   return old;
 }
+}  // namespace simt::detail
 template <typename T>
-T atomicOr(T* p, T v) {
-  const T old = *p;
-  *p = old | v;
-  return old;
-}
+T atomicAdd(T* p, T v) { return ::simt::detail::read_modify_write(p, [v](T o) { return o + v; }); }
 template <typename T>
-T atomicAnd(T* p, T v) {
-  const T old = *p;
-  *p = old & v;
-  return old;
-}
+T atomicOr(T* p, T v) { return ::simt::detail::read_modify_write(p, [v](T o) { return o | v; }); }
 template <typename T>
-T atomicMax(T* p, T v) {
-  const T old = *p;
-  *p = old > v ? old : v;
-  return old;
-}
+T atomicAnd(T* p, T v) { return ::simt::detail::read_modify_write(p, [v](T o) { return o & v; }); }
 template <typename T>
-T atomicMin(T* p, T v) {
-  const T old = *p;
-  *p = old < v ? old : v;
-  return old;
-}
+T atomicMax(T* p, T v) { return ::simt::detail::read_modify_write(p, [v](T o) { return o > v ? o : v; }); }
 template <typename T>
-T atomicExch(T* p, T v) {
-  const T old = *p;
-  *p = v;
-  return old;
-}
+T atomicMin(T* p, T v) { return ::simt::detail::read_modify_write(p, [v](T o) { return o < v ? o : v; }); }
+template <typename T>
+T atomicExch(T* p, T v) { return ::simt::detail::read_modify_write(p, [v](T) { return v; }); }
 template <typename T>
 T atomicCAS(T* p, T expected, T v) {
-  const T old = *p;
-  if (old == expected) *p = v;
-  return old;
+  return ::simt::detail::read_modify_write(p, [&](T o) { return o == expected ? v : o; });
 }
 
 // The opt-in for more than 48 KiB of dynamic shared memory.

@@ -3,9 +3,11 @@
 
 ``torch.ops.fusedjd_simt.*`` are the host functions of ``csrc/cuda/*.cu`` compiled as C++: every
 launch runs the kernel's code with one fiber per CUDA thread. Each case runs under two schedule
-orders of the threads (forward and reverse; some also seeded random) and on several
-multiprocessor counts, and the results must be bit-identical: a missing barrier or a
-warp-synchronous assumption changes them. These tests never skip: no GPU is needed.
+orders of the threads within a block (forward and reverse; some also seeded random), and the
+results must be bit-identical: a missing barrier or a warp-synchronous assumption changes them.
+The cases are spread over 1, 7 and 132 emulated multiprocessors, so every grid decomposition is
+taken. Blocks always run one after another, so nothing here can show a race between blocks.
+These tests never skip: no GPU is needed.
 
 ``FUSEDJD_SIMT_FULL=1`` runs the whole grid of shapes (minutes); the default is a subset that
 still takes every m, n, dtype and code path once. Cases marked ``asan`` are the ones CI also runs
@@ -101,9 +103,10 @@ def test_missing_barrier_changes_with_the_order(name):
             outs[sync, order] = EMU.selftest(f"{name}_{sync}")
     simt_build.configure()
     size, shift = (64, 1) if name == "neighbour" else (32, 5)
-    expected = torch.tensor([(t + shift) % size + 0.5 for t in range(size)])
     for order in [simt_build.FORWARD, simt_build.REVERSE]:
-        assert torch.equal(outs["sync", order][:size], expected)
+        out = outs["sync", order]
+        expected = torch.tensor([(t + shift) % size for t in range(size)]) + out[-1]  # out[-1]: the call's salt
+        assert torch.equal(out[:size], expected)
     assert not torch.equal(outs["nosync", simt_build.FORWARD], outs["nosync", simt_build.REVERSE])
 
 
@@ -198,7 +201,7 @@ def test_views_misaligned_and_strided(dtype):
         base[:, 3:4100],          # misaligned start, unaligned row stride
         base[:5, ::2],            # non-unit column stride (copied)
         base[2:7].T.contiguous().T,  # column-major
-        torch.randn(4, 4096, generator=gen).to(dtype)[:, 4:],  # aligned start, aligned stride
+        torch.randn(4, 4096, generator=gen).to(dtype)[:, 8:],  # aligned start, aligned stride
         base[:8, :4000],          # aligned start, odd row stride
     ]
     for J in views:
@@ -270,6 +273,12 @@ def test_loop_beyond_shared_memory_rows():
     perms = draw_pcgrad_perms(1, m)
     P = EMU.pcgrad_loop(G, perms)
     assert rel_err(P, torch.ops.fusedjd.pcgrad_loop(G, perms)) <= 1e-10
+    gperms = draw_gradvac_perms(1, m)
+    T0 = torch.rand(1, m, m, generator=gen, dtype=torch.float64) - 0.5
+    T_emu, T_cpu = T0.clone(), T0.clone()
+    W = EMU.gradvac_loop(G, gperms, T_emu, 0.5, 1e-8)
+    assert rel_err(W, torch.ops.fusedjd.gradvac_loop(G, gperms, T_cpu, 0.5, 1e-8)) <= 1e-10
+    assert rel_err(T_emu, T_cpu) <= 1e-10 and not torch.equal(T_emu, T0)
 
 
 @pytest.mark.parametrize("backend", ["emulated_cuda", "cpu"])

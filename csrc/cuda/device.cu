@@ -44,9 +44,11 @@ std::pair<uint64_t, unsigned long long> stream_and_capture() {
 //      replays, so it is keyed by the capture's id: no eager call and no other capture is ever
 //      handed it, and an eager call after the capture makes (and writes) its own.
 //  (b) Nothing is ever evicted: a captured graph may replay at any later time and must find its
-//      table (and the pinned host copy its copy node reads) alive. The cache grows by one small
-//      entry (2(k+1) int64 on the host and the device) per grouping, chunk, stream and capture
-//      seen; a training run sees a handful.
+//      table (and the pinned host copy its copy node reads) alive. The cache grows by one entry
+//      (2(k+1) int64 on the host and the device) per grouping, chunk, stream and capture seen.
+//      Cost to know: a table made during a capture comes from that graph's private memory pool,
+//      so it keeps one segment of that pool (up to 2 MiB) alive after the graph is destroyed;
+//      a program that re-captures fusedjd ops many times grows by that much per capture.
 //  (c) Streams: a table is written by an asynchronous copy on the stream of the call that made
 //      it and is handed only to calls on that same stream (the stream is part of the key), so
 //      stream order puts the write before every read.

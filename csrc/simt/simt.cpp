@@ -50,16 +50,16 @@ dim3 g_block_dim, g_grid_dim;
 struct Context {
   ucontext_t uc;
 };
+// Every fiber's entry is fiber_main, and the scheduler sets g_cur to the fiber it resumes
+// before the switch, so the trampoline needs no argument of its own.
 static void (*g_entry)(void*) = nullptr;
-static void* g_entry_arg = nullptr;
-static void ucontext_trampoline() { g_entry(g_entry_arg); }
-static void ctx_make(Context* c, void* stack, size_t size, void (*entry)(void*), void* arg) {
+static void ucontext_trampoline() { g_entry(g_cur); }
+static void ctx_make(Context* c, void* stack, size_t size, void (*entry)(void*), void*) {
   getcontext(&c->uc);
   c->uc.uc_stack.ss_sp = stack;
   c->uc.uc_stack.ss_size = size;
   c->uc.uc_link = nullptr;
-  g_entry = entry;  // read once, when the fiber first runs (fibers start one at a time)
-  g_entry_arg = arg;
+  g_entry = entry;
   makecontext(&c->uc, ucontext_trampoline, 0);
 }
 static void ctx_switch(Context* from, Context* to) { swapcontext(&from->uc, &to->uc); }
@@ -488,7 +488,7 @@ void run_grid(const char* kernel, const void* fn, dim3 grid, dim3 block, size_t 
   } reset;
   ++stats().launches;
   const Config cfg = config();
-  std::mt19937_64 rng(cfg.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(stats().launches));
+  std::mt19937_64 rng(cfg.seed * 0x9E3779B97F4A7C15ull + config().launch_index++);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {

@@ -15,7 +15,9 @@
 // - Refused with an error naming the kernel and the rule: block > 1024 threads (or a dimension
 //   beyond sm_90's limits), gridDim.y/z > 65535, a 0-sized grid or block, dynamic shared memory
 //   > 48 KiB without the opt-in, a warp collective whose mask names lanes that have exited, do
-//   not exist, or sit at a different collective (or with another mask), a shuffle reading a lane
+//   not exist, or sit at a different collective (or with another mask) -- stricter than CUDA,
+//   which lets exited lanes stay in a mask: that is how a lost early return shows --, a
+//   shuffle reading a lane
 //   outside the mask, __syncthreads reached while other threads have exited, a deadlock, and a
 //   packed load (load_pack) from an address not aligned to its size.
 // - Static __shared__ variables are one copy per kernel (blocks run one after another, so one
@@ -63,6 +65,7 @@ struct Config {
   Order order = Order::kForward;
   uint64_t seed = 0;
   int sm_count = 132;  // H100 SXM
+  uint64_t launch_index = 0;  // launches since the settings were last set: seeds the random order
 };
 
 // The settings the next launches use (not thread-safe: set them between launches).

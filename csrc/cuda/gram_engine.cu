@@ -8,11 +8,15 @@
 // the tiles over the same columns run side by side and a row's second read comes from L2.
 //
 // Tiles: up to BASE rows (16; 8 for float64), one diagonal tile. Beyond, diagonal tiles of BASE
-// rows and off-diagonal tiles of BASE x 8 rows. Row reads per column over the rows, i.e. reads
-// of J through L2 (the tiles of one item run side by side, so DRAM should see about one read;
-// that is not yet measured on a GPU):
-//   float32/16/bf16: m <= 16: 1;  m = 24: 2;  m = 32: 2.5;  m = 64: 5.5;  m = 128: 11.5
-//   float64:         m <= 8: 1;   m = 16: 2;  m = 32: 4;    m = 64: 8
+// rows and off-diagonal tiles of BASE x 2*OFFB rows (OFFB = 8). An off-diagonal tile's columns
+// are shared by two neighbouring lanes: both load the tile's BASE `a` rows of the column (same
+// address in one warp: one transaction) and each its own OFFB `b` rows, so a thread keeps
+// BASE x OFFB sums in registers while the tile reads each of its rows once.
+// Row reads per column over the rows, i.e. reads of J through L2 (the tiles of one item run
+// side by side, so DRAM should see about one read; that is not yet measured on a GPU):
+//   float32/16/bf16: m <= 16: 1;  17 <= m <= 32: 2;  m = 33: 3;  m = 64: 4;  m = 128: 8
+//   float64:         m <= 8: 1;   m = 16: 2;  m = 17: 2.53;  m = 24: 2.67;  m = 32: 3.5;  m = 64: 6.5
+// (float64 keeps 8-row diagonal tiles: a 16-row one would need 136 double sums per thread.)
 // `partial` holds exactly the tiles' slots: sum over tiles of rows_a x rows_b, per work item.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -61,16 +65,29 @@ __device__ __forceinline__ void locate(const int64_t* table, int64_t k, int64_t 
   *c1 = min(col_off[lo + 1], *c0 + chunk);
 }
 
-// The pair sums of one tile over columns [c0, c1), reduced over the block into `partial`.
-template <typename T, typename acc_t, int TA, int TB, bool DIAG, int V>
+// Sum over the lanes of a warp that agree on lane % S, in a fixed order; lanes 0..S-1 hold them.
+template <int S, typename T>
+__device__ __forceinline__ T lane_class_sum(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o >= S; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// The pair sums of one tile over columns [c0, c1), reduced over the block into `partial`. S lanes
+// share each column (off-diagonal tiles only): lane class h = lane % S takes b rows
+// [h * TB, (h + 1) * TB) of the tile.
+template <typename T, typename acc_t, int TA, int TB, bool DIAG, int V, int S = 1>
 __device__ __forceinline__ void tile_partial(const Rows& R, const Tile& tl, int64_t c0, int64_t c1, int64_t items,
                                              int64_t item, acc_t* partial) {
+  static_assert(S == 1 || (!DIAG && V == 1), "shared columns are for scalar off-diagonal tiles");
+  static_assert(kWarp % S == 0 && kGramThreads % S == 0, "S must divide the warp");
+  const int h = static_cast<int>(threadIdx.x % S);
   const T* pa[TA];
   const T* pb[TB];
 #pragma unroll
   for (int i = 0; i < TA; ++i) pa[i] = i < tl.na ? row_ptr<T>(R, tl.a0 + i) : nullptr;
 #pragma unroll
-  for (int j = 0; j < TB; ++j) pb[j] = j < tl.nb ? row_ptr<T>(R, tl.b0 + j) : nullptr;
+  for (int j = 0; j < TB; ++j) pb[j] = h * TB + j < tl.nb ? row_ptr<T>(R, tl.b0 + h * TB + j) : nullptr;
 
   acc_t acc[TA][TB];
 #pragma unroll
@@ -99,7 +116,8 @@ __device__ __forceinline__ void tile_partial(const Rows& R, const Tile& tl, int6
     fma_column(xa, xb);
   };
 
-  const int64_t tid = threadIdx.x;
+  const int64_t tid = threadIdx.x / S;  // the block's column lane
+  constexpr int64_t kLanes = kGramThreads / S;
   if (V > 1) {  // diagonal tiles only (TA == TB), every row start 16-byte aligned
     const int64_t ca = min(c1, (c0 + V - 1) / V * V);
     const int64_t cb = max(ca, c1 / V * V);
@@ -123,31 +141,32 @@ __device__ __forceinline__ void tile_partial(const Rows& R, const Tile& tl, int6
       }
     }
   } else {
-    for (int64_t c = c0 + tid; c < c1; c += kGramThreads) scalar_column(c);
+    for (int64_t c = c0 + tid; c < c1; c += kLanes) scalar_column(c);
   }
 
-  __shared__ acc_t red[kGramWarps][TA * TB];
+  constexpr int NB = TB * S;  // b rows of the tile
+  __shared__ acc_t red[kGramWarps][TA * NB];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
 #pragma unroll
   for (int i = 0; i < TA; ++i)
 #pragma unroll
     for (int j = 0; j < TB; ++j) {
       if ((DIAG && j < i) || i >= tl.na || j >= tl.nb) continue;  // the same for the whole block
-      const acc_t s = warp_sum(acc[i][j]);
-      if (lane == 0) red[warp][i * TB + j] = s;
+      const acc_t s = lane_class_sum<S>(acc[i][j]);
+      if (lane < S && lane * TB + j < tl.nb) red[warp][i * NB + lane * TB + j] = s;
     }
   __syncthreads();
   for (int s = threadIdx.x; s < tl.na * tl.nb; s += kGramThreads) {
     const int i = s / tl.nb, j = s % tl.nb;
     if (DIAG && j < i) continue;
     acc_t tot = acc_t(0);
-    for (int w = 0; w < kGramWarps; ++w) tot += red[w][i * TB + j];
+    for (int w = 0; w < kGramWarps; ++w) tot += red[w][i * NB + j];
     partial[(static_cast<int64_t>(tl.slot0) + s) * items + item] = tot;
   }
 }
 
-// One block per (item, tile), tile-fastest. TO = 0: diagonal tiles only; VD: pack width of the
-// diagonal tiles (1: scalar loads).
+// One block per (item, tile), tile-fastest. TO = 0: diagonal tiles only, else off-diagonal tiles
+// of TD x 2*TO rows; VD: pack width of the diagonal tiles (1: scalar loads).
 template <typename T, typename acc_t, int TD, int TO, int VD>
 __global__ void __launch_bounds__(kGramThreads)
     gram_partial_kernel(Rows R, const int64_t* table, int64_t k, int64_t chunk, int64_t items, TileList tiles,
@@ -159,7 +178,7 @@ __global__ void __launch_bounds__(kGramThreads)
   locate(table, k, chunk, item, &c0, &c1);
   if constexpr (TO > 0) {
     if (!tl.diag) {
-      tile_partial<T, acc_t, TD, TO, false, 1>(R, tl, c0, c1, items, item, partial);
+      tile_partial<T, acc_t, TD, TO, false, 1, 2>(R, tl, c0, c1, items, item, partial);
       return;
     }
   }
@@ -238,8 +257,9 @@ at::Tensor gram_rows_impl(const Rows& R, int64_t rows, at::IntArrayRef group_siz
   if (p.items == 0) return out;
   p.table = table.data_ptr<int64_t>();
 
-  // Diagonal tiles of BASE rows, off-diagonal tiles of BASE x OFFB rows: float64 uses
-  // smaller tiles so that the register sums do not spill.
+  // Diagonal tiles of BASE rows, off-diagonal tiles of BASE x 2*OFFB rows (two lanes per
+  // column, BASE x OFFB sums each): float64 uses smaller tiles so that the register sums do not
+  // spill.
   constexpr int BASE = std::is_same_v<T, double> ? 8 : 16;
   constexpr int OFFB = 8;
   int slots = 0;
@@ -254,9 +274,8 @@ at::Tensor gram_rows_impl(const Rows& R, int64_t rows, at::IntArrayRef group_siz
     const int nblk = (r + BASE - 1) / BASE;
     for (int t = 0; t < nblk; ++t) add(BASE * t, BASE * t, std::min(BASE, r - BASE * t), std::min(BASE, r - BASE * t), true);
     for (int ta = 0; ta < nblk; ++ta)
-      for (int tb = ta + 1; tb < nblk; ++tb)
-        for (int sub = BASE * tb; sub < std::min(r, BASE * (tb + 1)); sub += OFFB)
-          add(BASE * ta, sub, BASE, std::min(OFFB, r - sub), false);
+      for (int sub = BASE * (ta + 1); sub < r; sub += 2 * OFFB)
+        add(BASE * ta, sub, BASE, std::min(2 * OFFB, r - sub), false);
   }
   at::Tensor partial = at::empty({static_cast<int64_t>(slots) * p.items}, at::TensorOptions().dtype(acc_type).device(device));
   acc_t* part = partial.data_ptr<acc_t>();

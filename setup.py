@@ -11,6 +11,7 @@ torch already installed.
 
 import glob
 import os
+import re
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -29,12 +30,19 @@ def _want_cuda() -> bool:
 
 def _extension():
     cpu_sources = ["csrc/fusedjd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-DFUSEDJD_PYTHON_MODULE"]
+    import torch
+
+    defines = ["-DFUSEDJD_PYTHON_MODULE", f'-DFUSEDJD_TORCH_VERSION="{torch.__version__}"']
+    cxx = ["-O3", "-std=c++17"] + defines
     if os.environ.get("FUSEDJD_PORTABLE", "0") in ("", "0"):
         cxx.append("-march=native")
     if _want_cuda():
         sources = cpu_sources + sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+        # the archs nvcc will be given (what TORCH_CUDA_ARCH_LIST or the visible GPUs select)
+        archs = ",".join(sorted(set(re.findall(r"code=(sm_\d+a?)", " ".join(cpp_extension._get_cuda_arch_flags())))))
+        cuda_defines = ["-DFUSEDJD_WITH_CUDA", f'-DFUSEDJD_CUDA_ARCHS="{archs}"']
+        cxx += cuda_defines
+        nvcc = ["-O3", "-std=c++17", "-lineinfo"] + defines + cuda_defines
         return cpp_extension.CUDAExtension(
             "fusedjd._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}
         )

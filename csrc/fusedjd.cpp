@@ -4,22 +4,65 @@
 // torch.compile traces them without graph breaks. Kernels live in
 // csrc/cpu/<family>.cpp (TORCH_LIBRARY_IMPL(fusedjd, CPU)) and
 // csrc/cuda/<family>.cu (TORCH_LIBRARY_IMPL(fusedjd, CUDA)); fake kernels are
-// registered from Python (python/fusedjd/ops.py).
+// registered from Python (python/fusedjd/ops.py). The Python module `fusedjd._C` is a pybind11
+// module carrying the build information only.
 #include <torch/library.h>
 
 #include "schemas.h"
 
 #ifdef FUSEDJD_PYTHON_MODULE  // set by setup.py; the CMake build is a plain C++ library
-#include <Python.h>
+#include <pybind11/pybind11.h>
 
-extern "C" {
-// Importing fusedjd._C loads this shared library, which runs the static
-// registrations below. The module itself carries nothing.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "fusedjd operator library (see torch.ops.fusedjd)", -1, nullptr};
-  return PyModule_Create(&module_def);
+#ifndef FUSEDJD_TORCH_VERSION
+#define FUSEDJD_TORCH_VERSION "unknown"
+#endif
+#ifndef FUSEDJD_CUDA_ARCHS
+#define FUSEDJD_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+// The SIMD instruction set this library's CPU kernels were compiled for.
+const char* simd_level() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__ARM_NEON)
+  return "neon";
+#else
+  return "baseline";
+#endif
 }
+
+}  // namespace
+
+// Importing fusedjd._C loads this shared library, which runs the static operator registrations
+// below (the ops are reached through torch.ops.fusedjd). The module itself exposes only what is
+// not an op: how this library was built.
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedjd operator library (the ops are torch.ops.fusedjd.*) and its build information";
+  m.def(
+      "build_info",
+      [] {
+        pybind11::dict d;
+#ifdef FUSEDJD_WITH_CUDA
+        d["cuda"] = true;
+#else
+        d["cuda"] = false;
+#endif
+        d["cuda_archs"] = FUSEDJD_CUDA_ARCHS;
+        d["torch_version"] = FUSEDJD_TORCH_VERSION;
+        d["simd"] = simd_level();
+#ifdef _OPENMP
+        d["openmp"] = true;
+#else
+        d["openmp"] = false;
+#endif
+        return d;
+      },
+      "How this library was built: CUDA kernels (bool), the CUDA archs they were compiled for, "
+      "the torch version built against, the CPU SIMD level, OpenMP.");
 }
 #endif
 

@@ -25,10 +25,11 @@ inline void define_ops(torch::Library& m) {
   // same refusal of non-finite G and invalid visit orders.
   m.def("pcgrad_loop(Tensor G, Tensor perms) -> Tensor");
 
-  // Visit orders [k, m, m-1] (int64, CPU) drawn from the default CPU generator exactly as
-  // torchjd draws them with torch.randperm: GradVac takes randperm(m-1) per row mapped onto
-  // the other rows, PCGrad randperm(m) per row with the row itself skipped.
-  m.def("draw_perms(int k, int m, bool pcgrad) -> Tensor", {at::Tag::nondeterministic_seeded});
+  // Visit orders [k, m, m-1] (int64) drawn from the default CPU generator exactly as torchjd
+  // draws them with torch.randperm: GradVac takes randperm(m-1) per row mapped onto the other
+  // rows, PCGrad randperm(m) per row with the row itself skipped. Returned on `device` (CPU when
+  // None); a CUDA copy goes through pinned memory without a host sync.
+  m.def("draw_perms(int k, int m, bool pcgrad, Device? device=None) -> Tensor", {at::Tag::nondeterministic_seeded});
 
   // Per-group combination of the rows of J [m, n] with weights [k, m]:
   // out[cols of g] = weights[g] @ J_g. Output dtype is J's.

@@ -12,7 +12,9 @@ from torchjd.autojac import jac_to_grad, mtl_backward
 
 import fusedjd
 
-from conftest import DEVICES, rel_err
+from fusedjd.reference import rel_err
+
+from conftest import DEVICES
 
 PAIRS = [
     (fusedjd.GradVac, ta.GradVac, "matrix"),
@@ -373,3 +375,40 @@ def test_reduced_precision_inputs(dtype):
     torch.manual_seed(0)
     ref = ta.GradVac()(J.to(dtype).double()).to(dtype)
     assert ours.dtype == dtype and rel_err(ours, ref) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ours,theirs", [(fusedjd.GradVac, ta.GradVac), (fusedjd.GradVacWeighting, ta.GradVacWeighting)])
+def test_torchjd_checkpoint_continues_as_torchjd_would(dtype, ours, theirs):
+    """A torchjd 0.18 state_dict (its `_phi_t` targets) loads into fusedjd's class (strict), and the
+    next calls give what the torchjd instance that wrote it gives, under the same seed."""
+    gen = torch.Generator().manual_seed(3)
+    Js = [torch.randn(5, 40, generator=gen, dtype=dtype) for _ in range(6)]
+    arg = (lambda J: J) if ours is fusedjd.GradVac else (lambda J: J @ J.T)
+    tj = theirs(beta=0.3)
+    torch.manual_seed(0)
+    for J in Js[:3]:
+        tj(arg(J))
+    sd = tj.state_dict()
+    assert any(k.endswith("_phi_t") for k in sd)
+    fj = ours(beta=0.3)
+    fj.load_state_dict(sd)
+    seed = torch.seed()
+    for J in Js[3:]:
+        torch.manual_seed(seed)
+        expected = tj(arg(J))
+        torch.manual_seed(seed)
+        got = fj(arg(J))
+        assert rel_err(got, expected) < (1e-12 if dtype == torch.float64 else 1e-5)
+        seed += 1
+    # and fusedjd's own state_dict, written into torchjd as documented on fusedjd.GradVac
+    key = "gramian_weighting._targets" if ours is fusedjd.GradVac else "_targets"
+    targets = fj.state_dict()[key][0]
+    back = theirs(beta=0.3)
+    w = back.gramian_weighting if ours is fusedjd.GradVac else back
+    w._phi_t = targets.clone()
+    w._state_key = (targets.shape[0], targets.dtype)
+    torch.manual_seed(9)
+    expected = back(arg(Js[0]))
+    torch.manual_seed(9)
+    assert rel_err(fj(arg(Js[0])), expected) < (1e-12 if dtype == torch.float64 else 1e-5)

@@ -9,7 +9,10 @@ from torchjd import aggregation as ta
 
 import fusedjd
 
-from conftest import DEVICES, MoCoRef, rel_err
+from fusedjd import reference
+from fusedjd.reference import rel_err
+
+from conftest import DEVICES
 
 HYPER = [
     dict(),
@@ -26,7 +29,7 @@ HYPER = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_moco_and_weighting_equal_reference(device, hyper, m, n, dtype):
     gen = torch.Generator().manual_seed(m * 100 + n)
-    ref = MoCoRef(**hyper)
+    ref = reference.MoCo(**hyper)
     agg, weighting = fusedjd.MoCo(**hyper), fusedjd.MoCoWeighting(**hyper)
     tol = 1e-11 if dtype == torch.float64 else 3e-5
     for step in range(1, 21):
@@ -84,7 +87,8 @@ def test_state_dict_round_trip_continues_exactly(make):
     for J in Js[:4]:
         a(J)
     sd = a.state_dict()
-    assert {"_y", "_lam", "_step"} <= set(sd)
+    prefix = "weighting." if make is fusedjd.MoCo else ""  # MoCo keeps its state in .weighting
+    assert {prefix + "_y", prefix + "_lam", prefix + "_step"} <= set(sd)
     b = make(rho=0.1)
     b.load_state_dict(sd)
     for J in Js[4:]:
@@ -145,16 +149,56 @@ def test_outputs_do_not_require_grad():
     assert not fusedjd.MoCoWeighting()(J).requires_grad
 
 
-def test_no_m_by_n_temporary():
-    # The op must leave Y in place (same storage) and allocate only O(m + n) outputs.
+def _allocated_bytes(fn) -> int:
+    """Bytes allocated on the CPU while ``fn`` runs (the profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_no_m_by_n_temporary(dtype):
+    """A CPU step allocates O(n) bytes (its output, per-thread partial sums), never an m x n
+    buffer: Y is updated in place. The lower bound shows the counter sees the output."""
+    m, n = 8, 100_000
     agg = fusedjd.MoCo()
-    J = torch.randn(4, 1000)
+    J = torch.randn(m, n).to(dtype)
     agg(J)
-    ptr = agg.y.data_ptr()
+    y = agg.y.data_ptr()
+    size = J.element_size()
+    allocated = _allocated_bytes(lambda: agg(J))
+    assert n * size <= allocated <= 3 * n * size, allocated  # an m x n temporary is 8 n * size
+    assert agg.y.data_ptr() == y
+    # the counter does see an m x n temporary
+    assert _allocated_bytes(lambda: (J * 2).sum(0)) >= m * n * size
+
+
+def test_moco_keeps_its_state_in_a_weighting_submodule():
+    agg = fusedjd.MoCo(beta=0.3, rho=0.2, simplex="projection")
+    assert isinstance(agg.weighting, fusedjd.MoCoWeighting)
+    assert (agg.weighting.beta, agg.weighting.rho, agg.weighting.simplex) == (0.3, 0.2, "projection")
+    agg.gamma = 0.7
+    assert agg.weighting.gamma == 0.7
+    J = torch.randn(3, 20, dtype=torch.float64)
     out = agg(J)
-    assert agg.y.data_ptr() == ptr and out.shape == (1000,)
+    assert agg.y is agg.weighting.y and int(agg.step) == 1
+    torch.testing.assert_close(out, agg.weighting._lam @ agg.weighting.y)
+    assert repr(agg) == ("MoCo(beta=0.3, beta_sigma=0.5, gamma=0.7, gamma_sigma=0.5, rho=0.2, "
+                         "simplex='projection')")
 
 
+@pytest.mark.parametrize("make", [fusedjd.MoCo, fusedjd.MoCoWeighting])
+@pytest.mark.parametrize("name", ["beta", "beta_sigma", "gamma", "gamma_sigma", "rho"])
+def test_non_number_hyper_parameter_is_named(make, name):
+    with pytest.raises(TypeError, match=f"Attribute `{name}` must be a real number. Found {name}='0.5'"):
+        make(**{name: "0.5"})
+    with pytest.raises(TypeError, match=f"Found {name}=True"):
+        make(**{name: True})
+
+
+@pytest.mark.slow
 def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "../common.h"
@@ -42,8 +43,7 @@ void randperm_into(at::CPUGeneratorImpl* gen, int64_t n, int64_t* out) {
   }
 }
 
-at::Tensor draw_perms(int64_t k, int64_t m, bool pcgrad) {
-  TORCH_CHECK(k >= 0 && m >= 0, "fusedjd: draw_perms needs k >= 0 and m >= 0, got k=", k, ", m=", m);
+at::Tensor draw_perms_cpu(int64_t k, int64_t m, bool pcgrad) {
   at::Tensor out = at::empty({k, m, m > 0 ? m - 1 : 0}, at::TensorOptions().dtype(at::kLong));
   if (k == 0 || m == 0) return out;
   int64_t* o = out.data_ptr<int64_t>();
@@ -65,6 +65,16 @@ at::Tensor draw_perms(int64_t k, int64_t m, bool pcgrad) {
     }
   }
   return out;
+}
+
+// Draws on the CPU (the generator torchjd draws from), then moves the orders to `device`: through
+// pinned memory with a non-blocking copy for CUDA, so the caller's stream never waits on the host.
+at::Tensor draw_perms(int64_t k, int64_t m, bool pcgrad, std::optional<at::Device> device) {
+  TORCH_CHECK(k >= 0 && m >= 0, "fusedjd: draw_perms needs k >= 0 and m >= 0, got k=", k, ", m=", m);
+  at::Tensor out = draw_perms_cpu(k, m, pcgrad);
+  if (!device.has_value() || device->is_cpu()) return out;
+  if (device->is_cuda()) out = out.pin_memory();
+  return out.to(*device, /*non_blocking=*/true);
 }
 
 template <typename S, bool PCGRAD>

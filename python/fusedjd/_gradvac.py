@@ -11,25 +11,21 @@ from torchjd import Stateful
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, Weighting
 
 from . import ops
-from ._base import (
-    _BufferState,
-    _check_group_sizes,
-    _check_matrix,
-    _check_square,
-    _loop_dtype,
-    _NonDifferentiable,
+from ._state import _BufferState, _NonDifferentiable
+from ._validation import (
+    check_group_sizes,
+    check_matrix,
+    check_sizes_cover,
+    check_square,
     forwarded,
     in_unit_interval,
     non_negative,
-    _to_device,
-    draw_gradvac_perms,
-    draw_pcgrad_perms,
 )
 
 
 def _whole_gramian(matrix: Tensor) -> Tensor:
     """Gramian of the whole matrix through the fused op (what the aggregators compose with)."""
-    _check_matrix(matrix)
+    check_matrix(matrix)
     return ops.gramian(matrix, [matrix.shape[1]])[0]
 
 
@@ -63,6 +59,8 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
     """
 
     _state_names = ("_targets",)
+    # torchjd 0.18's GradVacWeighting keeps one [m, m] target matrix in `_phi_t`
+    _foreign_state = {"_phi_t": ("_targets", lambda phi: phi.to(ops.acc_dtype(phi.dtype)).unsqueeze(0))}
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:
         super().__init__()
@@ -78,17 +76,20 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         self._clear_state()
 
     def forward(self, gramian: Tensor, /) -> Tensor:
-        _check_square(gramian)
-        return self._grouped(gramian.unsqueeze(0))[0]
+        check_square(gramian)
+        return self.stacked(gramian.unsqueeze(0))[0]
 
-    def _grouped(self, G: Tensor) -> Tensor:
-        """Weights ``[k, m]`` for a stack of Gramians ``[k, m, m]``, one target set per group."""
-        G = G.to(_loop_dtype(G.dtype))
+    def stacked(self, gramians: Tensor) -> Tensor:
+        """Weights ``[k, m]`` for a stack of Gramians ``[k, m, m]`` (one per column group), each
+        group with its own targets and visit orders, drawn group by group. Used by
+        :class:`~fusedjd.GroupedGradVac`; the targets reset when ``k``, ``m``, the dtype or the
+        device changes."""
+        G = gramians.to(ops.acc_dtype(gramians.dtype))
         k, m = G.shape[0], G.shape[1]
         T = self._targets
         if T.shape != G.shape or T.dtype != G.dtype or T.device != G.device:
             self._targets = torch.zeros_like(G)
-        perms = _to_device(draw_gradvac_perms(k, m), G.device)
+        perms = ops.draw_perms(k, m, pcgrad=False, device=G.device)
         return ops.gradvac_loop(G, perms, self._targets, self._beta, self._eps)
 
 
@@ -106,6 +107,15 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
     The state resets when ``m``, ``n``, the dtype or the device changes. See
     :class:`~fusedjd.GradVacWeighting` for the guard against saturated targets.
 
+    Checkpoints: ``load_state_dict`` also takes the ``state_dict`` of a
+    :class:`torchjd.aggregation.GradVac` (0.18; its ``gramian_weighting._phi_t`` targets) and the
+    run continues as torchjd's would. The other way round, torchjd 0.18 cannot load its own
+    targets through ``load_state_dict`` (its buffer starts as ``None``); set them directly::
+
+        targets = fused.state_dict()["gramian_weighting._targets"][0]
+        tj.gramian_weighting._phi_t = targets.clone()
+        tj.gramian_weighting._state_key = (targets.shape[0], targets.dtype)
+
     :param beta: EMA rate for :math:`\hat{\phi}`, in [0, 1].
     :param eps: Small non-negative constant added to denominators.
     """
@@ -117,8 +127,8 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
         self.weighting = self.gramian_weighting << _whole_gramian
         self._n: int | None = None
 
-    beta = forwarded("beta")
-    eps = forwarded("eps")
+    beta = forwarded("beta", to="gramian_weighting")
+    eps = forwarded("eps", to="gramian_weighting")
 
     def reset(self) -> None:
         """Clears the EMA targets so the next call starts from zero targets."""
@@ -138,6 +148,14 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
 
     def set_extra_state(self, state: Any) -> None:
         self._n = state["n"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # noqa: D401 - torch hook
+        # A torchjd checkpoint carries no `n`: adopt the next call's n instead of resetting.
+        if prefix + "_extra_state" not in state_dict:
+            state_dict[prefix + "_extra_state"] = {"n": None}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(beta={self.beta!r}, eps={self.eps!r})"
@@ -170,25 +188,21 @@ class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
 
     @group_sizes.setter
     def group_sizes(self, value: Sequence[int]) -> None:
-        self._group_sizes = _check_group_sizes(value)
+        self._group_sizes = check_group_sizes(value)
         self.gramian_weighting.reset()
 
-    beta = forwarded("beta")
-    eps = forwarded("eps")
+    beta = forwarded("beta", to="gramian_weighting")
+    eps = forwarded("eps", to="gramian_weighting")
 
     def reset(self) -> None:
         """Clears the EMA targets of every group."""
         self.gramian_weighting.reset()
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        _check_matrix(matrix)
+        check_matrix(matrix)
         sizes = self._group_sizes
-        if sum(sizes) != matrix.shape[1]:
-            raise ValueError(
-                f"Attribute `group_sizes` must sum to the number of columns of `matrix` "
-                f"({matrix.shape[1]}). Found sum(group_sizes)={sum(sizes)} for {len(sizes)} groups."
-            )
-        weights = self.gramian_weighting._grouped(ops.gramian(matrix, sizes))
+        check_sizes_cover(sizes, matrix)
+        weights = self.gramian_weighting.stacked(ops.gramian(matrix, sizes))
         return ops.combine(matrix, weights, sizes)
 
     def __repr__(self) -> str:
@@ -206,9 +220,9 @@ class PCGradWeighting(Weighting, _NonDifferentiable):
     """
 
     def forward(self, gramian: Tensor, /) -> Tensor:
-        _check_square(gramian)
-        G = gramian.to(_loop_dtype(gramian.dtype)).unsqueeze(0)
-        perms = _to_device(draw_pcgrad_perms(1, G.shape[1]), G.device)
+        check_square(gramian)
+        G = gramian.to(ops.acc_dtype(gramian.dtype)).unsqueeze(0)
+        perms = ops.draw_perms(1, G.shape[1], pcgrad=True, device=G.device)
         return ops.pcgrad_loop(G, perms)[0]
 
 

@@ -8,7 +8,8 @@ from torchjd import Stateful
 from torchjd.aggregation import Aggregator, Weighting
 
 from . import ops
-from ._base import _BufferState, _check_matrix, _loop_dtype, _NonDifferentiable, in_unit_interval, non_negative
+from ._state import _BufferState, _NonDifferentiable
+from ._validation import check_matrix, forwarded, in_unit_interval, non_negative
 
 _SIMPLEX = ("softmax", "projection")
 
@@ -67,13 +68,16 @@ class _MoCoState(_BufferState):
         uniform ``λ`` and step 0."""
         self._clear_state()
 
-    def _step_once(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
-        _check_matrix(matrix)
+    def update(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
+        """One MoCo step on ``matrix`` (the Jacobian): updates ``Y``, ``λ`` and the step count in
+        place and returns ``(λ, λᵀ Y)``; NaN for both, state untouched, if ``matrix`` is not
+        finite."""
+        check_matrix(matrix)
         m, n = matrix.shape
         Y = self._y
         if Y.shape != (m, n) or Y.dtype != matrix.dtype or Y.device != matrix.device:
             self._y = torch.zeros((m, n), dtype=matrix.dtype, device=matrix.device)
-            self._lam = torch.full((m,), 1.0 / max(m, 1), dtype=_loop_dtype(matrix.dtype), device=matrix.device)
+            self._lam = torch.full((m,), 1.0 / max(m, 1), dtype=ops.acc_dtype(matrix.dtype), device=matrix.device)
             self._step = torch.zeros((), dtype=torch.long, device=matrix.device)
         return ops.moco_step(
             matrix,
@@ -146,20 +150,26 @@ class MoCoWeighting(Weighting, _MoCoState, Stateful, _NonDifferentiable):
         self._configure(beta, beta_sigma, gamma, gamma_sigma, rho, simplex)
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        return self._step_once(matrix)[0]
+        return self.update(matrix)[0]
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self._args_repr()})"
 
 
-class MoCo(Aggregator, _MoCoState, Stateful, _NonDifferentiable):
+class MoCo(Aggregator, Stateful, _NonDifferentiable):
     __doc__ = (
         r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Aggregator` returning
-    :math:`\lambda^\top Y` (the tracked gradients, not :math:`J`).
+    :math:`\lambda^\top Y` (the tracked gradients, not :math:`J`). Its state and
+    hyper-parameters live in the :class:`~fusedjd.MoCoWeighting` submodule ``.weighting`` (as in
+    torchjd's MoCo proposal); ``.beta``, ``.y``, ``.step``, ... read and write it. Through
+    ``torchjd.autojac.jac_to_grad`` it returns ``None`` (torchjd's answer for aggregators that are
+    not weighted combinations of the rows of :math:`J`).
 """
         + _MOCO_DOC
     )
+
+    weighting: MoCoWeighting
 
     def __init__(
         self,
@@ -171,10 +181,31 @@ class MoCo(Aggregator, _MoCoState, Stateful, _NonDifferentiable):
         simplex: str = "softmax",
     ) -> None:
         super().__init__()
-        self._configure(beta, beta_sigma, gamma, gamma_sigma, rho, simplex)
+        self.weighting = MoCoWeighting(beta, beta_sigma, gamma, gamma_sigma, rho, simplex)
+
+    beta = forwarded("beta", to="weighting")
+    beta_sigma = forwarded("beta_sigma", to="weighting")
+    gamma = forwarded("gamma", to="weighting")
+    gamma_sigma = forwarded("gamma_sigma", to="weighting")
+    rho = forwarded("rho", to="weighting")
+    simplex = forwarded("simplex", to="weighting")
+
+    @property
+    def y(self) -> Tensor:
+        """The tracking matrix ``Y`` of :attr:`weighting`."""
+        return self.weighting.y
+
+    @property
+    def step(self) -> Tensor:
+        """The step count of :attr:`weighting`."""
+        return self.weighting.step
+
+    def reset(self) -> None:
+        """Clears ``Y``, ``λ`` and the step count."""
+        self.weighting.reset()
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        return self._step_once(matrix)[1]
+        return self.weighting.update(matrix)[1]
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({self._args_repr()})"
+        return f"{self.__class__.__name__}({self.weighting._args_repr()})"

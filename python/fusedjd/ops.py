@@ -15,12 +15,21 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library and its registrations)
 
-__all__ = ["gramian", "gradvac_loop", "pcgrad_loop", "combine", "moco_step", "has_cuda_kernels"]
+__all__ = [
+    "acc_dtype",
+    "combine",
+    "draw_perms",
+    "gradvac_loop",
+    "gramian",
+    "has_cuda_kernels",
+    "moco_step",
+    "pcgrad_loop",
+]
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for every other floating dtype (the kernels' accumulation
-    and state dtype)."""
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation and state dtype for inputs of ``dtype``: float64 for float64,
+    float32 for every other floating dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -35,7 +44,7 @@ def gramian(J: Tensor, group_sizes: Sequence[int]) -> Tensor:
 
 
 def gradvac_loop(G: Tensor, perms: Tensor, targets: Tensor, beta: float, eps: float) -> Tensor:
-    """The GradVac loop on a stack of Gramians (see SPEC §1).
+    """The GradVac loop on a stack of Gramians (``docs/CONTRACT.md`` §1; :func:`fusedjd.reference.gradvac_loop` is its executable form).
 
     :param G: Gramians ``[k, m, m]``, float32 or float64.
     :param perms: Visit orders ``[k, m, m-1]`` (int64): row ``i`` of group ``g`` visits the
@@ -51,6 +60,20 @@ def gradvac_loop(G: Tensor, perms: Tensor, targets: Tensor, beta: float, eps: fl
 def pcgrad_loop(G: Tensor, perms: Tensor) -> Tensor:
     """The PCGrad loop on a stack of Gramians, with the same ``perms`` layout as :func:`gradvac_loop`."""
     return torch.ops.fusedjd.pcgrad_loop.default(G, perms)
+
+
+def draw_perms(k: int, m: int, pcgrad: bool, device: torch.device | str | None = None) -> Tensor:
+    """Visit orders ``[k, m, m-1]`` (int64) for :func:`gradvac_loop` / :func:`pcgrad_loop`, drawn
+    from the default CPU generator exactly as torchjd draws them (group by group, row by row):
+
+    - GradVac (``pcgrad=False``): ``torch.randperm(m - 1)`` per row, mapped onto the other rows;
+    - PCGrad (``pcgrad=True``): ``torch.randperm(m)`` per row, with the row itself skipped.
+
+    :param device: Where the result lives (CPU when ``None``). A CUDA result is copied from
+        pinned memory without a host sync.
+    """
+    dev = None if device is None else torch.device(device)
+    return torch.ops.fusedjd.draw_perms.default(int(k), int(m), bool(pcgrad), dev)
 
 
 def combine(J: Tensor, weights: Tensor, group_sizes: Sequence[int]) -> Tensor:
@@ -75,7 +98,7 @@ def moco_step(
     rho: float,
     projection: bool,
 ) -> tuple[Tensor, Tensor]:
-    """One MoCo step (see SPEC §2), updating ``Y``, ``lam`` and ``step`` in place.
+    """One MoCo step (``docs/CONTRACT.md`` §2; :func:`fusedjd.reference.moco_step`), updating ``Y``, ``lam`` and ``step`` in place.
 
     :param J: Jacobian ``[m, n]``.
     :param Y: Tracking matrix ``[m, n]`` (contiguous, dtype of ``J``).
@@ -94,32 +117,136 @@ def has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fusedjd::gramian", "CUDA")
 
 
+# ---- fake kernels ---------------------------------------------------------------------------
+# They check what can be checked without data (ranks, shapes, dtypes, devices) with the messages
+# of the C++ checks in csrc/common.h, so a traced or compiled call fails at trace time as the
+# eager call does (tests/test_ops.py compares the two messages for every check).
+
+_SCALAR_NAME = {
+    torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+
+
+def _st(dtype: torch.dtype) -> str:
+    return _SCALAR_NAME.get(dtype, str(dtype))
+
+
+def _shape(t: Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _check_dim(t: Tensor, name: str, d: int) -> None:
+    torch._check(t.dim() == d, lambda: f"fusedjd: `{name}` must have {d} dimensions, got shape {_shape(t)}")
+
+
+def _check_float(t: Tensor, name: str) -> None:
+    torch._check(t.is_floating_point(),
+                 lambda: f"fusedjd: `{name}` must be a floating-point tensor, got dtype {_st(t.dtype)}")
+
+
+def _check_same_device(x: Tensor, xn: str, y: Tensor, yn: str) -> None:
+    torch._check(x.device == y.device, lambda: f"fusedjd: `{xn}` is on {x.device} but `{yn}` is on {y.device}; "
+                 "all tensors must be on the same device")
+
+
+def _check_dtype(t: Tensor, name: str, dtype: torch.dtype) -> None:
+    torch._check(t.dtype == dtype, lambda: f"fusedjd: `{name}` must have dtype {_st(dtype)}, got {_st(t.dtype)}")
+
+
+def _check_contiguous(t: Tensor, name: str) -> None:
+    torch._check(t.is_contiguous(), lambda: f"fusedjd: `{name}` must be contiguous, got strides "
+                 f"{list(t.stride())} for shape {_shape(t)}")
+
+
+def _check_group_sizes(group_sizes: Sequence[int], n) -> None:
+    torch._check(len(group_sizes) > 0, lambda: "fusedjd: `group_sizes` must name at least one group, got []")
+    for g, s in enumerate(group_sizes):
+        torch._check(s >= 0, lambda: f"fusedjd: `group_sizes` must be non-negative, got {s} at position {g}")
+    total = sum(group_sizes)
+    torch._check(total == n, lambda: f"fusedjd: `group_sizes` must sum to the number of columns n={n}, got sum "
+                 f"{total} for {len(group_sizes)} groups")
+
+
+def _check_loop(G: Tensor, perms: Tensor) -> None:
+    _check_dim(G, "G", 3)
+    torch._check(G.shape[1] == G.shape[2],
+                 lambda: f"fusedjd: `G` must be a stack of square Gramians [k, m, m], got shape {_shape(G)}")
+    torch._check(G.dtype in (torch.float32, torch.float64),
+                 lambda: f"fusedjd: `G` must be float32 or float64, got {_st(G.dtype)}")
+    _check_dim(perms, "perms", 3)
+    _check_dtype(perms, "perms", torch.long)
+    _check_same_device(G, "G", perms, "perms")
+    k, m = G.shape[0], G.shape[1]
+    m1 = max(m - 1, 0)
+    torch._check(tuple(perms.shape) == (k, m, m1),
+                 lambda: f"fusedjd: `perms` must have shape [k, m, m-1] = [{k}, {m}, {m1}], got {_shape(perms)}")
+
+
 @torch.library.register_fake("fusedjd::gramian")
 def _(J, group_sizes):
-    torch._check(J.dim() == 2, lambda: f"fusedjd: `J` must have 2 dimensions, got shape {tuple(J.shape)}")
-    return J.new_empty((len(group_sizes), J.shape[0], J.shape[0]), dtype=_acc_dtype(J.dtype))
+    _check_dim(J, "J", 2)
+    _check_float(J, "J")
+    _check_group_sizes(group_sizes, J.shape[1])
+    return J.new_empty((len(group_sizes), J.shape[0], J.shape[0]), dtype=acc_dtype(J.dtype))
 
 
 @torch.library.register_fake("fusedjd::gradvac_loop")
 def _(G, perms, targets, beta, eps):
+    _check_loop(G, perms)
+    _check_same_device(G, "G", targets, "targets")
+    torch._check(targets.shape == G.shape,
+                 lambda: f"fusedjd: `targets` must have the shape of `G` {_shape(G)}, got {_shape(targets)}")
+    torch._check(targets.dtype == G.dtype, lambda: f"fusedjd: `targets` must have the dtype of `G` "
+                 f"({_st(G.dtype)}), got {_st(targets.dtype)}")
+    _check_contiguous(targets, "targets")
+    torch._check(0.0 <= beta <= 1.0, lambda: f"fusedjd: `beta` must be in [0, 1], got {beta:g}")
+    torch._check(eps >= 0.0, lambda: f"fusedjd: `eps` must be non-negative, got {eps:g}")
     return G.new_empty((G.shape[0], G.shape[1]))
 
 
 @torch.library.register_fake("fusedjd::pcgrad_loop")
 def _(G, perms):
+    _check_loop(G, perms)
     return G.new_empty((G.shape[0], G.shape[1]))
 
 
 @torch.library.register_fake("fusedjd::draw_perms")
-def _(k, m, pcgrad):
-    return torch.empty((k, m, max(m - 1, 0)), dtype=torch.long)
+def _(k, m, pcgrad, device=None):
+    torch._check(k >= 0 and m >= 0, lambda: f"fusedjd: draw_perms needs k >= 0 and m >= 0, got k={k}, m={m}")
+    return torch.empty((k, m, max(m - 1, 0)), dtype=torch.long, device=device)
 
 
 @torch.library.register_fake("fusedjd::combine")
 def _(J, weights, group_sizes):
+    _check_dim(J, "J", 2)
+    _check_float(J, "J")
+    _check_dim(weights, "weights", 2)
+    _check_float(weights, "weights")
+    _check_same_device(J, "J", weights, "weights")
+    _check_group_sizes(group_sizes, J.shape[1])
+    k, m = len(group_sizes), J.shape[0]
+    torch._check(tuple(weights.shape) == (k, m),
+                 lambda: f"fusedjd: `weights` must have shape [k, m] = [{k}, {m}], got {_shape(weights)}")
     return J.new_empty((J.shape[1],))
 
 
 @torch.library.register_fake("fusedjd::moco_step")
 def _(J, Y, lam, step, beta, beta_sigma, gamma, gamma_sigma, rho, projection):
+    _check_dim(J, "J", 2)
+    _check_float(J, "J")
+    for t, name in ((Y, "Y"), (lam, "lam"), (step, "step")):
+        _check_same_device(J, "J", t, name)
+    torch._check(Y.shape == J.shape, lambda: f"fusedjd: `Y` must have the shape of `J` {_shape(J)}, got {_shape(Y)}")
+    torch._check(Y.dtype == J.dtype,
+                 lambda: f"fusedjd: `Y` must have the dtype of `J` ({_st(J.dtype)}), got {_st(Y.dtype)}")
+    _check_contiguous(Y, "Y")
+    _check_dim(lam, "lam", 1)
+    torch._check(lam.shape[0] == J.shape[0],
+                 lambda: f"fusedjd: `lam` must have length m={J.shape[0]}, got {lam.shape[0]}")
+    _check_dtype(lam, "lam", acc_dtype(J.dtype))
+    _check_contiguous(lam, "lam")
+    _check_dim(step, "step", 0)
+    _check_dtype(step, "step", torch.long)
     return lam.new_empty((J.shape[0],)), J.new_empty((J.shape[1],))

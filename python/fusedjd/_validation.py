@@ -1,0 +1,94 @@
+"""Validation shared by the fusedjd classes: checked hyper-parameter properties and input checks.
+Every error names the attribute or parameter and shows what was received."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Attribute `{name}` must be a real number. Found {name}={value!r}.")
+    return float(value)
+
+
+def in_unit_interval(name: str) -> property:
+    """A float attribute validated to lie in [0, 1] (TypeError for a non-number, ValueError
+    otherwise; both name it)."""
+
+    def setter(self, value: float) -> None:
+        v = _real(name, value)
+        if not (0.0 <= v <= 1.0):
+            raise ValueError(f"Attribute `{name}` must be in [0, 1]. Found {name}={value!r}.")
+        setattr(self, "_" + name, v)
+
+    return property(lambda self: getattr(self, "_" + name), setter)
+
+
+def non_negative(name: str) -> property:
+    """A float attribute validated to be >= 0 (TypeError for a non-number, ValueError otherwise,
+    NaN included; both name it)."""
+
+    def setter(self, value: float) -> None:
+        v = _real(name, value)
+        if not (v >= 0.0):
+            raise ValueError(f"Attribute `{name}` must be non-negative. Found {name}={value!r}.")
+        setattr(self, "_" + name, v)
+
+    return property(lambda self: getattr(self, "_" + name), setter)
+
+
+def forwarded(name: str, to: str) -> property:
+    """An attribute read from and written to the submodule ``to`` (which validates it)."""
+    return property(lambda self: getattr(getattr(self, to), name),
+                    lambda self, value: setattr(getattr(self, to), name, value))
+
+
+def check_floating(t: Tensor, name: str) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"Parameter `{name}` must be a floating-point tensor. Found dtype={t.dtype}.")
+
+
+def check_square(gramian: Tensor) -> None:
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(
+            f"Parameter `gramian` should be a square matrix of shape [m, m]. Found `gramian.shape = "
+            f"{tuple(gramian.shape)}`."
+        )
+    check_floating(gramian, "gramian")
+
+
+def check_matrix(matrix: Tensor) -> None:
+    if matrix.dim() != 2:
+        raise ValueError(
+            f"Parameter `matrix` should be a tensor of dimension 2. Found `matrix.shape = {matrix.shape}`."
+        )
+    check_floating(matrix, "matrix")
+
+
+def check_group_sizes(group_sizes: Any) -> list[int]:
+    """The sizes as a list of ints; ValueError naming `group_sizes` unless they are a non-empty
+    sequence of non-negative integers."""
+    try:
+        sizes = [int(s) for s in group_sizes]
+        ok = all(float(s) == float(o) for s, o in zip(sizes, group_sizes, strict=True))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or len(sizes) == 0 or any(s < 0 for s in sizes):
+        raise ValueError(
+            f"Attribute `group_sizes` must be a non-empty sequence of non-negative integers. "
+            f"Found group_sizes={group_sizes!r}."
+        )
+    return sizes
+
+
+def check_sizes_cover(sizes: Sequence[int], matrix: Tensor) -> None:
+    if sum(sizes) != matrix.shape[1]:
+        raise ValueError(
+            f"Attribute `group_sizes` must sum to the number of columns of `matrix` "
+            f"({matrix.shape[1]}). Found sum(group_sizes)={sum(sizes)} for {len(sizes)} groups."
+        )

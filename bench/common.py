@@ -49,14 +49,6 @@ def copy_bandwidth(device: str) -> float | None:
     return 2 * src.numel() * 4 / t
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    d = b.norm().item()
-    return (a - b).norm().item() / (d if d > 0 else 1.0)
-
-
 def fmt_time(t: float | None) -> str:
     if t is None:
         return "—"

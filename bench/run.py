@@ -4,66 +4,104 @@
     python bench/run.py --full        # the full grid
     python bench/run.py --device cuda # force the GPU
 
-Every row checks fusedjd's result against the baseline before it times anything; a row
-whose check fails is marked MISMATCH and the run exits non-zero. Times are medians
-(CUDA events on a GPU). On a GPU, GB/s and time / floor use the device-to-device copy
-bandwidth measured in the same run. The markdown tables are printed and written to
-bench/results/<device>.md, with a speedup plot next to it when matplotlib is installed.
+Every row checks fusedjd's result against the baseline (or fusedjd.reference) before it times
+anything; a row whose check fails is marked MISMATCH and the run exits non-zero. Times are
+medians (CUDA events on a GPU). On a GPU, GB/s and time / floor use the device-to-device copy
+bandwidth measured in the same run. The markdown tables are printed and written, with a
+speedup plot when matplotlib is installed, to bench/results/local/ (not tracked); --save writes
+them to bench/results/ instead, the snapshot the README shows.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import os
 import platform
 import sys
+from dataclasses import dataclass, field
 
 import torch
-import torchjd
 from torch import nn
 from torchjd import aggregation as ta
 from torchjd.autogram import Engine
 from torchjd.autojac import jac_to_grad, mtl_backward
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fusedjd  # noqa: E402
-from common import Progress, Table, copy_bandwidth, fmt_time, fmt_x, median_time, rel_err, sync  # noqa: E402
+import fusedjd
+from common import Progress, Table, copy_bandwidth, fmt_time, fmt_x, median_time, sync  # bench/ is sys.path[0]
+from fusedjd import reference
+from fusedjd.reference import rel_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MISMATCHES: list[str] = []
 
 
 class PlainMoCo(ta.Aggregator):
-    """MoCo written the plain PyTorch way (LibMTL style): temporaries for every expression."""
+    """MoCo written the plain PyTorch way (fusedjd.reference.MoCo in J's dtype and device: a
+    temporary for every expression), as a torchjd aggregator so that jac_to_grad takes it."""
 
-    def __init__(self, beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5, rho=0.0):
+    def __init__(self):
         super().__init__()
-        self.h = (beta, beta_sigma, gamma, gamma_sigma, rho)
-        self.Y = self.lam = None
-        self.k = 0
+        self.moco = reference.MoCo(dtype=None)
 
     def forward(self, J):
-        beta, bs, gamma, gs, rho = self.h
-        with torch.no_grad():
-            if self.Y is None or self.Y.shape != J.shape:
-                self.Y = torch.zeros_like(J)
-                self.lam = torch.full((J.shape[0],), 1.0 / J.shape[0], dtype=J.dtype, device=J.device)
-                self.k = 0
-            self.k += 1
-            b, c = beta / self.k**bs, gamma / self.k**gs
-            self.Y = self.Y - b * (self.Y - J)
-            M = self.Y @ self.Y.T + rho * torch.eye(J.shape[0], dtype=J.dtype, device=J.device)
-            self.lam = torch.softmax(self.lam - c * (M @ self.lam), dim=0)
-            return self.lam @ self.Y
+        return self.moco(J)[1]
 
 
-def check(label: str, got: torch.Tensor, expected: torch.Tensor, tol: float) -> str:
-    err = rel_err(got, expected)
-    if not err < tol:
-        MISMATCHES.append(f"{label}: relative error {err:.2e} > {tol:.0e}")
-        return "MISMATCH"
-    return "ok"
+@dataclass(frozen=True)
+class GramCase:
+    m: int
+    n: int
+    grouping: tuple[str, list[int]] | None = None  # (name, sizes): n is then sum(sizes)
+
+
+@dataclass(frozen=True)
+class LoopCase:
+    m: int
+    with_torchjd: bool  # False where torchjd's loop would take minutes
+
+
+@dataclass(frozen=True)
+class AggCase:
+    kind: str  # "GradVac", "PCGrad" or "GroupedGradVac"
+    m: int
+    n: int
+    grouping: tuple[str, list[int]] | None = None
+
+
+@dataclass(frozen=True)
+class MocoCase:
+    m: int
+    n: int
+
+
+@dataclass(frozen=True)
+class TrainCase:
+    d_in: int
+    hidden: int
+    tasks: int
+    batch: int
+
+
+@dataclass
+class Run:
+    """What every section of one benchmark run shares."""
+
+    device: str
+    bandwidth: float | None
+    progress: Progress
+    speedups: dict = field(default_factory=lambda: {"m": [], "n": []})
+    mismatches: list[str] = field(default_factory=list)
+
+    def check(self, label: str, got: torch.Tensor, expected: torch.Tensor, tol: float) -> str:
+        err = rel_err(got, expected)
+        if not err < tol:
+            self.mismatches.append(f"{label}: relative error {err:.2e} > {tol:.0e}")
+            return "MISMATCH"
+        return "ok"
+
+    def floor(self, nbytes: int) -> float | None:
+        return nbytes / self.bandwidth if self.bandwidth else None
 
 
 def seeded(fn, seed=0):
@@ -88,10 +126,12 @@ def per_parameter_sizes() -> tuple[str, list[int]]:
     return f"CNN, {len(sizes)} tensors", sizes
 
 
-def bench_gramian(device, cfg, bw, progress):
+def bench_gramian(run: Run, cfg: list[GramCase]):
+    device = run.device
     t = Table("Gramian (fp32): fusedjd.ops.gramian vs torch `J @ J.T` (per group for grouped J)",
               ["m", "n", "groups", "check", "fusedjd", "GB/s", "time / floor", "torch", "speedup"])
-    for m, n, grouping in cfg:
+    for case in cfg:
+        m, n, grouping = case.m, case.n, case.grouping
         name, sizes = grouping if grouping else ("1", None)
         if sizes is None:
             sizes = [n]
@@ -100,24 +140,26 @@ def bench_gramian(device, cfg, bw, progress):
         fused = lambda: fusedjd.ops.gramian(J, sizes)  # noqa: E731
         if len(sizes) == 1:
             base = lambda: J @ J.T  # noqa: E731
-            status = check(f"gramian m={m} n={n}", fused()[0], base(), 1e-4)
+            status = run.check(f"gramian m={m} n={n}", fused()[0], base(), 1e-4)
         else:
             base = lambda: [b @ b.T for b in J.split(sizes, dim=1)]  # noqa: E731
-            status = check(f"gramian m={m} grouped", fused(), torch.stack(base()), 1e-4)
+            status = run.check(f"gramian m={m} grouped", fused(), torch.stack(base()), 1e-4)
         tf, tb = median_time(fused, device), median_time(base, device)
         nbytes = 4 * m * n
-        floor = nbytes / bw if bw else None
+        floor = run.floor(nbytes)
         t.rows.append([str(m), nice_n(n), name, status, fmt_time(tf), f"{nbytes / tf / 1e9:.0f}",
                        f"{tf / floor:.2f}" if floor else "—", fmt_time(tb), fmt_x(tb / tf)])
-        progress.step(f"gramian m={m} n={n}")
+        run.progress.step(f"gramian m={m} n={n}")
         del J
     return t
 
 
-def bench_loops(device, cfg, progress, speedups):
+def bench_loops(run: Run, cfg: list[LoopCase]):
+    device = run.device
     t = Table("GradVac / PCGrad loop on the Gramian (weightings, fp32)",
               ["weighting", "m", "check", "fusedjd", "torchjd 0.18", "speedup"])
-    for m, with_torchjd in cfg:
+    for case in cfg:
+        m, with_torchjd = case.m, case.with_torchjd
         A = torch.randn(m, 4 * m + 8, device=device)
         G = A @ A.T
         for ours_cls, theirs_cls in [(fusedjd.GradVacWeighting, ta.GradVacWeighting),
@@ -125,25 +167,27 @@ def bench_loops(device, cfg, progress, speedups):
             ours = ours_cls()
             tf = median_time(lambda: ours(G), device)
             if with_torchjd:
-                status = check(f"{ours_cls.__name__} m={m}", seeded(lambda: ours_cls()(G))(),
+                status = run.check(f"{ours_cls.__name__} m={m}", seeded(lambda: ours_cls()(G))(),
                                seeded(lambda: theirs_cls()(G))(), 1e-4)
                 theirs = theirs_cls()
                 tt = median_time(lambda: theirs(G), device, budget_s=1.0, min_reps=2)
                 if ours_cls is fusedjd.GradVacWeighting:
-                    speedups["m"].append((m, tt / tf))
+                    run.speedups["m"].append((m, tt / tf))
             else:
                 status, tt = "ok (no baseline)", None
             t.rows.append([ours_cls.__name__, str(m), status, fmt_time(tf),
                            fmt_time(tt) if tt else "not run (too slow)", fmt_x(tt / tf) if tt else "—"])
-            progress.step(f"{ours_cls.__name__} m={m}")
+            run.progress.step(f"{ours_cls.__name__} m={m}")
     return t
 
 
-def bench_aggregators(device, cfg, bw, progress, speedups):
+def bench_aggregators(run: Run, cfg: list[AggCase]):
+    device = run.device
     t = Table("Aggregators end to end (fp32): fusedjd vs torchjd 0.18",
               ["aggregator", "m", "n", "check", "fusedjd", "GB/s", "time / floor", "torch J@Jᵀ + wᵀJ", "torchjd",
                "speedup"])
-    for kind, m, n, grouping in cfg:
+    for case in cfg:
+        kind, m, n, grouping = case.kind, case.m, case.n, case.grouping
         if grouping:
             name, sizes = grouping
             n = sum(sizes)
@@ -157,7 +201,7 @@ def bench_aggregators(device, cfg, bw, progress, speedups):
                 return torch.cat([a(b) for a, b in zip(recipe, J.split(sizes, dim=1))])
 
             fresh = [ta.GradVac() for _ in sizes]
-            status = check(f"GroupedGradVac m={m}", seeded(lambda: fusedjd.GroupedGradVac(sizes)(J))(),
+            status = run.check(f"GroupedGradVac m={m}", seeded(lambda: fusedjd.GroupedGradVac(sizes)(J))(),
                            seeded(lambda: torch.cat([a(b) for a, b in zip(fresh, J.split(sizes, dim=1))]))(), 1e-3)
             label = f"GroupedGradVac ({name})"
             plain = None
@@ -165,33 +209,35 @@ def bench_aggregators(device, cfg, bw, progress, speedups):
             ours_cls, theirs_cls = {"GradVac": (fusedjd.GradVac, ta.GradVac), "PCGrad": (fusedjd.PCGrad, ta.PCGrad)}[kind]
             ours, theirs = ours_cls(), theirs_cls()
             theirs_call = lambda: theirs(J)  # noqa: E731
-            status = check(f"{kind} m={m} n={n}", seeded(lambda: ours_cls()(J))(), seeded(lambda: theirs_cls()(J))(), 1e-3)
+            status = run.check(f"{kind} m={m} n={n}", seeded(lambda: ours_cls()(J))(), seeded(lambda: theirs_cls()(J))(), 1e-3)
             label = kind
             plain = median_time(lambda: w @ J + (J @ J.T).sum(), device)
         tf = median_time(lambda: ours(J), device)
         tt = median_time(theirs_call, device, budget_s=1.0, min_reps=2)
         nbytes = 2 * 4 * m * n
-        floor = nbytes / bw if bw else None
+        floor = run.floor(nbytes)
         if kind == "GradVac":
-            speedups["n"].append((m, n, tt / tf))
+            run.speedups["n"].append((m, n, tt / tf))
         t.rows.append([label, str(m), nice_n(n), status, fmt_time(tf), f"{nbytes / tf / 1e9:.0f}",
                        f"{tf / floor:.2f}" if floor else "—", fmt_time(plain), fmt_time(tt), fmt_x(tt / tf)])
-        progress.step(f"{label} m={m} n={n}")
+        run.progress.step(f"{label} m={m} n={n}")
         del J
     return t
 
 
-def bench_moco(device, cfg, bw, progress):
+def bench_moco(run: Run, cfg: list[MocoCase]):
+    device = run.device
     t = Table("MoCo step (fp32): fusedjd vs plain PyTorch MoCo",
               ["m", "n", "check", "fusedjd", "GB/s", "time / floor (5 passes)", "plain PyTorch", "speedup",
                "peak extra memory fusedjd / plain"])
-    for m, n in cfg:
+    for case in cfg:
+        m, n = case.m, case.n
         # gradient-sized rows (|g_i| ~ 1): with N(0, 1) entries and n = 1e6 the logits of the
         # weight update reach 1e5 and the softmax is one-hot and ill-conditioned in float32
         J = torch.randn(m, n, device=device) / n**0.5
         # reference in float64: the float32 plain loop is itself off by its rounding, which
         # the softmax amplifies when |J|^2 is large
-        status = check(f"MoCo m={m} n={n}", fusedjd.MoCo()(J), PlainMoCo()(J.double()), 1e-4)
+        status = run.check(f"MoCo m={m} n={n}", fusedjd.MoCo()(J), reference.MoCo()(J)[1], 1e-4)
         ours, plain = fusedjd.MoCo(), PlainMoCo()
         ours(J), plain(J)
         mem = "—"
@@ -207,10 +253,10 @@ def bench_moco(device, cfg, bw, progress):
             mem = f"{peaks[0]:.2f} / {peaks[1]:.2f} × J"
         tf, tp = median_time(lambda: ours(J), device), median_time(lambda: plain(J), device)
         nbytes = 5 * 4 * m * n
-        floor = nbytes / bw if bw else None
+        floor = run.floor(nbytes)
         t.rows.append([str(m), nice_n(n), status, fmt_time(tf), f"{nbytes / tf / 1e9:.0f}",
                        f"{tf / floor:.2f}" if floor else "—", fmt_time(tp), fmt_x(tp / tf), mem])
-        progress.step(f"MoCo m={m} n={n}")
+        run.progress.step(f"MoCo m={m} n={n}")
         del J, ours, plain
     return t
 
@@ -223,8 +269,9 @@ class MultiTaskMLP(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(hidden, 1) for _ in range(tasks)])
 
 
-def bench_training(device, cfg, progress):
-    d_in, hidden, tasks, batch = cfg
+def bench_training(run: Run, cfg: TrainCase):
+    device = run.device
+    d_in, hidden, tasks, batch = cfg.d_in, cfg.hidden, cfg.tasks, cfg.batch
     t = Table(f"End-to-end training step: MLP encoder ({d_in}→{hidden}→{hidden}→{hidden}), {tasks} task heads, "
               f"batch {batch} (forward, mtl_backward, jac_to_grad, SGD step)",
               ["aggregation", "torchjd 0.18 / baseline", "fusedjd", "speedup"])
@@ -236,14 +283,14 @@ def bench_training(device, cfg, progress):
     layers = [m for m in net.encoder.modules() if list(m.parameters(recurse=False))]
 
     def step(aggregate):
-        def run():
+        def one_step():
             f = net.encoder(x)
             losses = [((h(f).squeeze(-1) - y) ** 2).mean() for h, y in zip(net.heads, ys)]
             opt.zero_grad()
             mtl_backward(losses, features=f)
             aggregate()
             opt.step()
-        return run
+        return one_step
 
     enc = list(net.encoder.parameters())
     pairs = [
@@ -254,7 +301,7 @@ def bench_training(device, cfg, progress):
         tt = median_time(step(lambda: jac_to_grad(enc, theirs)), device, budget_s=1.0)
         tf = median_time(step(lambda: jac_to_grad(enc, ours)), device, budget_s=1.0)
         t.rows.append([name, fmt_time(tt), fmt_time(tf), fmt_x(tt / tf)])
-        progress.step(f"train {name}")
+        run.progress.step(f"train {name}")
     recipe = [ta.GradVac() for _ in layers]
     grouped = fusedjd.GroupedGradVac(fusedjd.groups.all_layer(net.encoder))
 
@@ -266,12 +313,12 @@ def bench_training(device, cfg, progress):
     tf = median_time(step(lambda: jac_to_grad(enc, grouped)), device, budget_s=1.0)
     t.rows.append([f"GradVac all_layer ({len(layers)} groups): torchjd recipe vs GroupedGradVac", fmt_time(tt),
                    fmt_time(tf), fmt_x(tt / tf)])
-    progress.step("train GroupedGradVac")
+    run.progress.step("train GroupedGradVac")
     plain, moco = PlainMoCo(), fusedjd.MoCo()
     tt = median_time(step(lambda: jac_to_grad(enc, plain)), device, budget_s=1.0)
     tf = median_time(step(lambda: jac_to_grad(enc, moco)), device, budget_s=1.0)
     t.rows.append(["MoCo: plain PyTorch vs fusedjd", fmt_time(tt), fmt_time(tf), fmt_x(tt / tf)])
-    progress.step("train MoCo")
+    run.progress.step("train MoCo")
 
     # per-sample weighting through autogram: m = batch size
     pbatch = min(batch, 32)
@@ -281,18 +328,18 @@ def bench_training(device, cfg, progress):
     engine = Engine(model, batch_dim=0)
 
     def autogram_step(weighting):
-        def run():
+        def one_step():
             losses = (model(xs).squeeze(-1) - yv) ** 2
             popt.zero_grad()
             losses.backward(weighting(engine.compute_gramian(losses)))
             popt.step()
-        return run
+        return one_step
 
     tt = median_time(autogram_step(ta.GradVacWeighting()), device, budget_s=1.0, min_reps=2)
     tf = median_time(autogram_step(fusedjd.GradVacWeighting()), device, budget_s=1.0)
     t.rows.append([f"per-sample GradVacWeighting via autogram (m = {pbatch})", fmt_time(tt), fmt_time(tf),
                    fmt_x(tt / tf)])
-    progress.step("train autogram")
+    run.progress.step("train autogram")
     return t
 
 
@@ -301,55 +348,70 @@ def configs(device: str, full: bool):
     grouping = per_parameter_sizes()
     if gpu:
         ns = [10**6, 10**7, 10**8]
-        gram = [(m, n, None) for m in (2, 8, 32) for n in ns] + [(8, 0, grouping), (32, 0, grouping)]
-        agg = [("GradVac", m, n, None) for m in (2, 8, 32) for n in ns[: 3 if full else 2]]
-        agg += [("PCGrad", 8, 10**7, None), ("GroupedGradVac", 8, 0, grouping)]
-        moco = [(m, n) for m in (2, 8, 32) for n in ns[: 3 if full else 2]]
-        train = (512, 1024, 8, 256)
+        gram = [GramCase(m, n) for m in (2, 8, 32) for n in ns] + [GramCase(8, 0, grouping), GramCase(32, 0, grouping)]
+        agg = [AggCase("GradVac", m, n) for m in (2, 8, 32) for n in ns[: 3 if full else 2]]
+        agg += [AggCase("PCGrad", 8, 10**7), AggCase("GroupedGradVac", 8, 0, grouping)]
+        moco = [MocoCase(m, n) for m in (2, 8, 32) for n in ns[: 3 if full else 2]]
+        train = TrainCase(512, 1024, 8, 256)
     else:
         ns = [10**5, 10**6] + ([10**7] if full else [])
-        gram = [(m, n, None) for m in (2, 8, 32) for n in ns] + [(8, 0, grouping)]
-        agg = [("GradVac", m, n, None) for m in (2, 8, 32) for n in ns]
-        agg += [("PCGrad", 8, 10**6, None), ("GroupedGradVac", 8, 0, grouping)]
-        moco = [(m, n) for m in (2, 8, 32) for n in ns]
-        train = (256, 512, 8, 128)
-    loops = [(m, True) for m in ((2, 4, 8, 16, 32) if full else (2, 8, 32))] + [(64, full), (256, False)]
+        gram = [GramCase(m, n) for m in (2, 8, 32) for n in ns] + [GramCase(8, 0, grouping)]
+        agg = [AggCase("GradVac", m, n) for m in (2, 8, 32) for n in ns]
+        agg += [AggCase("PCGrad", 8, 10**6), AggCase("GroupedGradVac", 8, 0, grouping)]
+        moco = [MocoCase(m, n) for m in (2, 8, 32) for n in ns]
+        train = TrainCase(256, 512, 8, 128)
+    loops = [LoopCase(m, True) for m in ((2, 4, 8, 16, 32) if full else (2, 8, 32))]
+    loops += [LoopCase(64, full), LoopCase(256, False)]
     return gram, loops, agg, moco, train
 
 
+TRAIN_ROWS = 5  # the rows of bench_training
+
+
 def plot(speedups, path, device_name):
+    """Two panels: GradVacWeighting's speedup against m, the GradVac aggregator's against n (one
+    line per m). Log axes with plain tick labels and a dashed 1x line (parity with torchjd)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
     except ImportError:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     if speedups["m"]:
         ms, s = zip(*sorted(speedups["m"]))
-        a1.plot(ms, s, "o-")
-    a1.set(xscale="log", yscale="log", xlabel="m (tasks)", ylabel="speedup over torchjd 0.18",
-           title="GradVacWeighting (loop on the Gramian)")
+        a1.plot(ms, s, "o-", color="C0")
+    a1.set(xscale="log", yscale="log", xlabel="m (number of losses)", ylabel="speedup over torchjd 0.18 (×)",
+           title="GradVacWeighting: the loop on the Gramian")
+    ns = sorted({n for _, n, _ in speedups["n"]})
     for m in sorted({m for m, _, _ in speedups["n"]}):
         pts = sorted((n, s) for mm, n, s in speedups["n"] if mm == m)
         a2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"m = {m}")
-    a2.set(xscale="log", yscale="log", xlabel="n (parameters)", ylabel="speedup over torchjd 0.18",
+    a2.set(xscale="log", yscale="log", xlabel="n (number of parameters)", ylabel="speedup over torchjd 0.18 (×)",
            title="GradVac aggregator end to end")
-    a2.legend()
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    if speedups["m"]:
-        a1.set_xticks([m for m, _ in speedups["m"]])
+    if ns:
+        a2.xaxis.set_major_locator(FixedLocator(ns))
+        a2.xaxis.set_minor_locator(NullLocator())
+        a2.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}".replace("e+0", "e")))
     for ax in (a1, a2):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="1× (parity)")
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 0.5), max(hi, 2.0))
+        ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if min(lo, 0.5) <= t <= max(hi, 2)]
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
         ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.yaxis.set_major_formatter(plain)
-    a1.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.grid(True, which="major", alpha=0.3)
+    if speedups["m"]:
+        a1.xaxis.set_major_locator(FixedLocator(sorted(m for m, _ in speedups["m"])))
+        a1.xaxis.set_minor_locator(NullLocator())
+    a1.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    a2.legend(fontsize=8)
     fig.suptitle(f"fusedjd speedup, {device_name}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 
@@ -357,7 +419,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--full", action="store_true", help="run the full grid")
-    ap.add_argument("--out", default=None, help="results file (default: bench/results/<device>.md)")
+    ap.add_argument("--save", action="store_true",
+                    help="write to bench/results/<device>.md (the committed snapshot) instead of bench/results/local/")
+    ap.add_argument("--out", default=None, help="results file (overrides the two above)")
     args = ap.parse_args()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
@@ -371,42 +435,40 @@ def main() -> int:
         device_name = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         tag = "cpu"
     gram, loops, agg, moco, train = configs(device, args.full)
-    total = len(gram) + 2 * len(loops) + len(agg) + len(moco) + 6
-    progress = Progress(total)
-    bw = copy_bandwidth(device)
-    speedups = {"m": [], "n": []}
+    run = Run(device, copy_bandwidth(device), Progress(len(gram) + 2 * len(loops) + len(agg) + len(moco) + TRAIN_ROWS))
     tables = [
-        bench_gramian(device, gram, bw, progress),
-        bench_loops(device, loops, progress, speedups),
-        bench_aggregators(device, agg, bw, progress, speedups),
-        bench_moco(device, moco, bw, progress),
-        bench_training(device, train, progress),
+        bench_gramian(run, gram),
+        bench_loops(run, loops),
+        bench_aggregators(run, agg),
+        bench_moco(run, moco),
+        bench_training(run, train),
     ]
     sync(device)
     header = [
         f"# fusedjd benchmark — {device_name}",
         "",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- torch {torch.__version__}, torchjd {getattr(torchjd, '__version__', '0.18.0')}, fusedjd {fusedjd.__version__}, "
+        f"- torch {torch.__version__}, torchjd {importlib.metadata.version('torchjd')}, fusedjd {fusedjd.__version__}, "
         f"Python {platform.python_version()}",
         f"- command: `python bench/run.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"- copy bandwidth (read + write, measured): {bw / 1e9:.0f} GB/s" if bw else
+        f"- copy bandwidth (read + write, measured): {run.bandwidth / 1e9:.0f} GB/s" if run.bandwidth else
         "- CPU run: no bandwidth floor is quoted (time / floor is for GPUs)",
         "",
         "",
     ]
     report = "\n".join(header) + "\n".join(t.markdown() for t in tables)
-    out = args.out or os.path.join(HERE, "results", f"{tag}{'-full' if args.full else ''}.md")
+    folder = os.path.join(HERE, "results") if args.save else os.path.join(HERE, "results", "local")
+    out = args.out or os.path.join(folder, f"{tag}{'-full' if args.full else ''}.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    png = plot(speedups, os.path.splitext(out)[0] + ".png", device_name)
+    png = plot(run.speedups, os.path.splitext(out)[0] + ".png", device_name)
     if png:
         report += f"\n![speedup]({os.path.basename(png)})\n"
     with open(out, "w") as fh:
         fh.write(report)
     print(report)
     print(f"results written to {out}" + (f" and {png}" if png else " (no plot: matplotlib not installed)"))
-    if MISMATCHES:
-        print("MISMATCHES:\n  " + "\n  ".join(MISMATCHES))
+    if run.mismatches:
+        print("MISMATCHES:\n  " + "\n  ".join(run.mismatches))
         return 1
     return 0
 

@@ -5,7 +5,6 @@ import torch
 
 import fusedjd
 from fusedjd import ops
-from fusedjd._base import draw_gradvac_perms, draw_pcgrad_perms
 
 assert torch.cuda.is_available() and ops.has_cuda_kernels(), "needs a GPU and a CUDA build of fusedjd"
 gen = torch.Generator().manual_seed(0)
@@ -21,8 +20,8 @@ for dtype in [torch.float32, torch.float64, torch.float16, torch.bfloat16]:
         ops.moco_step(J, Y, lam, step, 0.5, 0.5, 0.1, 0.5, 0.1, True)
         if dtype in (torch.float32, torch.float64):
             Gs = G.to(dtype)
-            ops.gradvac_loop(Gs, draw_gradvac_perms(len(sizes), m).cuda(), torch.zeros_like(Gs), 0.5, 1e-8)
-            ops.pcgrad_loop(Gs, draw_pcgrad_perms(len(sizes), m).cuda())
+            ops.gradvac_loop(Gs, ops.draw_perms(len(sizes), m, pcgrad=False, device="cuda"), torch.zeros_like(Gs), 0.5, 1e-8)
+            ops.pcgrad_loop(Gs, ops.draw_perms(len(sizes), m, pcgrad=True, device="cuda"))
 J = torch.randn(8, 50000, device="cuda")
 fusedjd.GroupedGradVac([50] * 1000)(J)
 fusedjd.MoCo()(J)

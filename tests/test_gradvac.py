@@ -251,6 +251,10 @@ def test_repr_str_and_validated_properties():
             cls(beta=1.5)
         with pytest.raises(ValueError, match=r"Attribute `eps` must be non-negative. Found eps=-1.0."):
             cls(eps=-1.0)
+        with pytest.raises(TypeError, match=r"Attribute `beta` must be a real number. Found beta='0.5'."):
+            cls(beta="0.5")
+        with pytest.raises(TypeError, match=r"Attribute `eps` must be a real number. Found eps=None."):
+            cls(eps=None)
         agg = cls()
         with pytest.raises(ValueError, match="beta"):
             agg.beta = -0.1

@@ -11,7 +11,7 @@ from fusedjd import ops
 from fusedjd import reference
 from fusedjd.reference import TOLERANCE, rel_err
 
-from conftest import DEVICES, random_matrix
+from conftest import DEVICES
 
 SHAPES = [(1, 1), (1, 17), (2, 1), (3, 5), (5, 33), (8, 1001), (16, 257), (7, 70001), (32, 129)]
 

@@ -14,6 +14,10 @@ from ._validation import check_matrix, forwarded, in_unit_interval, non_negative
 _SIMPLEX = ("softmax", "projection")
 
 
+def _repr(obj: object, params: dict) -> str:
+    return f"{type(obj).__name__}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
+
+
 class _MoCoState(_BufferState):
     """Hyper-parameters, validated properties and the buffers ``Y``, ``λ`` and ``step``."""
 
@@ -92,11 +96,14 @@ class _MoCoState(_BufferState):
             self._simplex == "projection",
         )
 
-    def _args_repr(self) -> str:
-        return (
-            f"beta={self.beta!r}, beta_sigma={self.beta_sigma!r}, gamma={self.gamma!r}, "
-            f"gamma_sigma={self.gamma_sigma!r}, rho={self.rho!r}, simplex={self.simplex!r}"
-        )
+    @property
+    def hyper_parameters(self) -> dict[str, float | str]:
+        """The hyper-parameters, by name, in constructor order."""
+        names = ("beta", "beta_sigma", "gamma", "gamma_sigma", "rho", "simplex")
+        return {name: getattr(self, name) for name in names}
+
+    def __repr__(self) -> str:
+        return _repr(self, self.hyper_parameters)
 
 
 _MOCO_DOC = r"""
@@ -152,8 +159,6 @@ class MoCoWeighting(Weighting, _MoCoState, Stateful, _NonDifferentiable):
     def forward(self, matrix: Tensor, /) -> Tensor:
         return self.update(matrix)[0]
 
-    def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({self._args_repr()})"
 
 
 class MoCo(Aggregator, Stateful, _NonDifferentiable):
@@ -208,4 +213,4 @@ class MoCo(Aggregator, Stateful, _NonDifferentiable):
         return self.weighting.update(matrix)[1]
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({self.weighting._args_repr()})"
+        return _repr(self, self.weighting.hyper_parameters)

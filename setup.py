@@ -33,7 +33,10 @@ def _extension():
     import torch
 
     defines = ["-DFUSEDJD_PYTHON_MODULE", f'-DFUSEDJD_TORCH_VERSION="{torch.__version__}"']
-    cxx = ["-O3", "-std=c++17"] + defines
+    # -fopenmp: at::parallel_for is a header template, so fusedjd's own loops are parallel only
+    # when this library itself is compiled (and linked) with OpenMP, as torch is.
+    cxx = ["-O3", "-std=c++17", "-fopenmp"] + defines
+    link = ["-fopenmp"]
     if os.environ.get("FUSEDJD_PORTABLE", "0") in ("", "0"):
         cxx.append("-march=native")
     if _want_cuda():
@@ -44,9 +47,9 @@ def _extension():
         cxx += cuda_defines
         nvcc = ["-O3", "-std=c++17", "-lineinfo"] + defines + cuda_defines
         return cpp_extension.CUDAExtension(
-            "fusedjd._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}
+            "fusedjd._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link
         )
-    return cpp_extension.CppExtension("fusedjd._C", cpu_sources, extra_compile_args={"cxx": cxx})
+    return cpp_extension.CppExtension("fusedjd._C", cpu_sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(

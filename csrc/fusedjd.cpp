@@ -11,7 +11,10 @@
 #include "schemas.h"
 
 #ifdef FUSEDJD_PYTHON_MODULE  // set by setup.py; the CMake build is a plain C++ library
+#include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
+
+#include <atomic>
 
 #ifndef FUSEDJD_TORCH_VERSION
 #define FUSEDJD_TORCH_VERSION "unknown"
@@ -63,6 +66,18 @@ PYBIND11_MODULE(_C, m) {
       },
       "How this library was built: CUDA kernels (bool), the CUDA archs they were compiled for, "
       "the torch version built against, the CPU SIMD level, OpenMP.");
+  m.def(
+      "parallel_threads_used",
+      [](int64_t items) {
+        // at::parallel_for compiled here, as in every kernel of this library: how many threads
+        // took a share (1 when the library was built without OpenMP, whatever torch's setting).
+        std::atomic<uint64_t> seen{0};
+        at::parallel_for(0, items, 1, [&](int64_t, int64_t) {
+          seen.fetch_or(uint64_t{1} << (at::get_thread_num() % 64));
+        });
+        return __builtin_popcountll(seen.load());
+      },
+      "Threads that ran a share of an at::parallel_for of `items` items inside this library.");
 }
 #endif
 

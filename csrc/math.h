@@ -102,31 +102,21 @@ FUSEDJD_HD void softmax_inplace(double* v, int64_t m) {
   for (int64_t a = 0; a < m; ++a) v[a] /= s;
 }
 
-// The MoCo weight update, from the Gramian terms of pass 1.
-//   gram: the (2m x 2m) Gramian (any floating type) of the stacked rows [Y; J] (row-major), i.e.
-//         YY^T in the top-left block, YJ^T top-right, JJ^T bottom-right.
-//   lam:  current weights (length m); lam_new receives S(lam - c (Yn Yn^T + rho I) lam)
-//         where Yn = (1 - b) Y + b J.
-//   scratch: 2m doubles.
-// Returns false (and leaves lam_new unspecified) when any Gramian term or the
-// result is non-finite: the caller must then leave the whole state untouched.
-template <typename GT>
-FUSEDJD_HD bool moco_lambda_update(const GT* gram, const double* lam, double* lam_new,
-                                   int64_t m, double b, double c, double rho, bool projection,
-                                   double* scratch) {
-  const int64_t w = 2 * m;
-  for (int64_t e = 0; e < w * w; ++e)
-    if (!isfinite(static_cast<double>(gram[e]))) return false;
-  const double a = 1.0 - b;
+// The MoCo weight update: lam_new = S(lam - c (M + rho I) lam) with M = Yn Yn^T, the Gramian of
+// the updated Y, given entry by entry by mrs(r, s) (double).
+//   scratch: m doubles (the simplex projection's sort).
+// Returns false (and leaves lam_new unspecified) when an entry of M or the result is not finite:
+// the caller must then leave the whole state untouched. A non-finite J always shows in M (an
+// infinite or NaN term stays non-finite through the products, 0 * inf included).
+template <typename MRS>
+FUSEDJD_HD bool moco_lambda_step(MRS mrs, const double* lam, double* lam_new, int64_t m, double c, double rho,
+                                 bool projection, double* scratch) {
   for (int64_t r = 0; r < m; ++r) {
     double acc = rho * lam[r];
     for (int64_t s = 0; s < m; ++s) {
-      const double yy = static_cast<double>(gram[r * w + s]);
-      const double yj = static_cast<double>(gram[r * w + (m + s)]);      // <Y_r, J_s>
-      const double jy = static_cast<double>(gram[s * w + (m + r)]);      // <Y_s, J_r>
-      const double jj = static_cast<double>(gram[(m + r) * w + (m + s)]);
-      const double mrs = a * a * yy + a * b * (yj + jy) + b * b * jj;
-      acc += mrs * lam[s];
+      const double v = mrs(r, s);
+      if (!isfinite(v)) return false;
+      acc += v * lam[s];
     }
     lam_new[r] = lam[r] - c * acc;
   }
@@ -138,6 +128,33 @@ FUSEDJD_HD bool moco_lambda_update(const GT* gram, const double* lam, double* la
   for (int64_t r = 0; r < m; ++r)
     if (!isfinite(lam_new[r])) return false;
   return true;
+}
+
+// The same update from the Gramian of the updated rows Yn (m x m, row-major): what the CPU's
+// first pass computes, forming Yn tile by tile.
+template <typename GT>
+FUSEDJD_HD bool moco_lambda_update(const GT* gram, const double* lam, double* lam_new, int64_t m, double c,
+                                   double rho, bool projection, double* scratch) {
+  return moco_lambda_step([&](int64_t r, int64_t s) { return static_cast<double>(gram[r * m + s]); }, lam, lam_new,
+                          m, c, rho, projection, scratch);
+}
+
+// The same update from the (2m x 2m) Gramian of the stacked rows [Y; J] (YY^T top-left, YJ^T
+// top-right, JJ^T bottom-right), with Yn = (1 - b) Y + b J: what the CUDA kernel's first pass
+// computes.
+template <typename GT>
+FUSEDJD_HD bool moco_lambda_update_stacked(const GT* gram, const double* lam, double* lam_new, int64_t m, double b,
+                                           double c, double rho, bool projection, double* scratch) {
+  const int64_t w = 2 * m;
+  const double a = 1.0 - b;
+  auto mrs = [&](int64_t r, int64_t s) {
+    const double yy = static_cast<double>(gram[r * w + s]);
+    const double yj = static_cast<double>(gram[r * w + (m + s)]);  // <Y_r, J_s>
+    const double jy = static_cast<double>(gram[s * w + (m + r)]);  // <Y_s, J_r>
+    const double jj = static_cast<double>(gram[(m + r) * w + (m + s)]);
+    return a * a * yy + a * b * (yj + jy) + b * b * jj;
+  };
+  return moco_lambda_step(mrs, lam, lam_new, m, c, rho, projection, scratch);
 }
 
 }  // namespace fusedjd

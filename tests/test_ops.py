@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -453,3 +455,41 @@ def test_fake_kernels_refuse_with_the_eager_message(name):
         op(*fake_args)
     assert str(fake.value) == str(eager.value).split("\n")[0]
     assert str(eager.value).startswith("fusedjd: `")
+
+
+# ---- threads --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU core: nothing to share the loops with")
+def test_library_loops_use_every_thread():
+    """fusedjd's own at::parallel_for loops run on every thread torch is given (they run on one
+    when the library is built without OpenMP, whatever torch's setting)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert fusedjd._C.parallel_threads_used(64) == 2
+        assert fusedjd.build_info()["openmp"]
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_results_do_not_depend_on_the_thread_count(dtype):
+    gen = torch.Generator().manual_seed(1)
+    J = torch.randn(7, 3 * 16384 + 77, generator=gen).to(dtype)
+    sizes = [5000, 30001, 0, J.shape[1] - 35001]
+    W = torch.randn(4, 7, generator=gen)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for t in [1, 2]:
+            torch.set_num_threads(t)
+            Y = torch.zeros_like(J)
+            lam = torch.full((7,), 1 / 7, dtype=ops.acc_dtype(dtype))
+            step = torch.zeros((), dtype=torch.long)
+            results.append([ops.gramian(J, sizes), ops.combine(J, W, sizes),
+                            *ops.moco_step(J, Y, lam, step, 0.5, 0.5, 0.1, 0.5, 0.0, False), Y])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

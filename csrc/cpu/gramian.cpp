@@ -1,4 +1,6 @@
-// CPU kernels of the matrix family: grouped Gramian and grouped combination.
+// CPU kernels of the matrix family: grouped Gramian (the streaming engine, gram_engine.h) and
+// grouped combination (one read of J: each chunk of columns accumulates the weighted rows in
+// registers/L1 and writes its slice of the output once).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -6,15 +8,10 @@
 #include <torch/library.h>
 
 #include "../common.h"
-#include "gram_rows.h"
+#include "gram_engine.h"
 
 namespace fusedjd::cpu {
 namespace {
-
-// Groups at least this wide go to BLAS (float32 / float64 only): there the
-// library's blocking beats the generic loop; below it the per-call overhead
-// dominates and groups are better run side by side in one parallel loop.
-constexpr int64_t kBlasMinCols = 32768;
 
 at::Tensor gramian_cpu(const at::Tensor& J, at::IntArrayRef group_sizes) {
   FUSEDJD_CHECK_DIM(J, 2);
@@ -25,68 +22,12 @@ at::Tensor gramian_cpu(const at::Tensor& J, at::IntArrayRef group_sizes) {
   at::Tensor out = at::zeros({k, m, m}, J.options().dtype(acc_dtype(J.scalar_type())));
   if (m == 0 || n == 0) return out;
   const at::Tensor Jc = unit_col_stride(J);
-  const bool blas_dtype = Jc.scalar_type() == at::kFloat || Jc.scalar_type() == at::kDouble;
-
-  // Wide float32/float64 groups: one BLAS call each (itself multi-threaded).
-  std::vector<int64_t> rest;
-  for (int64_t g = 0; g < k; ++g) {
-    const int64_t s = off[g + 1] - off[g];
-    if (blas_dtype && s >= kBlasMinCols) {
-      const at::Tensor Jg = Jc.narrow(1, off[g], s);
-      at::Tensor og = out.select(0, g);
-      at::mm_out(og, Jg, Jg.t());
-      // BLAS need not return an exactly symmetric A A^T: mirror the upper triangle, as
-      // every other path (and the CUDA kernel) does.
-      AT_DISPATCH_FLOATING_TYPES(og.scalar_type(), "fusedjd_mirror", [&] {
-        scalar_t* o = og.data_ptr<scalar_t>();
-        for (int64_t a = 0; a < m; ++a)
-          for (int64_t b = a + 1; b < m; ++b) o[b * m + a] = o[a * m + b];
-      });
-    } else if (s > 0) {
-      rest.push_back(g);
-    }
-  }
-  if (rest.empty()) return out;
-
-  // The rest: (group, column chunk) tasks in one parallel loop, float64 partials.
-  struct Task { int64_t g, c0, c1; };
-  std::vector<Task> tasks;
-  for (int64_t g : rest) {
-    const int64_t s = off[g + 1] - off[g];
-    const int64_t chunks = num_chunks(s), per = (s + chunks - 1) / chunks;
-    for (int64_t t = 0; t < chunks; ++t) {
-      const int64_t c0 = off[g] + t * per, c1 = std::min(off[g + 1], c0 + per);
-      if (c0 < c1) tasks.push_back({g, c0, c1});
-    }
-  }
-  const int64_t T = static_cast<int64_t>(tasks.size());
-  std::vector<double> partial(static_cast<size_t>(T * m * m), 0.0);
+  std::vector<double> G(static_cast<size_t>(k * m * m), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jc.scalar_type(), "fusedjd_gramian_cpu", [&] {
-    const scalar_t* base = Jc.data_ptr<scalar_t>();
-    const int64_t ld = Jc.stride(0);
-    at::parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<const scalar_t*> rows(static_cast<size_t>(m));
-      for (int64_t t = lo; t < hi; ++t) {
-        for (int64_t a = 0; a < m; ++a) rows[a] = base + a * ld;
-        gram_rows_accumulate(rows.data(), m, tasks[t].c0, tasks[t].c1, partial.data() + t * m * m);
-      }
-    });
+    gram_groups(MatrixRows<scalar_t>{Jc.data_ptr<scalar_t>(), Jc.stride(0)}, m, off, G.data());
   });
-  // Ordered reduction per group (deterministic), then mirror the upper triangle.
-  std::vector<double> acc(static_cast<size_t>(m * m));
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fusedjd_gramian_cpu_out", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    int64_t t = 0;
-    for (int64_t g : rest) {
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (; t < T && tasks[t].g == g; ++t)
-        for (int64_t e = 0; e < m * m; ++e) acc[e] += partial[t * m * m + e];
-      for (int64_t a = 0; a < m; ++a)
-        for (int64_t b = a; b < m; ++b) {
-          o[g * m * m + a * m + b] = static_cast<scalar_t>(acc[a * m + b]);
-          o[g * m * m + b * m + a] = static_cast<scalar_t>(acc[a * m + b]);
-        }
-    }
+    std::copy(G.begin(), G.end(), out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -101,18 +42,6 @@ at::Tensor combine_cpu(const at::Tensor& J, const at::Tensor& weights, at::IntAr
   const at::Tensor Jc = unit_col_stride(J);
   const at::Tensor W = weights.to(at::kDouble).contiguous();
   const double* w = W.data_ptr<double>();
-  // Wide float32/float64 groups: BLAS gemv into the output slice; the rest below.
-  std::vector<bool> done(static_cast<size_t>(k), false);
-  if (Jc.scalar_type() == at::kFloat || Jc.scalar_type() == at::kDouble) {
-    const at::Tensor Wj = W.to(Jc.scalar_type());
-    for (int64_t g = 0; g < k; ++g) {
-      const int64_t s = off[g + 1] - off[g];
-      if (s < kBlasMinCols) continue;
-      at::Tensor og = out.narrow(0, off[g], s);
-      at::mv_out(og, Jc.narrow(1, off[g], s).t(), Wj.select(0, g));
-      done[g] = true;
-    }
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jc.scalar_type(), "fusedjd_combine_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* base = Jc.data_ptr<scalar_t>();
@@ -128,10 +57,6 @@ at::Tensor combine_cpu(const at::Tensor& J, const at::Tensor& weights, at::IntAr
         for (int64_t s0 = c0; s0 < c1; ++g) {
           const int64_t s1 = std::min(c1, off[g + 1]);
           if (s1 <= s0) continue;  // empty group
-          if (done[g]) {           // already written by BLAS
-            s0 = s1;
-            continue;
-          }
           opmath_t* a = acc.data();
           const int64_t len = s1 - s0;
           for (int64_t c = 0; c < len; ++c) a[c] = opmath_t(0);

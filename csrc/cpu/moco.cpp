@@ -1,10 +1,10 @@
-// CPU kernel of the MoCo family: one in-place MoCo step in two passes over J
-// and Y, with no m x n temporary.
-//   pass 1: the Gramian of the stacked rows [Y; J] (gives Yn Yn^T for the new Y
-//           without forming it) -- a non-finite term means a non-finite J; BLAS
-//           products for float32/float64, the generic row loop for half types;
+// CPU kernel of the MoCo family: one in-place MoCo step in two passes over J and Y, with no
+// m x n temporary (5 streams of m x n: read Y, J; read Y, J and write Y).
+//   pass 1: the Gramian of the updated rows Yn = Y + b (J - Y), formed tile by tile in cache by
+//           the streaming engine (gram_engine.h) and rounded to Y's dtype exactly as pass 2 will
+//           store it; Y is not written -- a non-finite J shows as a non-finite Gramian;
 //   step:   step sizes, the weight update and the skip decision (math.h);
-//   pass 2: Y <- Y + b (J - Y) in place and out = lam^T Y, fused.
+//   pass 2: Y <- Yn in place and out = lam^T Yn, fused.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,13 +16,46 @@
 #include <tuple>
 #include <vector>
 
-#include "../blas_gram.h"
 #include "../common.h"
 #include "../math.h"
-#include "gram_rows.h"
+#include "gram_engine.h"
 
 namespace fusedjd::cpu {
 namespace {
+
+// Y + b (J - Y) in the op math type, rounded to the storage type: pass 1 and pass 2 share it, so
+// the Gramian is that of the Y that gets stored.
+template <typename T>
+inline T moco_update(T y, T j, at::opmath_type<T> b) {
+  using opmath_t = at::opmath_type<T>;
+  const opmath_t yv = static_cast<opmath_t>(y);
+  return static_cast<T>(yv + b * (static_cast<opmath_t>(j) - yv));
+}
+
+// The engine's row source for pass 1: the rows of Yn, computed tile by tile.
+template <typename T>
+struct UpdatedRows {
+  using A = elem_t<T>;
+  static constexpr bool kStaged = true;
+  const T* y;  // [m, n] contiguous
+  const T* j;
+  int64_t n, ldj;
+  at::opmath_type<T> b;
+
+  int64_t tile(int64_t R, int64_t c0, int64_t len, const A** x, A* stage, int64_t stride) const {
+    constexpr int L = Simd<A>::L;
+    const int64_t padded = (len + L - 1) / L * L;
+    for (int64_t r = 0; r < R; ++r) {
+      const T* yr = y + r * n + c0;
+      const T* jr = j + r * ldj + c0;
+      A* dst = stage + r * stride;
+      for (int64_t c = 0; c < len; ++c) dst[c] = static_cast<A>(moco_update(yr[c], jr[c], b));
+      for (int64_t c = len; c < padded; ++c) dst[c] = A(0);
+      x[r] = dst;
+    }
+    return padded;
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J, at::Tensor& Y, at::Tensor& lam,
                                                  at::Tensor& step, double beta, double beta_sigma, double gamma,
@@ -40,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J, at::Tensor
   double b = 0.0, c = 0.0;
   moco_rates(k, beta, beta_sigma, gamma, gamma_sigma, &b, &c);
 
-  std::vector<double> gram(static_cast<size_t>(4 * m * m)), lam_old(m), lam_new(m), scratch(2 * m);
+  std::vector<double> gram(static_cast<size_t>(m * m), 0.0), lam_old(m), lam_new(m), scratch(m);
   AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "fusedjd_moco_lam", [&] {
     for (int64_t r = 0; r < m; ++r) lam_old[r] = static_cast<double>(lam.data_ptr<scalar_t>()[r]);
   });
@@ -51,20 +84,9 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J, at::Tensor
     scalar_t* y = Y.data_ptr<scalar_t>();
     const scalar_t* j = Jc.data_ptr<scalar_t>();
     const int64_t ldj = Jc.stride(0);
-    std::vector<const scalar_t*> rows(static_cast<size_t>(2 * m));
-    for (int64_t r = 0; r < m; ++r) {
-      rows[r] = y + r * n;
-      rows[m + r] = j + r * ldj;
-    }
-    if (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-      // BLAS products into the blocks of the stacked Gramian (no m x n temporary)
-      const at::Tensor g = blas_gram(Y, Jc, Y.scalar_type()).to(at::kDouble).contiguous();
-      std::copy(g.data_ptr<double>(), g.data_ptr<double>() + 4 * m * m, gram.begin());
-    } else {
-      gram_rows_parallel(rows.data(), 2 * m, n, gram.data());
-    }
-    ok = moco_lambda_update(gram.data(), lam_old.data(), lam_new.data(), m, b, c, rho, projection,
-                            scratch.data());
+    const opmath_t br = static_cast<opmath_t>(b);
+    gram_groups(UpdatedRows<scalar_t>{y, j, n, ldj, br}, m, {0, n}, gram.data());
+    ok = moco_lambda_update(gram.data(), lam_old.data(), lam_new.data(), m, c, rho, projection, scratch.data());
     if (!ok) return;
     scalar_t* o = out.data_ptr<scalar_t>();
     constexpr int64_t kChunk = 4096;
@@ -76,10 +98,9 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J, at::Tensor
         for (int64_t r = 0; r < m; ++r) {
           scalar_t* yr = y + r * n + c0;
           const scalar_t* jr = j + r * ldj + c0;
-          const opmath_t br = static_cast<opmath_t>(b), lr = static_cast<opmath_t>(lam_new[r]);
+          const opmath_t lr = static_cast<opmath_t>(lam_new[r]);
           for (int64_t e = 0; e < len; ++e) {
-            const opmath_t yv = static_cast<opmath_t>(yr[e]);
-            const scalar_t ynew = static_cast<scalar_t>(yv + br * (static_cast<opmath_t>(jr[e]) - yv));
+            const scalar_t ynew = moco_update(yr[e], jr[e], br);
             yr[e] = ynew;
             acc[e] += lr * static_cast<opmath_t>(ynew);
           }

@@ -34,7 +34,7 @@ __global__ void moco_update_kernel(const acc_t* gram, int64_t m, lam_t* lam, int
   double b = 0.0, c = 0.0;
   moco_rates(k, beta, beta_sigma, gamma, gamma_sigma, &b, &c);
   for (int64_t r = 0; r < m; ++r) lam_old[r] = static_cast<double>(lam[r]);
-  const bool ok = moco_lambda_update(gram, lam_old, lam_new, m, b, c, rho, projection, tmp);
+  const bool ok = moco_lambda_update_stacked(gram, lam_old, lam_new, m, b, c, rho, projection, tmp);
   for (int64_t r = 0; r < m; ++r) {
     if (ok) lam[r] = static_cast<lam_t>(lam_new[r]);
     weights[r] = ok ? static_cast<lam_t>(lam_new[r]) : static_cast<lam_t>(NAN);

@@ -1,0 +1,267 @@
+// The CPU streaming Gramian engine: per-column-group Gramians of a few very long rows, in one
+// read of the rows. Used by every CPU op that needs a Gramian: the gramian op (whole matrix or
+// column groups of any size and count) and MoCo's first pass (the Gramian of the updated Y, formed
+// tile by tile in cache from Y and J).
+//
+// - Columns are cut into fixed chunks of kChunkCols (independent of the thread count, so results
+//   do not depend on it); at::parallel_for spreads the chunks over the threads. A group that lies
+//   inside one chunk is finished there; a group cut by chunk borders gets one partial per chunk,
+//   summed afterwards in chunk order (deterministic).
+// - Within a chunk, tiles of TW columns of every row are streamed once from memory: read in place
+//   (float32/float64 rows), or converted into a per-thread staging buffer (float16/bfloat16, the
+//   ragged tail, or rows computed on the fly such as MoCo's Y + b (J - Y)).
+// - On a tile, 4 x 4 blocks of row pairs over the upper triangle (diagonal blocks included) keep
+//   16 vector accumulators in registers (GCC/Clang vector extensions: AVX-512 where the build
+//   targets it, AVX2/SSE otherwise), in float32 lanes for float32/16/bf16 (float64 for float64),
+//   flushed to float64 after each tile: at most TW / lanes products are summed in float32.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#if defined(__F16C__) || defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace fusedjd::cpu {
+
+#if defined(__AVX512F__)
+inline constexpr int kVecBytes = 64;
+#else
+inline constexpr int kVecBytes = 32;
+#endif
+
+#if defined(__AVX512BF16__)
+// vdpbf16ps: pairs of bfloat16 products summed into float32 lanes, straight from the rows
+inline constexpr bool kBf16Dot = true;
+#else
+inline constexpr bool kBf16Dot = false;
+#endif
+
+// The element type the register blocks read for rows of type T: float64 rows as they are,
+// float32 rows as they are, bfloat16 rows as they are where the CPU multiplies them in pairs
+// (kBf16Dot), float16 and other bfloat16 rows converted to float32. Sums are float32 lanes except
+// for float64.
+template <typename T>
+using elem_t = std::conditional_t<std::is_same_v<T, double>, double,
+                                  std::conditional_t<std::is_same_v<T, c10::BFloat16> && kBf16Dot, c10::BFloat16, float>>;
+
+template <typename E>
+struct Simd {
+  static constexpr int L = kVecBytes / static_cast<int>(sizeof(E));  // elements per vector
+  using A = std::conditional_t<std::is_same_v<E, double>, double, float>;
+  typedef A V __attribute__((vector_size(kVecBytes)));  // the lane sums
+  static V load(const E* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+};
+
+inline constexpr int kBlock = 4;                // rows per register block
+inline constexpr int64_t kChunkCols = 16384;    // columns per parallel task
+inline constexpr int64_t kTileBytes = 1 << 18;        // rows read in place: a tile stays in L2
+inline constexpr int64_t kStagedTileBytes = 1 << 14;  // rows converted into a buffer: it stays in L1
+inline constexpr int64_t kPrefetchBytes = 4096;       // how far ahead converted rows are prefetched
+
+// Tile width (columns, a multiple of the lane count) for R rows of lane type A.
+template <typename A>
+int64_t tile_cols(int64_t R, bool staged) {
+  constexpr int L = Simd<A>::L;
+  const int64_t rows = (R + kBlock - 1) / kBlock * kBlock;
+  const int64_t w = (staged ? kStagedTileBytes : kTileBytes) / (rows * static_cast<int64_t>(sizeof(A))) / L * L;
+  return std::clamp<int64_t>(w, L, 2048);
+}
+
+// Sums over nvec vectors of the pairs (xa[i], xb[j]) of a 4 x 4 block into out[i * 4 + j]
+// (float64). DIAG: xa == xb and only j >= i is needed.
+template <typename E, bool DIAG>
+inline void block_pairs(const E* const* xa, const E* const* xb, int64_t nvec, double* out) {
+  using S = Simd<E>;
+  using V = typename S::V;
+  constexpr int L = S::L;
+  V acc[kBlock][kBlock];
+  for (int i = 0; i < kBlock; ++i)
+    for (int j = 0; j < kBlock; ++j) acc[i][j] = V{};
+  for (int64_t v = 0; v < nvec; ++v) {
+    V a[kBlock], b[kBlock];
+    for (int i = 0; i < kBlock; ++i) a[i] = S::load(xa[i] + v * L);
+    if constexpr (!DIAG)
+      for (int j = 0; j < kBlock; ++j) {
+        b[j] = S::load(xb[j] + v * L);
+        // keep b[j] in a register: otherwise the compiler folds its load into each of the four
+        // multiply-adds that use it, and the loads, not the multiply-adds, bound the loop
+#if defined(__GNUC__) && defined(__x86_64__)
+        asm("" : "+v"(b[j]));
+#elif defined(__GNUC__) && defined(__aarch64__)
+        asm("" : "+w"(b[j]));
+#endif
+      }
+    for (int i = 0; i < kBlock; ++i)
+      for (int j = DIAG ? i : 0; j < kBlock; ++j) {
+        if constexpr (std::is_same_v<E, c10::BFloat16>) {
+#if defined(__AVX512BF16__)
+          acc[i][j] = V(_mm512_dpbf16_ps(__m512(acc[i][j]), __m512bh(a[i]), __m512bh(DIAG ? a[j] : b[j])));
+#endif
+        } else {
+          acc[i][j] += a[i] * (DIAG ? a[j] : b[j]);
+        }
+      }
+  }
+  for (int i = 0; i < kBlock; ++i)
+    for (int j = DIAG ? i : 0; j < kBlock; ++j) {
+      double s = 0.0;
+      for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(acc[i][j][0])); ++l) s += static_cast<double>(acc[i][j][l]);
+      out[i * kBlock + j] = s;
+    }
+}
+
+// upper[a * R + b] += sum over the tile of x[a][c] x[b][c], for a <= b. Each x[r] holds `len`
+// values, len a multiple of the lane count; rows beyond R read `zero`.
+template <typename A>
+void tile_pairs(const A* const* x, int64_t R, int64_t len, const A* zero, double* upper) {
+  const int64_t nb = (R + kBlock - 1) / kBlock, nvec = len / Simd<A>::L;
+  const A* xa[kBlock];
+  const A* xb[kBlock];
+  double blk[kBlock * kBlock];
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    for (int i = 0; i < kBlock; ++i) xa[i] = bi * kBlock + i < R ? x[bi * kBlock + i] : zero;
+    for (int64_t bj = bi; bj < nb; ++bj) {
+      if (bj == bi) {
+        block_pairs<A, true>(xa, xa, nvec, blk);
+      } else {
+        for (int j = 0; j < kBlock; ++j) xb[j] = bj * kBlock + j < R ? x[bj * kBlock + j] : zero;
+        block_pairs<A, false>(xa, xb, nvec, blk);
+      }
+      for (int i = 0; i < kBlock; ++i)
+        for (int j = bj == bi ? i : 0; j < kBlock; ++j) {
+          const int64_t a = bi * kBlock + i, b = bj * kBlock + j;
+          if (b < R) upper[a * R + b] += blk[i * kBlock + j];
+        }
+    }
+  }
+}
+
+// dst[c] = src[c] as the lane type, for c < len: vectorized for the half types (bfloat16 is the
+// upper half of a float32; float16 through F16C where the build targets it).
+template <typename T, typename A>
+inline void convert_row(const T* src, A* dst, int64_t len) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+    for (int64_t c = 0; c < len; ++c) d[c] = static_cast<uint32_t>(s[c]) << 16;
+    return;
+  }
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<A, float>) {
+    int64_t c = 0;
+    for (; c + 8 <= len; c += 8)
+      _mm256_storeu_ps(dst + c, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c))));
+    for (; c < len; ++c) dst[c] = static_cast<A>(src[c]);
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < len; ++c) dst[c] = static_cast<A>(src[c]);
+}
+
+// Rows of a matrix (row stride ld, unit column stride), converted to the element type when needed.
+template <typename T>
+struct MatrixRows {
+  using A = elem_t<T>;
+  static constexpr bool kStaged = !std::is_same_v<T, A>;
+  const T* base;
+  int64_t ld;
+
+  // Points x[r] at the columns [c0, c0 + len) of row r as `padded` lane values (len rounded up to
+  // the lane count): in place for float32/float64 when no padding is needed, else converted into
+  // `stage` (row r at stage + r * stride) with zeros after len.
+  int64_t tile(int64_t R, int64_t c0, int64_t len, const A** x, A* stage, int64_t stride) const {
+    constexpr int L = Simd<A>::L;
+    const int64_t padded = (len + L - 1) / L * L;
+    if constexpr (std::is_same_v<T, A>) {
+      if (padded == len) {
+        for (int64_t r = 0; r < R; ++r) x[r] = base + r * ld + c0;
+        return padded;
+      }
+    }
+    // the rows advance together, a few cache lines at a time, so that every row's memory stream
+    // stays in flight (row after row, each 4 KiB page would restart the prefetcher)
+    constexpr int64_t kStep = 256;
+    for (int64_t s = 0; s < len; s += kStep)
+      for (int64_t r = 0; r < R; ++r) {
+        const T* src = base + r * ld + c0 + s;
+        for (int64_t p = 0; p < kStep * static_cast<int64_t>(sizeof(T)); p += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(src) + kPrefetchBytes + p);
+        convert_row(src, stage + r * stride + s, std::min(kStep, len - s));
+      }
+    for (int64_t r = 0; r < R; ++r) {
+      A* dst = stage + r * stride;
+      for (int64_t c = len; c < padded; ++c) dst[c] = A(0);
+      x[r] = dst;
+    }
+    return padded;
+  }
+};
+
+// Per-group Gramians of R rows given by `src` over the consecutive column groups whose offsets
+// are `off` (k + 1 entries, off[k] = n): out[g * R * R + a * R + b], float64, symmetric. `out`
+// must hold k * R * R zeros.
+template <typename Src>
+void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, double* out) {
+  using A = typename Src::A;
+  const int64_t k = static_cast<int64_t>(off.size()) - 1, n = off.back(), RR = R * R;
+  if (R == 0 || n == 0) return;
+  const int64_t tasks = (n + kChunkCols - 1) / kChunkCols, TW = tile_cols<A>(R, Src::kStaged);
+  // a group cut by a chunk border leaves a partial in its chunk's slot 0 (first segment) or 1
+  std::vector<double> slots(static_cast<size_t>(tasks * 2 * RR), 0.0);
+  std::vector<int64_t> tags(static_cast<size_t>(tasks * 2), -1);
+  at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<A> stage(static_cast<size_t>(R * TW)), zero(static_cast<size_t>(TW), A(0));
+    std::vector<const A*> x(static_cast<size_t>(R));
+    std::vector<double> acc(static_cast<size_t>(RR));
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t c0 = t * kChunkCols, c1 = std::min(n, c0 + kChunkCols);
+      int64_t g = std::upper_bound(off.begin(), off.end(), c0) - off.begin() - 1;
+      for (int64_t s0 = c0; s0 < c1; ++g) {
+        const int64_t s1 = std::min(c1, off[g + 1]);
+        if (s1 <= s0) continue;  // empty group
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t p = s0; p < s1; p += TW) {
+          const int64_t len = std::min(TW, s1 - p);
+          const int64_t padded = src.tile(R, p, len, x.data(), stage.data(), TW);
+          tile_pairs<A>(x.data(), R, padded, zero.data(), acc.data());
+        }
+        double* dst = out + g * RR;
+        if (s0 != off[g] || s1 != off[g + 1]) {  // cut: at most the first and the last segment
+          const int64_t slot = 2 * t + (s0 == c0 ? 0 : 1);
+          tags[slot] = g;
+          dst = slots.data() + slot * RR;
+        }
+        for (int64_t a = 0; a < R; ++a)
+          for (int64_t b = a; b < R; ++b) dst[a * R + b] = acc[a * R + b];
+        s0 = s1;
+      }
+    }
+  });
+  for (int64_t slot = 0; slot < 2 * tasks; ++slot) {  // chunk order: a fixed summation order
+    if (tags[slot] < 0) continue;
+    double* dst = out + tags[slot] * RR;
+    const double* p = slots.data() + slot * RR;
+    for (int64_t a = 0; a < R; ++a)
+      for (int64_t b = a; b < R; ++b) dst[a * R + b] += p[a * R + b];
+  }
+  at::parallel_for(0, k, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t g = lo; g < hi; ++g)
+      for (int64_t a = 0; a < R; ++a)
+        for (int64_t b = a + 1; b < R; ++b) out[g * RR + b * R + a] = out[g * RR + a * R + b];
+  });
+}
+
+}  // namespace fusedjd::cpu

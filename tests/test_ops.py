@@ -493,3 +493,20 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_combine_rounds_like_torch(dtype):
+    """The vectorized half-type output rounding is torch's: nearest even, NaN and infinities kept,
+    overflow to infinity; here m = 1, so each output is one float32 product, rounded once."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=gen) * torch.logspace(-6, 6, 1000)
+    x[::97] = float("nan")
+    x[5], x[6], x[7] = float("inf"), -float("inf"), -0.0
+    x = x.to(dtype)
+    for w in [1.0, 1 / 3, -7.25, 1e4]:
+        got = ops.combine(x.view(1, -1), torch.tensor([[w]]), [x.numel()])
+        expected = (x.float() * torch.tensor(w, dtype=torch.float32)).to(dtype)
+        # values equal (the sum starts at +0, so -0 comes out as +0, which compares equal)
+        assert torch.equal(got[~expected.isnan()], expected[~expected.isnan()])
+        assert torch.equal(got.isnan(), expected.isnan())

@@ -171,6 +171,82 @@ inline void convert_row(const T* src, A* dst, int64_t len) {
   for (int64_t c = 0; c < len; ++c) dst[c] = static_cast<A>(src[c]);
 }
 
+// dst[c] = src[c] rounded to T (round to nearest even), for c < len: vectorized for float16
+// through F16C; bfloat16 by c10's rounding, which the compiler vectorizes.
+template <typename T, typename A>
+inline void store_row(const A* src, T* dst, int64_t len) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    // c10's rounding (nearest even, NaN to 0x7fc0) on whole vectors
+    typedef uint32_t U __attribute__((vector_size(kVecBytes)));
+    typedef int32_t I __attribute__((vector_size(kVecBytes)));
+    typedef float F __attribute__((vector_size(kVecBytes)));
+    typedef uint16_t H __attribute__((vector_size(kVecBytes / 2)));
+    constexpr int L = kVecBytes / 4;
+    int64_t c = 0;
+    for (; c + L <= len; c += L) {
+      F f;
+      U u;
+      std::memcpy(&f, src + c, sizeof(F));
+      std::memcpy(&u, src + c, sizeof(U));
+      const U nan = reinterpret_cast<U>(I(f != f));
+      const U r = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16 & ~nan) | (0x7fc0u & nan);
+      const H h = __builtin_convertvector(r, H);
+      std::memcpy(dst + c, &h, sizeof(H));
+    }
+    for (; c < len; ++c) dst[c] = static_cast<T>(src[c]);
+    return;
+  }
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<A, float>) {
+    int64_t c = 0;
+    for (; c + 8 <= len; c += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), _mm256_cvtps_ph(_mm256_loadu_ps(src + c), _MM_FROUND_TO_NEAREST_INT));
+    for (; c < len; ++c) dst[c] = static_cast<T>(src[c]);
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < len; ++c) dst[c] = static_cast<T>(src[c]);
+}
+
+// One vector of float32 (float64 for float64 rows) lanes loaded from rows of type T: converted
+// in registers for float16 (F16C) and bfloat16 (the upper half of a float32).
+template <typename T>
+struct RowVec {
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  using S = Simd<A>;
+  using V = typename S::V;
+  static constexpr int L = S::L;
+  static V load(const T* p) {
+    if constexpr (std::is_same_v<T, A>) {
+      return S::load(p);
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      typedef uint16_t H __attribute__((vector_size(kVecBytes / 2)));
+      typedef uint32_t U __attribute__((vector_size(kVecBytes)));
+      H h;
+      std::memcpy(&h, p, sizeof(H));
+      const U u = __builtin_convertvector(h, U) << 16;
+      V v;
+      std::memcpy(&v, &u, sizeof(V));
+      return v;
+    } else {
+      V v;
+#if defined(__F16C__)
+      if constexpr (std::is_same_v<T, c10::Half> && kVecBytes == 64) {
+        const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        std::memcpy(&v, &x, sizeof(V));
+        return v;
+      } else if constexpr (std::is_same_v<T, c10::Half> && kVecBytes == 32) {
+        const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        std::memcpy(&v, &x, sizeof(V));
+        return v;
+      }
+#endif
+      for (int l = 0; l < L; ++l) v[l] = static_cast<A>(p[l]);
+      return v;
+    }
+  }
+};
+
 // Rows of a matrix (row stride ld, unit column stride), converted to the element type when needed.
 template <typename T>
 struct MatrixRows {

@@ -32,6 +32,50 @@ at::Tensor gramian_cpu(const at::Tensor& J, at::IntArrayRef group_sizes) {
   return out;
 }
 
+// out[cols of g] = sum_i w[g * m + i] * J[i, cols of g], in one read of J: chunks of columns in
+// parallel; each output vector is summed over the rows in registers (rows converted in registers
+// for the half types) and written once.
+template <typename T>
+void combine_rows(const T* base, int64_t ld, int64_t m, int64_t n, const std::vector<int64_t>& off,
+                  const double* w, T* o) {
+  using RV = RowVec<T>;
+  using A = typename RV::A;
+  using V = typename RV::V;
+  constexpr int L = RV::L;
+  constexpr int64_t kChunk = 4096;
+  at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<A> wg(static_cast<size_t>(m)), tail(static_cast<size_t>(L));
+    std::vector<const T*> rows(static_cast<size_t>(m));
+    for (int64_t ch = lo; ch < hi; ++ch) {
+      const int64_t c0 = ch * kChunk, c1 = std::min(n, c0 + kChunk);
+      // first group whose columns reach past c0
+      int64_t g = std::upper_bound(off.begin(), off.end(), c0) - off.begin() - 1;
+      for (int64_t s0 = c0; s0 < c1; ++g) {
+        const int64_t s1 = std::min(c1, off[g + 1]);
+        if (s1 <= s0) continue;  // empty group
+        for (int64_t i = 0; i < m; ++i) {
+          wg[i] = static_cast<A>(w[g * m + i]);
+          rows[i] = base + i * ld;
+        }
+        int64_t c = s0;
+        for (; c + L <= s1; c += L) {
+          V acc = V{};
+          for (int64_t i = 0; i < m; ++i) acc += wg[i] * RV::load(rows[i] + c);
+          A lanes[L];
+          std::memcpy(lanes, &acc, sizeof(V));
+          store_row(lanes, o + c, L);
+        }
+        for (; c < s1; ++c) {
+          A acc = A(0);
+          for (int64_t i = 0; i < m; ++i) acc += wg[i] * static_cast<A>(rows[i][c]);
+          o[c] = static_cast<T>(acc);
+        }
+        s0 = s1;
+      }
+    }
+  });
+}
+
 at::Tensor combine_cpu(const at::Tensor& J, const at::Tensor& weights, at::IntArrayRef group_sizes) {
   const std::vector<int64_t> off = check_combine_args(J, weights, group_sizes);
   const int64_t m = J.size(0), n = J.size(1);
@@ -43,33 +87,7 @@ at::Tensor combine_cpu(const at::Tensor& J, const at::Tensor& weights, at::IntAr
   const at::Tensor W = weights.to(at::kDouble).contiguous();
   const double* w = W.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jc.scalar_type(), "fusedjd_combine_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* base = Jc.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t ld = Jc.stride(0);
-    constexpr int64_t kChunk = 4096;
-    at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<opmath_t> acc(kChunk);
-      for (int64_t ch = lo; ch < hi; ++ch) {
-        const int64_t c0 = ch * kChunk, c1 = std::min(n, c0 + kChunk);
-        // first group whose columns reach past c0
-        int64_t g = std::upper_bound(off.begin(), off.end(), c0) - off.begin() - 1;
-        for (int64_t s0 = c0; s0 < c1; ++g) {
-          const int64_t s1 = std::min(c1, off[g + 1]);
-          if (s1 <= s0) continue;  // empty group
-          opmath_t* a = acc.data();
-          const int64_t len = s1 - s0;
-          for (int64_t c = 0; c < len; ++c) a[c] = opmath_t(0);
-          for (int64_t i = 0; i < m; ++i) {
-            const opmath_t wi = static_cast<opmath_t>(w[g * m + i]);
-            const scalar_t* row = base + i * ld + s0;
-            for (int64_t c = 0; c < len; ++c) a[c] += wi * static_cast<opmath_t>(row[c]);
-          }
-          for (int64_t c = 0; c < len; ++c) o[s0 + c] = static_cast<scalar_t>(a[c]);
-          s0 = s1;
-        }
-      }
-    });
+    combine_rows(Jc.data_ptr<scalar_t>(), Jc.stride(0), m, n, off, w, out.data_ptr<scalar_t>());
   });
   return out;
 }

@@ -416,3 +416,21 @@ def test_torchjd_checkpoint_continues_as_torchjd_would(dtype, ours, theirs):
     expected = back(arg(Js[0]))
     torch.manual_seed(9)
     assert rel_err(fj(arg(Js[0])), expected) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("make", [fusedjd.GradVac, fusedjd.PCGrad])
+def test_hooks_on_the_weighting_still_run(make):
+    """Without hooks the aggregators call the ops directly; a hook on `.weighting` (torchjd's way
+    of monitoring weights) is honoured, with the same result."""
+    J = torch.randn(5, 40, dtype=torch.float64)
+    torch.manual_seed(3)
+    plain = make()(J)
+    seen = []
+    agg = make()
+    handle = agg.weighting.register_forward_hook(lambda module, args, out: seen.append(out))
+    torch.manual_seed(3)
+    hooked = agg(J)
+    handle.remove()
+    assert len(seen) == 1 and seen[0].shape == (5,)
+    assert torch.equal(plain, hooked)
+    torch.testing.assert_close(seen[0] @ J, hooked)

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
 from torchjd import Stateful
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, Weighting
 
@@ -21,6 +22,13 @@ from ._validation import (
     in_unit_interval,
     non_negative,
 )
+
+
+def _hooked(a: nn.Module, b: nn.Module) -> bool:
+    """Whether calling these modules would run hooks (theirs or global ones): the aggregators then
+    go through them, as torchjd's do; otherwise they call the ops directly."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks or a._forward_hooks
+                or a._forward_pre_hooks or b._forward_hooks or b._forward_pre_hooks)
 
 
 def _whole_gramian(matrix: Tensor) -> Tensor:
@@ -136,12 +144,17 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
         self._n = None
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        n = matrix.shape[1]  # `matrix` is checked by Aggregator.__call__ and _whole_gramian
-        if self._n is not None and self._n != n:
-            self.gramian_weighting.reset()
-        self._n = n
-        weights = self.weighting(matrix)
-        return ops.combine(matrix, weights.unsqueeze(0), [n])
+        check_matrix(matrix)
+        n = matrix.shape[1]
+        if self._n != n:  # (assigned only on a change: Module.__setattr__ is slow)
+            if self._n is not None:
+                self.gramian_weighting.reset()
+            self._n = n
+        if _hooked(self.weighting, self.gramian_weighting):
+            weights = self.weighting(matrix).unsqueeze(0)
+        else:  # the same computation without the module calls: a few ops, no Python around them
+            weights = self.gramian_weighting.stacked(ops.gramian(matrix, [n]))
+        return ops.combine(matrix, weights, [n])
 
     def get_extra_state(self) -> Any:
         return {"n": self._n}
@@ -221,6 +234,12 @@ class PCGradWeighting(Weighting, _NonDifferentiable):
 
     def forward(self, gramian: Tensor, /) -> Tensor:
         check_square(gramian)
+        return self.pcgrad(gramian)
+
+    @staticmethod
+    def pcgrad(gramian: Tensor) -> Tensor:
+        """The PCGrad weights ``[m]`` of a checked Gramian ``[m, m]`` (visit orders drawn as torchjd
+        draws them)."""
         G = gramian.to(ops.acc_dtype(gramian.dtype)).unsqueeze(0)
         perms = ops.draw_perms(1, G.shape[1], pcgrad=True, device=G.device)
         return ops.pcgrad_loop(G, perms)[0]
@@ -240,7 +259,11 @@ class PCGrad(GramianWeightedAggregator, _NonDifferentiable):
         self.weighting = self.gramian_weighting << _whole_gramian
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        weights = self.weighting(matrix)  # checks `matrix` (_whole_gramian)
+        check_matrix(matrix)
+        if _hooked(self.weighting, self.gramian_weighting):
+            weights = self.weighting(matrix)
+        else:
+            weights = self.gramian_weighting.pcgrad(ops.gramian(matrix, [matrix.shape[1]])[0])
         return ops.combine(matrix, weights.unsqueeze(0), [matrix.shape[1]])
 
 

@@ -39,14 +39,18 @@ def median_time(fn: Callable[[], object], device: str, budget_s: float = 0.4, mi
     return statistics.median(times)
 
 
-def copy_bandwidth(device: str) -> float | None:
-    """Device-to-device copy bandwidth (bytes read + written per second), measured in this run."""
-    if device != "cuda":
-        return None
-    src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    t = median_time(lambda: dst.copy_(src), device, budget_s=0.5)
-    return 2 * src.numel() * 4 / t
+def stream_bandwidth(device: str) -> float:
+    """The memory floor's bandwidth, measured in this run (bytes per second): on a GPU the
+    device-to-device copy (bytes read + written), on the CPU a streaming read (a sum over a buffer
+    far larger than the caches, on torch's threads)."""
+    if device == "cuda":
+        src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
+        dst = torch.empty_like(src)
+        t = median_time(lambda: dst.copy_(src), device, budget_s=0.5)
+        return 2 * src.numel() * 4 / t
+    buf = torch.empty(2**26, dtype=torch.float32).uniform_()  # 256 MiB
+    t = median_time(lambda: buf.sum(), device, budget_s=0.5)
+    return buf.numel() * 4 / t
 
 
 def fmt_time(t: float | None) -> str:

@@ -29,7 +29,7 @@ from torchjd.autogram import Engine
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 import fusedjd
-from common import Progress, Table, copy_bandwidth, fmt_time, fmt_x, median_time, sync  # bench/ is sys.path[0]
+from common import Progress, Table, fmt_time, fmt_x, median_time, stream_bandwidth, sync  # bench/ is sys.path[0]
 from fusedjd import reference
 from fusedjd.reference import rel_err
 
@@ -53,6 +53,7 @@ class GramCase:
     m: int
     n: int
     grouping: tuple[str, list[int]] | None = None  # (name, sizes): n is then sum(sizes)
+    dtype: torch.dtype = torch.float32
 
 
 @dataclass(frozen=True)
@@ -128,27 +129,25 @@ def per_parameter_sizes() -> tuple[str, list[int]]:
 
 def bench_gramian(run: Run, cfg: list[GramCase]):
     device = run.device
-    t = Table("Gramian (fp32): fusedjd.ops.gramian vs torch `J @ J.T` (per group for grouped J)",
-              ["m", "n", "groups", "check", "fusedjd", "GB/s", "time / floor", "torch", "speedup"])
+    t = Table("Gramian: fusedjd.ops.gramian vs torch `J @ J.T` (per group for grouped J), J in its dtype",
+              ["m", "n", "dtype", "groups", "check", "fusedjd", "GB/s", "time / floor", "torch", "speedup"])
     for case in cfg:
-        m, n, grouping = case.m, case.n, case.grouping
-        name, sizes = grouping if grouping else ("1", None)
-        if sizes is None:
-            sizes = [n]
+        m, n, grouping, dtype = case.m, case.n, case.grouping, case.dtype
+        name, sizes = grouping if grouping else ("1", [n])
         n = sum(sizes)
-        J = torch.randn(m, n, device=device)
+        J = torch.randn(m, n, device=device).to(dtype)
         fused = lambda: fusedjd.ops.gramian(J, sizes)  # noqa: E731
         if len(sizes) == 1:
             base = lambda: J @ J.T  # noqa: E731
-            status = run.check(f"gramian m={m} n={n}", fused()[0], base(), 1e-4)
         else:
             base = lambda: [b @ b.T for b in J.split(sizes, dim=1)]  # noqa: E731
-            status = run.check(f"gramian m={m} grouped", fused(), torch.stack(base()), 1e-4)
+        tol = 10 * reference.TOLERANCE["gramian"][dtype]
+        status = run.check(f"gramian m={m} n={n} {dtype} {name}", fused(), reference.gramian(J, sizes), tol)
         tf, tb = median_time(fused, device), median_time(base, device)
-        nbytes = 4 * m * n
+        nbytes = J.element_size() * m * n
         floor = run.floor(nbytes)
-        t.rows.append([str(m), nice_n(n), name, status, fmt_time(tf), f"{nbytes / tf / 1e9:.0f}",
-                       f"{tf / floor:.2f}" if floor else "—", fmt_time(tb), fmt_x(tb / tf)])
+        t.rows.append([str(m), nice_n(n), str(dtype).replace("torch.", ""), name, status, fmt_time(tf),
+                       f"{nbytes / tf / 1e9:.0f}", f"{tf / floor:.2f}" if floor else "—", fmt_time(tb), fmt_x(tb / tf)])
         run.progress.step(f"gramian m={m} n={n}")
         del J
     return t
@@ -211,10 +210,10 @@ def bench_aggregators(run: Run, cfg: list[AggCase]):
             theirs_call = lambda: theirs(J)  # noqa: E731
             status = run.check(f"{kind} m={m} n={n}", seeded(lambda: ours_cls()(J))(), seeded(lambda: theirs_cls()(J))(), 1e-3)
             label = kind
-            plain = median_time(lambda: w @ J + (J @ J.T).sum(), device)
+            plain = median_time(lambda: (J @ J.T, w @ J), device)
         tf = median_time(lambda: ours(J), device)
         tt = median_time(theirs_call, device, budget_s=1.0, min_reps=2)
-        nbytes = 2 * 4 * m * n
+        nbytes = 2 * 4 * m * n  # two reads of J (GPU: the Gramian's read and the combine's read + write)
         floor = run.floor(nbytes)
         if kind == "GradVac":
             run.speedups["n"].append((m, n, tt / tf))
@@ -354,8 +353,11 @@ def configs(device: str, full: bool):
         moco = [MocoCase(m, n) for m in (2, 8, 32) for n in ns[: 3 if full else 2]]
         train = TrainCase(512, 1024, 8, 256)
     else:
-        ns = [10**5, 10**6] + ([10**7] if full else [])
+        ns = [10**5, 10**6, 4 * 10**6] + ([10**7] if full else [])
+        groups64 = ("64 groups", [4 * 10**6 // 64] * 64)
         gram = [GramCase(m, n) for m in (2, 8, 32) for n in ns] + [GramCase(8, 0, grouping)]
+        gram += [GramCase(8, 0, groups64)] + [GramCase(8, 4 * 10**6, g, dt) for dt in (torch.bfloat16, torch.float16)
+                                             for g in (None, groups64)]
         agg = [AggCase("GradVac", m, n) for m in (2, 8, 32) for n in ns]
         agg += [AggCase("PCGrad", 8, 10**6), AggCase("GroupedGradVac", 8, 0, grouping)]
         moco = [MocoCase(m, n) for m in (2, 8, 32) for n in ns]
@@ -419,6 +421,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--full", action="store_true", help="run the full grid")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) before timing")
     ap.add_argument("--save", action="store_true",
                     help="write to bench/results/<device>.md (the committed snapshot) instead of bench/results/local/")
     ap.add_argument("--out", default=None, help="results file (overrides the two above)")
@@ -432,10 +435,17 @@ def main() -> int:
         device_name = torch.cuda.get_device_name()
         tag = "cuda-" + device_name.replace("NVIDIA ", "").split()[0].lower()
     else:
-        device_name = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        device_name = f"CPU: {platform.processor() or platform.machine()}, {args.threads or torch.get_num_threads()} threads"
         tag = "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    busy = load > (os.cpu_count() or 1)
+    if busy:
+        print(f"note: load average {load:.1f} is above the {os.cpu_count()} cores: timings will stall and spread",
+              file=sys.stderr)
     gram, loops, agg, moco, train = configs(device, args.full)
-    run = Run(device, copy_bandwidth(device), Progress(len(gram) + 2 * len(loops) + len(agg) + len(moco) + TRAIN_ROWS))
+    run = Run(device, stream_bandwidth(device), Progress(len(gram) + 2 * len(loops) + len(agg) + len(moco) + TRAIN_ROWS))
     tables = [
         bench_gramian(run, gram),
         bench_loops(run, loops),
@@ -451,8 +461,12 @@ def main() -> int:
         f"- torch {torch.__version__}, torchjd {importlib.metadata.version('torchjd')}, fusedjd {fusedjd.__version__}, "
         f"Python {platform.python_version()}",
         f"- command: `python bench/run.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"- copy bandwidth (read + write, measured): {run.bandwidth / 1e9:.0f} GB/s" if run.bandwidth else
-        "- CPU run: no bandwidth floor is quoted (time / floor is for GPUs)",
+        (f"- floor: device-to-device copy bandwidth (read + write), measured in this run: {run.bandwidth / 1e9:.0f} GB/s"
+         if device == "cuda" else
+         f"- floor: streaming read bandwidth (a sum over 256 MiB), measured in this run: {run.bandwidth / 1e9:.0f} GB/s; "
+         "time / floor = time / (bytes streamed / that bandwidth)"),
+        f"- load average at start: {load:.1f} on {os.cpu_count()} cores"
+        + (" (ABOVE the core count: timings stall and spread)" if busy else ""),
         "",
         "",
     ]

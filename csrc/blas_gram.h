@@ -1,5 +1,6 @@
-// The Gramian of a row stack by ATen matrix products, for the shapes the streaming kernels do
-// not take (more rows than their tiles cover). ATen only: the CPU and CUDA kernels share it.
+// The Gramian of a row stack by ATen matrix products, for the shapes the CUDA streaming kernel does
+// not take (more rows than its tiles cover). ATen only. (The CPU engine, csrc/cpu/gram_engine.h,
+// takes any number of rows.)
 #pragma once
 
 #include <ATen/ATen.h>

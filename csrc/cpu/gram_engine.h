@@ -77,7 +77,9 @@ int64_t tile_cols(int64_t R, bool staged) {
   constexpr int L = Simd<A>::L;
   const int64_t rows = (R + kBlock - 1) / kBlock * kBlock;
   const int64_t w = (staged ? kStagedTileBytes : kTileBytes) / (rows * static_cast<int64_t>(sizeof(A))) / L * L;
-  return std::clamp<int64_t>(w, L, 2048);
+  // at least 512 columns: each tile ends with a flush of every block's lane sums, which must stay
+  // small next to the tile's multiply-adds (a staged tile of many rows then lives in L2)
+  return std::clamp<int64_t>(w, std::max<int64_t>(L, 512), 2048);
 }
 
 // Sums over nvec vectors of the pairs (xa[i], xb[j]) of a 4 x 4 block into out[i * 4 + j]

@@ -432,6 +432,9 @@ def _bad_calls():
                                     (G, L(1, 3, 2), torch.zeros(1, 3, 3).transpose(1, 2), 0.5, 0.0)),
         "gradvac-beta": (torch.ops.fusedjd.gradvac_loop.default, (G, L(1, 3, 2), torch.zeros(1, 3, 3), 1.5, 0.0)),
         "gradvac-eps": (torch.ops.fusedjd.gradvac_loop.default, (G, L(1, 3, 2), torch.zeros(1, 3, 3), 0.5, -1.0)),
+        "gradvac-two-faults": (torch.ops.fusedjd.gradvac_loop.default,  # the first one checked is named
+                               (G.half(), L(1, 3, 2), torch.zeros(1, 3, 3), 0.5, 0.0)),
+        "gramian-uint16": (torch.ops.fusedjd.gramian.default, (J.to(torch.uint16), [10])),
         "moco-Y-shape": (moco, (J, torch.zeros(3, 9), torch.ones(3), step, *h)),
         "moco-Y-dtype": (moco, (J, torch.zeros(3, 10, dtype=torch.float64), torch.ones(3), step, *h)),
         "moco-Y-strided": (moco, (J, torch.zeros(10, 3).T, torch.ones(3), step, *h)),

@@ -3,8 +3,8 @@
 // column groups of any size and count) and MoCo's first pass (the Gramian of the updated Y, formed
 // tile by tile in cache from Y and J).
 //
-// - Columns are cut into fixed chunks of kChunkCols (independent of the thread count, so results
-//   do not depend on it); at::parallel_for spreads the chunks over the threads. A group that lies
+// - Columns are cut into fixed chunks of max(kChunkCols, 64 R) (independent of the thread count, so
+//   results do not depend on it); at::parallel_for spreads the chunks over the threads. A group that lies
 //   inside one chunk is finished there; a group cut by chunk borders gets one partial per chunk,
 //   summed afterwards in chunk order (deterministic).
 // - Within a chunk, tiles of TW columns of every row are streamed once from memory: read in place
@@ -14,6 +14,11 @@
 //   16 vector accumulators in registers (GCC/Clang vector extensions: AVX-512 where the build
 //   targets it, AVX2/SSE otherwise), in float32 lanes for float32/16/bf16 (float64 for float64),
 //   flushed to float64 after each tile: at most TW / lanes products are summed in float32.
+//   bfloat16 rows on CPUs with AVX512-BF16 are multiplied in pairs by vdpbf16ps, which treats
+//   subnormal inputs and results as zero: a product below float32's normal range
+//   (|x y| < 1.2e-38) counts as 0 there, and as itself elsewhere.
+// Scratch per thread: a staging tile (R x TW elements) and one R x R float64 sum; per chunk: two
+// R x R float64 partials for the groups cut by its borders.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -296,7 +301,10 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
   using A = typename Src::A;
   const int64_t k = static_cast<int64_t>(off.size()) - 1, n = off.back(), RR = R * R;
   if (R == 0 || n == 0) return;
-  const int64_t tasks = (n + kChunkCols - 1) / kChunkCols, TW = tile_cols<A>(R, Src::kStaged);
+  // chunks of at least 64 R columns: the partials of cut groups (2 R^2 float64 per chunk) stay
+  // below 1/16 of the float32 rows they sum
+  const int64_t chunk = std::max<int64_t>(kChunkCols, 64 * R);
+  const int64_t tasks = (n + chunk - 1) / chunk, TW = tile_cols<A>(R, Src::kStaged);
   // a group cut by a chunk border leaves a partial in its chunk's slot 0 (first segment) or 1
   std::vector<double> slots(static_cast<size_t>(tasks * 2 * RR), 0.0);
   std::vector<int64_t> tags(static_cast<size_t>(tasks * 2), -1);
@@ -305,7 +313,7 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
     std::vector<const A*> x(static_cast<size_t>(R));
     std::vector<double> acc(static_cast<size_t>(RR));
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t c0 = t * kChunkCols, c1 = std::min(n, c0 + kChunkCols);
+      const int64_t c0 = t * chunk, c1 = std::min(n, c0 + chunk);
       int64_t g = std::upper_bound(off.begin(), off.end(), c0) - off.begin() - 1;
       for (int64_t s0 = c0; s0 < c1; ++g) {
         const int64_t s1 = std::min(c1, off[g + 1]);

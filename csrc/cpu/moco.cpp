@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 #include <type_traits>
 #include <tuple>
@@ -23,13 +24,14 @@
 namespace fusedjd::cpu {
 namespace {
 
-// Y + b (J - Y) in the op math type, rounded to the storage type: pass 1 and pass 2 share it, so
-// the Gramian is that of the Y that gets stored.
+// Y + b (J - Y) in the op math type (one fused multiply-add, so that no compiler choice can make
+// the two call sites round differently), rounded to the storage type: pass 1 and pass 2 share it,
+// so the Gramian is that of the Y that gets stored.
 template <typename T>
 inline T moco_update(T y, T j, at::opmath_type<T> b) {
   using opmath_t = at::opmath_type<T>;
   const opmath_t yv = static_cast<opmath_t>(y);
-  return static_cast<T>(yv + b * (static_cast<opmath_t>(j) - yv));
+  return static_cast<T>(std::fma(b, static_cast<opmath_t>(j) - yv, yv));
 }
 
 // The engine's row source for pass 1: the rows of Yn, computed tile by tile.

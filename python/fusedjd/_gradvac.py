@@ -164,8 +164,8 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # noqa: D401 - torch hook
-        # A torchjd checkpoint carries no `n`: adopt the next call's n instead of resetting.
-        if prefix + "_extra_state" not in state_dict:
+        # A torchjd checkpoint (its targets in `_phi_t`) carries no `n`: adopt the next call's n.
+        if prefix + "_extra_state" not in state_dict and prefix + "gramian_weighting._phi_t" in state_dict:
             state_dict[prefix + "_extra_state"] = {"n": None}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

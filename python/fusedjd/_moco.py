@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.modules import module as _module
 from torchjd import Stateful
 from torchjd.aggregation import Aggregator, Weighting
 
@@ -210,7 +211,23 @@ class MoCo(Aggregator, Stateful, _NonDifferentiable):
         self.weighting.reset()
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        return self.weighting.update(matrix)[1]
+        w = self.weighting
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks or w._forward_hooks or \
+                w._forward_pre_hooks:
+            # through the module call, so its hooks run (as for torchjd's aggregators); λᵀ Y then
+            # costs one more read of Y
+            lam = w(matrix)
+            return (lam.to(w.y.dtype) @ w.y) if matrix.shape[0] > 0 else matrix.new_zeros(matrix.shape[1])
+        return w.update(matrix)[1]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # noqa: D401 - torch hook
+        # fusedjd 0.1 kept the state on MoCo itself: move it to its weighting
+        for name in _MoCoState._state_names:
+            if prefix + name in state_dict and prefix + "weighting." + name not in state_dict:
+                state_dict[prefix + "weighting." + name] = state_dict.pop(prefix + name)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def __repr__(self) -> str:
         return _repr(self, self.weighting.hyper_parameters)

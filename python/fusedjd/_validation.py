@@ -7,10 +7,15 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
 def _real(name: str, value: Any) -> float:
+    """The value as a float for the range check; TypeError naming the attribute unless it is a real
+    number (a 0-dim real tensor included, as torchjd accepts)."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not (value.is_complex() or value.dtype == torch.bool):
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"Attribute `{name}` must be a real number. Found {name}={value!r}.")
     return float(value)
@@ -21,10 +26,9 @@ def in_unit_interval(name: str) -> property:
     otherwise; both name it)."""
 
     def setter(self, value: float) -> None:
-        v = _real(name, value)
-        if not (0.0 <= v <= 1.0):
+        if not (0.0 <= _real(name, value) <= 1.0):
             raise ValueError(f"Attribute `{name}` must be in [0, 1]. Found {name}={value!r}.")
-        setattr(self, "_" + name, v)
+        setattr(self, "_" + name, value)  # as given, so that repr shows it as torchjd's does
 
     return property(lambda self: getattr(self, "_" + name), setter)
 
@@ -34,10 +38,9 @@ def non_negative(name: str) -> property:
     NaN included; both name it)."""
 
     def setter(self, value: float) -> None:
-        v = _real(name, value)
-        if not (v >= 0.0):
+        if not (_real(name, value) >= 0.0):
             raise ValueError(f"Attribute `{name}` must be non-negative. Found {name}={value!r}.")
-        setattr(self, "_" + name, v)
+        setattr(self, "_" + name, value)
 
     return property(lambda self: getattr(self, "_" + name), setter)
 

@@ -125,7 +125,10 @@ def has_cuda_kernels() -> bool:
 _SCALAR_NAME = {
     torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16",
     torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+    torch.bool: "Bool", torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble", torch.uint16: "UInt16", torch.uint32: "UInt32", torch.uint64: "UInt64",
+    torch.float8_e4m3fn: "Float8_e4m3fn", torch.float8_e5m2: "Float8_e5m2", torch.float8_e4m3fnuz: "Float8_e4m3fnuz",
+    torch.float8_e5m2fnuz: "Float8_e5m2fnuz",
 }
 
 
@@ -194,7 +197,7 @@ def _(J, group_sizes):
 
 @torch.library.register_fake("fusedjd::gradvac_loop")
 def _(G, perms, targets, beta, eps):
-    _check_loop(G, perms)
+    # in the order of the kernels: targets, hyper-parameters, then G and perms
     _check_same_device(G, "G", targets, "targets")
     torch._check(targets.shape == G.shape,
                  lambda: f"fusedjd: `targets` must have the shape of `G` {_shape(G)}, got {_shape(targets)}")
@@ -203,6 +206,7 @@ def _(G, perms, targets, beta, eps):
     _check_contiguous(targets, "targets")
     torch._check(0.0 <= beta <= 1.0, lambda: f"fusedjd: `beta` must be in [0, 1], got {beta:g}")
     torch._check(eps >= 0.0, lambda: f"fusedjd: `eps` must be non-negative, got {eps:g}")
+    _check_loop(G, perms)
     return G.new_empty((G.shape[0], G.shape[1]))
 
 

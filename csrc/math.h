@@ -17,6 +17,7 @@ namespace fusedjd {
 
 #if !defined(__CUDA_ARCH__)
 using std::exp;
+using std::fma;
 using std::fmax;
 using std::fmin;
 using std::isfinite;
@@ -64,6 +65,15 @@ FUSEDJD_HD double gradvac_pair(double norm_i_sq, double dot, double gjj, double 
   const double sc = sqrt(fmax(1.0 - c * c, 0.0));
   const double st = fmax(sqrt(fmax(1.0 - t * t, 0.0)), sine_floor);
   return ni * (t * sc - c * st) / (nj * st + eps);
+}
+
+// MoCo's row update Y + b (J - Y), as one fused multiply-add in the op math type O, rounded to the
+// storage type T. Both passes of both backends use it, so the first pass takes the Gramian of
+// exactly the Y that the second pass stores.
+template <typename T, typename O>
+FUSEDJD_HD T moco_row_update(T y, T j, O b) {
+  const O yv = static_cast<O>(y);
+  return static_cast<T>(fma(b, static_cast<O>(j) - yv, yv));
 }
 
 // MoCo step sizes for the (1-based) step k.
@@ -140,8 +150,8 @@ FUSEDJD_HD bool moco_lambda_update(const GT* gram, const double* lam, double* la
 }
 
 // The same update from the (2m x 2m) Gramian of the stacked rows [Y; J] (YY^T top-left, YJ^T
-// top-right, JJ^T bottom-right), with Yn = (1 - b) Y + b J: what the CUDA kernel's first pass
-// computes.
+// top-right, JJ^T bottom-right), with Yn = (1 - b) Y + b J: the CUDA kernel's fallback for more
+// rows than its streaming engine takes.
 template <typename GT>
 FUSEDJD_HD bool moco_lambda_update_stacked(const GT* gram, const double* lam, double* lam_new, int64_t m, double b,
                                            double c, double rho, bool projection, double* scratch) {

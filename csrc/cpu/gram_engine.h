@@ -11,8 +11,8 @@
 //   (float32/float64 rows), or converted into a per-thread staging buffer (float16/bfloat16, the
 //   ragged tail, or rows computed on the fly such as MoCo's Y + b (J - Y)).
 // - On a tile, 4 x 4 blocks of row pairs over the upper triangle (diagonal blocks included) keep
-//   16 vector accumulators in registers (GCC/Clang vector extensions: AVX-512 where the build
-//   targets it, AVX2/SSE otherwise), in float32 lanes for float32/16/bf16 (float64 for float64),
+//   16 vector accumulators in registers (GCC/Clang vector extensions: AVX-512, AVX2 or SSE2/NEON,
+//   whichever the build targets), in float32 lanes for float32/16/bf16 (float64 for float64),
 //   flushed to float64 after each tile: at most TW / lanes products are summed in float32.
 //   bfloat16 rows on CPUs with AVX512-BF16 are multiplied in pairs by vdpbf16ps, which treats
 //   subnormal inputs and results as zero: a product below float32's normal range
@@ -37,10 +37,13 @@
 
 namespace fusedjd::cpu {
 
+// The vector width the build targets (a vector must fit one register: see block_pairs).
 #if defined(__AVX512F__)
 inline constexpr int kVecBytes = 64;
-#else
+#elif defined(__AVX__)
 inline constexpr int kVecBytes = 32;
+#else
+inline constexpr int kVecBytes = 16;  // SSE2, NEON: portable builds
 #endif
 
 #if defined(__AVX512BF16__)

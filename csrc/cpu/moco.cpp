@@ -11,7 +11,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <limits>
 #include <type_traits>
 #include <tuple>
@@ -23,16 +22,6 @@
 
 namespace fusedjd::cpu {
 namespace {
-
-// Y + b (J - Y) in the op math type (one fused multiply-add, so that no compiler choice can make
-// the two call sites round differently), rounded to the storage type: pass 1 and pass 2 share it,
-// so the Gramian is that of the Y that gets stored.
-template <typename T>
-inline T moco_update(T y, T j, at::opmath_type<T> b) {
-  using opmath_t = at::opmath_type<T>;
-  const opmath_t yv = static_cast<opmath_t>(y);
-  return static_cast<T>(std::fma(b, static_cast<opmath_t>(j) - yv, yv));
-}
 
 // The engine's row source for pass 1: the rows of Yn, computed tile by tile.
 template <typename T>
@@ -51,7 +40,7 @@ struct UpdatedRows {
       const T* yr = y + r * n + c0;
       const T* jr = j + r * ldj + c0;
       A* dst = stage + r * stride;
-      for (int64_t c = 0; c < len; ++c) dst[c] = static_cast<A>(moco_update(yr[c], jr[c], b));
+      for (int64_t c = 0; c < len; ++c) dst[c] = static_cast<A>(moco_row_update(yr[c], jr[c], b));
       for (int64_t c = len; c < padded; ++c) dst[c] = A(0);
       x[r] = dst;
     }
@@ -102,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J, at::Tensor
           const scalar_t* jr = j + r * ldj + c0;
           const opmath_t lr = static_cast<opmath_t>(lam_new[r]);
           for (int64_t e = 0; e < len; ++e) {
-            const scalar_t ynew = moco_update(yr[e], jr[e], br);
+            const scalar_t ynew = moco_row_update(yr[e], jr[e], br);
             yr[e] = ynew;
             acc[e] += lr * static_cast<opmath_t>(ynew);
           }

@@ -19,12 +19,14 @@
 // (float64 keeps 8-row diagonal tiles: a 16-row one would need 136 double sums per thread.)
 // `partial` holds exactly the tiles' slots: sum over tiles of rows_a x rows_b, per work item.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <type_traits>
 
 #include "../common.h"
+#include "../math.h"
 #include "gram_engine.cuh"
 
 namespace fusedjd::cuda {
@@ -76,18 +78,36 @@ __device__ __forceinline__ T lane_class_sum(T v) {
 // The pair sums of one tile over columns [c0, c1), reduced over the block into `partial`. S lanes
 // share each column (off-diagonal tiles only): lane class h = lane % S takes b rows
 // [h * TB, (h + 1) * TB) of the tile.
-template <typename T, typename acc_t, int TA, int TB, bool DIAG, int V, int S = 1>
+// UPD: the rows are MoCo's updated rows (Rows::step), computed from Y (pa, pb) and J (qa, qb).
+template <typename T, typename acc_t, int TA, int TB, bool DIAG, int V, int S = 1, bool UPD = false>
 __device__ __forceinline__ void tile_partial(const Rows& R, const Tile& tl, int64_t c0, int64_t c1, int64_t items,
                                              int64_t item, acc_t* partial) {
   static_assert(S == 1 || (!DIAG && V == 1), "shared columns are for scalar off-diagonal tiles");
   static_assert(kWarp % S == 0 && kGramThreads % S == 0, "S must divide the warp");
+  static_assert(!UPD || V == 1, "updated rows are read with scalar loads");
+  using opmath_t = at::opmath_type<T>;
   const int h = static_cast<int>(threadIdx.x % S);
   const T* pa[TA];
   const T* pb[TB];
+  opmath_t rate = opmath_t(0);
+  if constexpr (UPD) {
+    double bd = 0.0, unused = 0.0;
+    moco_rates(*R.step + 1, R.beta, R.beta_sigma, 0.0, 0.0, &bd, &unused);
+    rate = static_cast<opmath_t>(bd);
+  }
 #pragma unroll
   for (int i = 0; i < TA; ++i) pa[i] = i < tl.na ? row_ptr<T>(R, tl.a0 + i) : nullptr;
 #pragma unroll
   for (int j = 0; j < TB; ++j) pb[j] = h * TB + j < tl.nb ? row_ptr<T>(R, tl.b0 + h * TB + j) : nullptr;
+  // row r's value at column c; in UPD mode J's row r lies at the same offset from R.b as Y's from
+  // R.a, recomputed at each load rather than kept in registers
+  auto value = [&](const T* p, int64_t r, int64_t c) -> acc_t {
+    if constexpr (UPD) {
+      return static_cast<acc_t>(moco_row_update(p[c], static_cast<const T*>(R.b)[r * R.ldb + c], rate));
+    } else {
+      return static_cast<acc_t>(p[c]);
+    }
+  };
 
   acc_t acc[TA][TB];
 #pragma unroll
@@ -105,13 +125,13 @@ __device__ __forceinline__ void tile_partial(const Rows& R, const Tile& tl, int6
   auto scalar_column = [&](int64_t c) {
     acc_t xa[TA], xb[TB];
 #pragma unroll
-    for (int i = 0; i < TA; ++i) xa[i] = pa[i] ? static_cast<acc_t>(pa[i][c]) : acc_t(0);
+    for (int i = 0; i < TA; ++i) xa[i] = pa[i] ? value(pa[i], tl.a0 + i, c) : acc_t(0);
     if (DIAG) {
 #pragma unroll
       for (int j = 0; j < TB; ++j) xb[j] = xa[j < TA ? j : 0];
     } else {
 #pragma unroll
-      for (int j = 0; j < TB; ++j) xb[j] = pb[j] ? static_cast<acc_t>(pb[j][c]) : acc_t(0);
+      for (int j = 0; j < TB; ++j) xb[j] = pb[j] ? value(pb[j], tl.b0 + h * TB + j, c) : acc_t(0);
     }
     fma_column(xa, xb);
   };
@@ -167,7 +187,7 @@ __device__ __forceinline__ void tile_partial(const Rows& R, const Tile& tl, int6
 
 // One block per (item, tile), tile-fastest. TO = 0: diagonal tiles only, else off-diagonal tiles
 // of TD x 2*TO rows; VD: pack width of the diagonal tiles (1: scalar loads).
-template <typename T, typename acc_t, int TD, int TO, int VD>
+template <typename T, typename acc_t, int TD, int TO, int VD, bool UPD>
 __global__ void __launch_bounds__(kGramThreads)
     gram_partial_kernel(Rows R, const int64_t* table, int64_t k, int64_t chunk, int64_t items, TileList tiles,
                         int ntiles, acc_t* partial) {
@@ -178,11 +198,11 @@ __global__ void __launch_bounds__(kGramThreads)
   locate(table, k, chunk, item, &c0, &c1);
   if constexpr (TO > 0) {
     if (!tl.diag) {
-      tile_partial<T, acc_t, TD, TO, false, 1, 2>(R, tl, c0, c1, items, item, partial);
+      tile_partial<T, acc_t, TD, TO, false, 1, 2, UPD>(R, tl, c0, c1, items, item, partial);
       return;
     }
   }
-  tile_partial<T, acc_t, TD, TD, true, VD>(R, tl, c0, c1, items, item, partial);
+  tile_partial<T, acc_t, TD, TD, true, VD, 1, UPD>(R, tl, c0, c1, items, item, partial);
 }
 
 // One warp per (group, a <= b): ordered sum of the group's partials, mirrored.
@@ -225,15 +245,20 @@ template <typename T, typename acc_t, int TD, int TO>
 void run_tiles(const Rows& R, bool aligned, const Plan& p, acc_t* partial) {
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   const dim3 grid(static_cast<unsigned>(p.items * p.ntiles));
+  if (R.step != nullptr) {  // MoCo's updated rows: scalar loads
+    launch("gram_partial_kernel", gram_partial_kernel<T, acc_t, TD, TO, 1, true>, grid, kGramThreads, 0, R, p.table,
+           p.k, p.chunk, p.items, p.tiles, p.ntiles, partial);
+    return;
+  }
   if constexpr (TO == 0 && TD <= 8) {
     if (aligned) {
-      launch("gram_partial_kernel", gram_partial_kernel<T, acc_t, TD, TO, V>, grid, kGramThreads, 0, R, p.table, p.k,
-             p.chunk, p.items, p.tiles, p.ntiles, partial);
+      launch("gram_partial_kernel", gram_partial_kernel<T, acc_t, TD, TO, V, false>, grid, kGramThreads, 0, R, p.table,
+             p.k, p.chunk, p.items, p.tiles, p.ntiles, partial);
       return;
     }
   }
-  launch("gram_partial_kernel", gram_partial_kernel<T, acc_t, TD, TO, 1>, grid, kGramThreads, 0, R, p.table, p.k,
-         p.chunk, p.items, p.tiles, p.ntiles, partial);
+  launch("gram_partial_kernel", gram_partial_kernel<T, acc_t, TD, TO, 1, false>, grid, kGramThreads, 0, R, p.table,
+         p.k, p.chunk, p.items, p.tiles, p.ntiles, partial);
 }
 
 template <typename T>

@@ -8,12 +8,18 @@ namespace fusedjd::cuda {
 
 // Rows of the matrix whose Gramian is taken: row r < split comes from `a` (row stride
 // lda), row r >= split from `b` (row r - split, stride ldb). Columns have unit stride.
+//
+// MoCo's first pass: when `step` is set, the rows are instead Y_r + b (J_r - Y_r) for r < split
+// (Y_r from `a`, J_r from `b`, as math.h's moco_row_update rounds them), with the step's rate
+// b = beta / (*step + 1)^beta_sigma read on the device: the Gramian of the Y that pass 2 stores.
 struct Rows {
   const void* a;
   int64_t lda;
   const void* b;
   int64_t ldb;
   int64_t split;
+  const int64_t* step = nullptr;
+  double beta = 0.0, beta_sigma = 0.0;
 };
 
 // Most rows gram_rows takes for this dtype (128; 64 for float64). Beyond, callers use

@@ -1,6 +1,8 @@
 // CUDA kernels of the MoCo family: one in-place MoCo step, free of host syncs.
-//   pass 1: the Gramian of the stacked rows [Y; J] (the streaming engine, gram_engine.cuh; for
-//           2m beyond its tiles, blas_gram, which makes no m x n temporary either);
+//   pass 1: the Gramian of the updated rows Y + b (J - Y), formed as the streaming engine reads Y
+//           and J (gram_engine.cuh, Rows::step; b from the device step counter), rounded as pass
+//           2 stores them; for m beyond the engine's tiles, the Gramian of the stacked rows
+//           [Y; J] by blas_gram (no m x n temporary either);
 //   step:   one thread reads the device step counter, computes the step sizes, the
 //           weight update and the skip decision (math.h), and updates lam and step;
 //   pass 2: Y <- Y + b (J - Y) in place and out = lam^T Y, or NaN and no write when the
@@ -21,8 +23,9 @@
 namespace fusedjd::cuda {
 namespace {
 
-// scratch (float64): [lam_old m | lam_new m | tmp 2m | b | ok]
-template <typename acc_t, typename lam_t>
+// scratch (float64): [lam_old m | lam_new m | tmp 2m | b | ok]. STACKED: `gram` is the (2m x 2m)
+// Gramian of [Y; J], else the (m x m) Gramian of the updated rows.
+template <typename acc_t, typename lam_t, bool STACKED>
 __global__ void moco_update_kernel(const acc_t* gram, int64_t m, lam_t* lam, int64_t* step, double beta,
                                    double beta_sigma, double gamma, double gamma_sigma, double rho, bool projection,
                                    double* scratch, lam_t* weights) {
@@ -34,7 +37,8 @@ __global__ void moco_update_kernel(const acc_t* gram, int64_t m, lam_t* lam, int
   double b = 0.0, c = 0.0;
   moco_rates(k, beta, beta_sigma, gamma, gamma_sigma, &b, &c);
   for (int64_t r = 0; r < m; ++r) lam_old[r] = static_cast<double>(lam[r]);
-  const bool ok = moco_lambda_update_stacked(gram, lam_old, lam_new, m, b, c, rho, projection, tmp);
+  const bool ok = STACKED ? moco_lambda_update_stacked(gram, lam_old, lam_new, m, b, c, rho, projection, tmp)
+                          : moco_lambda_update(gram, lam_old, lam_new, m, c, rho, projection, tmp);
   for (int64_t r = 0; r < m; ++r) {
     if (ok) lam[r] = static_cast<lam_t>(lam_new[r]);
     weights[r] = ok ? static_cast<lam_t>(lam_new[r]) : static_cast<lam_t>(NAN);
@@ -57,8 +61,7 @@ __global__ void moco_pass2_kernel(const T* J, int64_t ldj, T* Y, int64_t m, int6
     }
     opmath_t acc = opmath_t(0);
     for (int64_t r = 0; r < m; ++r) {
-      const opmath_t y = static_cast<opmath_t>(Y[r * n + c]);
-      const T ynew = static_cast<T>(y + b * (static_cast<opmath_t>(J[r * ldj + c]) - y));
+      const T ynew = moco_row_update(Y[r * n + c], J[r * ldj + c], b);
       Y[r * n + c] = ynew;
       acc += static_cast<opmath_t>(lam_new[r]) * static_cast<opmath_t>(ynew);
     }
@@ -81,18 +84,23 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cuda(const at::Tensor& J, at::Tenso
   const at::Tensor Jc = unit_col_stride(J);
   const at::ScalarType acc = acc_dtype(J.scalar_type());
   at::Tensor gram;
-  if (2 * m <= gram_rows_max(J.scalar_type())) {
-    const Rows R{Y.data_ptr(), n, Jc.data_ptr(), Jc.stride(0), m};
+  const bool stacked = m > gram_rows_max(J.scalar_type());
+  if (!stacked) {
+    Rows R{Y.data_ptr(), n, Jc.data_ptr(), Jc.stride(0), m};
+    R.step = step.data_ptr<int64_t>();
+    R.beta = beta;
+    R.beta_sigma = beta_sigma;
     const int64_t sizes[1] = {n};
-    gram = gram_rows(R, 2 * m, at::IntArrayRef(sizes, 1), n, J.scalar_type(), J.device()).select(0, 0);
+    gram = gram_rows(R, m, at::IntArrayRef(sizes, 1), n, J.scalar_type(), J.device()).select(0, 0);
   } else {
     gram = blas_gram(Y, Jc, acc);
   }
   at::Tensor scratch = at::empty({4 * m + 2}, J.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(acc, "fusedjd_moco_update_cuda", [&] {
-    launch("moco_update_kernel", moco_update_kernel<scalar_t, scalar_t>, dim3(1), dim3(1), 0,
-           gram.data_ptr<scalar_t>(), m, lam.data_ptr<scalar_t>(), step.data_ptr<int64_t>(), beta, beta_sigma, gamma,
-           gamma_sigma, rho, projection, scratch.data_ptr<double>(), weights.data_ptr<scalar_t>());
+    auto kernel = stacked ? moco_update_kernel<scalar_t, scalar_t, true> : moco_update_kernel<scalar_t, scalar_t, false>;
+    launch("moco_update_kernel", kernel, dim3(1), dim3(1), 0, gram.data_ptr<scalar_t>(), m, lam.data_ptr<scalar_t>(),
+           step.data_ptr<int64_t>(), beta, beta_sigma, gamma, gamma_sigma, rho, projection,
+           scratch.data_ptr<double>(), weights.data_ptr<scalar_t>());
   });
   if (n == 0) return {weights, out};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, J.scalar_type(), "fusedjd_moco_pass2_cuda", [&] {

@@ -1,5 +1,5 @@
 // The streaming Gramian engine: per-column-group Gramians of a few very long rows, used by the
-// gramian op and by MoCo's first pass (the Gramian of the stacked rows [Y; J]).
+// gramian op and by MoCo's first pass (the Gramian of the updated rows Y + b (J - Y), see Rows).
 #pragma once
 
 #include "cuda_common.cuh"

@@ -172,6 +172,10 @@ inline void convert_row(const T* src, A* dst, int64_t len) {
 #if defined(__F16C__)
   if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<A, float>) {
     int64_t c = 0;
+#if defined(__AVX512F__)
+    for (; c + 16 <= len; c += 16)
+      _mm512_storeu_ps(dst + c, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c))));
+#endif
     for (; c + 8 <= len; c += 8)
       _mm256_storeu_ps(dst + c, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c))));
     for (; c < len; ++c) dst[c] = static_cast<A>(src[c]);

@@ -52,22 +52,44 @@ inline constexpr bool kBf16Dot = true;
 #else
 inline constexpr bool kBf16Dot = false;
 #endif
+#if defined(__F16C__) && (defined(__AVX512F__) || defined(__AVX__))
+// vcvtph2ps: float16 rows widened in registers as the blocks load them
+inline constexpr bool kF16Load = true;
+#else
+inline constexpr bool kF16Load = false;
+#endif
 
-// The element type the register blocks read for rows of type T: float64 rows as they are,
-// float32 rows as they are, bfloat16 rows as they are where the CPU multiplies them in pairs
-// (kBf16Dot), float16 and other bfloat16 rows converted to float32. Sums are float32 lanes except
-// for float64.
+// The element type the register blocks read for rows of type T: float64 and float32 rows as they
+// are; bfloat16 rows as they are where the CPU multiplies them in pairs (kBf16Dot); float16 rows
+// as they are where the CPU widens them in registers (kF16Load); otherwise the half types
+// converted to float32 in a staging tile. Sums are float32 lanes except for float64.
 template <typename T>
-using elem_t = std::conditional_t<std::is_same_v<T, double>, double,
-                                  std::conditional_t<std::is_same_v<T, c10::BFloat16> && kBf16Dot, c10::BFloat16, float>>;
+using elem_t = std::conditional_t<
+    std::is_same_v<T, double>, double,
+    std::conditional_t<(std::is_same_v<T, c10::BFloat16> && kBf16Dot) || (std::is_same_v<T, c10::Half> && kF16Load),
+                       T, float>>;
 
 template <typename E>
 struct Simd {
-  static constexpr int L = kVecBytes / static_cast<int>(sizeof(E));  // elements per vector
   using A = std::conditional_t<std::is_same_v<E, double>, double, float>;
+  // elements per vector: one per lane (float16 widened in registers), two per lane for the
+  // bfloat16 pairs
+  static constexpr int kElemBytes = std::is_same_v<E, c10::Half> ? static_cast<int>(sizeof(A)) : static_cast<int>(sizeof(E));
+  static constexpr int L = kVecBytes / kElemBytes;
   typedef A V __attribute__((vector_size(kVecBytes)));  // the lane sums
   static V load(const E* p) {
     V v;
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<E, c10::Half> && kVecBytes == 64) {
+      const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      std::memcpy(&v, &x, sizeof(V));
+      return v;
+    } else if constexpr (std::is_same_v<E, c10::Half> && kVecBytes == 32) {
+      const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      std::memcpy(&v, &x, sizeof(V));
+      return v;
+    }
+#endif
     std::memcpy(&v, p, sizeof(V));
     return v;
   }

@@ -67,13 +67,20 @@ FUSEDJD_HD double gradvac_pair(double norm_i_sq, double dot, double gjj, double 
   return ni * (t * sc - c * st) / (nj * st + eps);
 }
 
-// MoCo's row update Y + b (J - Y), as one fused multiply-add in the op math type O, rounded to the
-// storage type T. Both passes of both backends use it, so the first pass takes the Gramian of
-// exactly the Y that the second pass stores.
+// MoCo's row update Y + b (J - Y) in the op math type O, rounded to the storage type T. The
+// second pass (which stores Y) and the engine's first pass (which takes the Gramian of the
+// updated rows) both use it, on both backends, so that Gramian is that of exactly the stored Y.
+// Where the target has fused multiply-adds it is one, so no compiler choice can make two call
+// sites round differently; elsewhere (no FMA instruction, nothing to contract) the plain form,
+// which stays vectorizable.
 template <typename T, typename O>
 FUSEDJD_HD T moco_row_update(T y, T j, O b) {
   const O yv = static_cast<O>(y);
+#if defined(__CUDA_ARCH__) || defined(__FMA__) || defined(__aarch64__)
   return static_cast<T>(fma(b, static_cast<O>(j) - yv, yv));
+#else
+  return static_cast<T>(yv + b * (static_cast<O>(j) - yv));
+#endif
 }
 
 // MoCo step sizes for the (1-based) step k.
@@ -140,8 +147,8 @@ FUSEDJD_HD bool moco_lambda_step(MRS mrs, const double* lam, double* lam_new, in
   return true;
 }
 
-// The same update from the Gramian of the updated rows Yn (m x m, row-major): what the CPU's
-// first pass computes, forming Yn tile by tile.
+// The same update from the Gramian of the updated rows Yn (m x m, row-major): what the first pass
+// of both backends computes, forming Yn as it reads Y and J.
 template <typename GT>
 FUSEDJD_HD bool moco_lambda_update(const GT* gram, const double* lam, double* lam_new, int64_t m, double c,
                                    double rho, bool projection, double* scratch) {

@@ -5,6 +5,7 @@
 #      --asan) and runs the test cases marked `asan`;
 #   2. the CPU kernels: builds an instrumented copy of the extension into build/asan_pkg (the
 #      package's Python files next to it) and runs the op and class tests on it.
+# Arguments go to step 1's pytest.
 # Expects the extension installed (scripts/install.sh, which scripts/test.sh runs first).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,7 +17,7 @@ SUFFIX=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'
 SO="$PKG/_C$SUFFIX"
 mkdir -p "$PKG"
 cp python/fusedjd/*.py "$PKG"/
-if [ ! -f "$SO" ] || [ -n "$(find csrc -newer "$SO" -type f | head -n 1)" ]; then
+if [ ! -f "$SO" ] || [ -n "$(find csrc scripts/test_asan.sh -newer "$SO" -type f | head -n 1)" ]; then
   echo "[fusedjd] building the CPU kernels with AddressSanitizer + UBSan into $PKG (about a minute)"
   INCLUDES=$("$PY" -c "import sysconfig, torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))")
   LIBDIR=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
@@ -24,14 +25,16 @@ if [ ! -f "$SO" ] || [ -n "$(find csrc -newer "$SO" -type f | head -n 1)" ]; the
   FLAGS=(-fPIC -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fopenmp -march=native -std=c++17
          -DFUSEDJD_PYTHON_MODULE "-DFUSEDJD_TORCH_VERSION=\"$TV\"" -DTORCH_EXTENSION_NAME=_C)
   OBJ=$(mktemp -d)
+  trap 'rm -rf "$OBJ"' EXIT
   pids=()
   for src in csrc/fusedjd.cpp csrc/cpu/*.cpp; do
     g++ "${FLAGS[@]}" $INCLUDES -c "$src" -o "$OBJ/$(basename "$src").o" & pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p"; done
+  # linked beside, then moved: an interrupted link leaves no newer-looking library behind
   g++ -shared -fsanitize=address,undefined -fopenmp "$OBJ"/*.o -L"$LIBDIR" -lc10 -ltorch_cpu -ltorch -ltorch_python \
-    -Wl,-rpath,"$LIBDIR" -o "$SO"
-  rm -rf "$OBJ"
+    -Wl,-rpath,"$LIBDIR" -o "$OBJ/_C.so"
+  mv "$OBJ/_C.so" "$SO"
 fi
 
 # libstdc++ is preloaded too: ASan's __cxa_throw interceptor needs it resolved at start-up.
@@ -44,4 +47,4 @@ echo "[fusedjd] 2/2: the CPU kernels under ASan + UBSan"
 PYTHONPATH="build/asan_pkg${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c \
   "import fusedjd, sys; sys.exit(0 if fusedjd.__file__.startswith('build/asan_pkg') or '/build/asan_pkg/' in fusedjd.__file__ else 'the instrumented copy was not imported: ' + fusedjd.__file__)"
 PYTHONPATH="build/asan_pkg${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -rs --capture=sys -m "not slow" \
-  tests/test_ops.py tests/test_moco.py tests/test_gradvac.py "$@"
+  tests/test_ops.py tests/test_moco.py tests/test_gradvac.py

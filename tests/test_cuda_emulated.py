@@ -310,9 +310,10 @@ def test_loop_refusal_keeps_targets(backend, defect):
 
 def _moco_cases():
     cases = []
-    shapes = [(1, 9), (2, 1), (3, 4099), (8, 1000), (8, 0), (17, 5), (33, 1000), (64, 4), (65, 1000)]
+    # (129, 300): beyond the engine's rows for every dtype, the stacked [Y; J] Gramian by blas_gram
+    shapes = [(1, 9), (2, 1), (3, 4099), (8, 1000), (8, 0), (17, 5), (33, 1000), (64, 4), (65, 1000), (129, 300)]
     for i, (m, n) in enumerate(shapes):
-        dtypes = DTYPES if FULL else [DTYPES[i % 4], DTYPES[(i + 1) % 4]]
+        dtypes = DTYPES if FULL or m > 128 else [DTYPES[i % 4], DTYPES[(i + 1) % 4]]
         for dtype in dtypes:
             projection = (i + len(cases)) % 2 == 1
             rho = 0.0 if i % 3 else 0.3

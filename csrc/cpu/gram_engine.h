@@ -8,8 +8,9 @@
 //   inside one chunk is finished there; a group cut by chunk borders gets one partial per chunk,
 //   summed afterwards in chunk order (deterministic).
 // - Within a chunk, tiles of TW columns of every row are streamed once from memory: read in place
-//   (float32/float64 rows), or converted into a per-thread staging buffer (float16/bfloat16, the
-//   ragged tail, or rows computed on the fly such as MoCo's Y + b (J - Y)).
+//   (float32/float64 rows; bfloat16 where the CPU multiplies bfloat16 pairs; float16 where it
+//   widens them in registers), or converted into a per-thread staging buffer (the other half-type
+//   cases, the ragged tail, or rows computed on the fly such as MoCo's Y + b (J - Y)).
 // - On a tile, 4 x 4 blocks of row pairs over the upper triangle (diagonal blocks included) keep
 //   16 vector accumulators in registers (GCC/Clang vector extensions: AVX-512, AVX2 or SSE2/NEON,
 //   whichever the build targets), in float32 lanes for float32/16/bf16 (float64 for float64),

@@ -78,7 +78,8 @@ __device__ __forceinline__ T lane_class_sum(T v) {
 // The pair sums of one tile over columns [c0, c1), reduced over the block into `partial`. S lanes
 // share each column (off-diagonal tiles only): lane class h = lane % S takes b rows
 // [h * TB, (h + 1) * TB) of the tile.
-// UPD: the rows are MoCo's updated rows (Rows::step), computed from Y (pa, pb) and J (qa, qb).
+// UPD: the rows are MoCo's updated rows (Rows::step), computed from Y (pa, pb) and J (the same
+// row of R.b).
 template <typename T, typename acc_t, int TA, int TB, bool DIAG, int V, int S = 1, bool UPD = false>
 __device__ __forceinline__ void tile_partial(const Rows& R, const Tile& tl, int64_t c0, int64_t c1, int64_t items,
                                              int64_t item, acc_t* partial) {

@@ -98,6 +98,29 @@ inline std::vector<int64_t> check_combine_args(const at::Tensor& J, const at::Te
   return off;
 }
 
+// The combine's preamble, one for both backends: the checks, the output, and the inputs in the
+// layout the kernels read (J with unit column stride, the weights as contiguous float64). When n
+// or m is 0 the output is already complete and `done` is set.
+struct CombineArgs {
+  std::vector<int64_t> off;  // group offsets, k + 1 entries
+  at::Tensor out, J, W;
+  bool done;
+};
+
+inline CombineArgs prepare_combine(const at::Tensor& J, const at::Tensor& weights, at::IntArrayRef group_sizes) {
+  CombineArgs a;
+  a.off = check_combine_args(J, weights, group_sizes);
+  a.out = J.new_empty({J.size(1)});
+  a.done = J.size(1) == 0 || J.size(0) == 0;
+  if (a.done) {
+    a.out.zero_();
+    return a;
+  }
+  a.J = unit_col_stride(J);
+  a.W = weights.to(at::kDouble).contiguous();
+  return a;
+}
+
 inline void check_targets(const at::Tensor& G, const at::Tensor& targets) {
   FUSEDJD_CHECK_SAME_DEVICE(G, targets);
   TORCH_CHECK(targets.sizes() == G.sizes(), "fusedjd: `targets` must have the shape of `G` ",

@@ -265,19 +265,10 @@ struct RowVec {
       V v;
       std::memcpy(&v, &u, sizeof(V));
       return v;
+    } else if constexpr (std::is_same_v<T, c10::Half> && kF16Load) {
+      return Simd<c10::Half>::load(p);  // widened in registers, as the Gramian's blocks do
     } else {
       V v;
-#if defined(__F16C__)
-      if constexpr (std::is_same_v<T, c10::Half> && kVecBytes == 64) {
-        const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-        std::memcpy(&v, &x, sizeof(V));
-        return v;
-      } else if constexpr (std::is_same_v<T, c10::Half> && kVecBytes == 32) {
-        const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        std::memcpy(&v, &x, sizeof(V));
-        return v;
-      }
-#endif
       for (int l = 0; l < L; ++l) v[l] = static_cast<A>(p[l]);
       return v;
     }
@@ -323,6 +314,19 @@ struct MatrixRows {
   }
 };
 
+// Calls fn(g, s0, s1) for each non-empty part [s0, s1) of a column group g inside the columns
+// [c0, c1), in column order (`off`: the k + 1 group offsets).
+template <typename Fn>
+inline void for_each_segment(const std::vector<int64_t>& off, int64_t c0, int64_t c1, Fn fn) {
+  int64_t g = std::upper_bound(off.begin(), off.end(), c0) - off.begin() - 1;  // the group holding c0
+  for (int64_t s0 = c0; s0 < c1; ++g) {
+    const int64_t s1 = std::min(c1, off[g + 1]);
+    if (s1 <= s0) continue;  // empty group
+    fn(g, s0, s1);
+    s0 = s1;
+  }
+}
+
 // Per-group Gramians of R rows given by `src` over the consecutive column groups whose offsets
 // are `off` (k + 1 entries, off[k] = n): out[g * R * R + a * R + b], float64, symmetric. `out`
 // must hold k * R * R zeros.
@@ -344,10 +348,7 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
     std::vector<double> acc(static_cast<size_t>(RR));
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t c0 = t * chunk, c1 = std::min(n, c0 + chunk);
-      int64_t g = std::upper_bound(off.begin(), off.end(), c0) - off.begin() - 1;
-      for (int64_t s0 = c0; s0 < c1; ++g) {
-        const int64_t s1 = std::min(c1, off[g + 1]);
-        if (s1 <= s0) continue;  // empty group
+      for_each_segment(off, c0, c1, [&](int64_t g, int64_t s0, int64_t s1) {
         std::fill(acc.begin(), acc.end(), 0.0);
         for (int64_t p = s0; p < s1; p += TW) {
           const int64_t len = std::min(TW, s1 - p);
@@ -362,8 +363,7 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
         }
         for (int64_t a = 0; a < R; ++a)
           for (int64_t b = a; b < R; ++b) dst[a * R + b] = acc[a * R + b];
-        s0 = s1;
-      }
+      });
     }
   });
   for (int64_t slot = 0; slot < 2 * tasks; ++slot) {  // chunk order: a fixed summation order

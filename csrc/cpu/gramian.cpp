@@ -44,19 +44,13 @@ void combine_rows(const T* base, int64_t ld, int64_t m, int64_t n, const std::ve
   constexpr int L = RV::L;
   constexpr int64_t kChunk = 4096;
   at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<A> wg(static_cast<size_t>(m)), tail(static_cast<size_t>(L));
+    std::vector<A> wg(static_cast<size_t>(m));
     std::vector<const T*> rows(static_cast<size_t>(m));
+    for (int64_t i = 0; i < m; ++i) rows[i] = base + i * ld;
     for (int64_t ch = lo; ch < hi; ++ch) {
       const int64_t c0 = ch * kChunk, c1 = std::min(n, c0 + kChunk);
-      // first group whose columns reach past c0
-      int64_t g = std::upper_bound(off.begin(), off.end(), c0) - off.begin() - 1;
-      for (int64_t s0 = c0; s0 < c1; ++g) {
-        const int64_t s1 = std::min(c1, off[g + 1]);
-        if (s1 <= s0) continue;  // empty group
-        for (int64_t i = 0; i < m; ++i) {
-          wg[i] = static_cast<A>(w[g * m + i]);
-          rows[i] = base + i * ld;
-        }
+      for_each_segment(off, c0, c1, [&](int64_t g, int64_t s0, int64_t s1) {
+        for (int64_t i = 0; i < m; ++i) wg[i] = static_cast<A>(w[g * m + i]);
         int64_t c = s0;
         for (; c + L <= s1; c += L) {
           V acc = V{};
@@ -70,26 +64,19 @@ void combine_rows(const T* base, int64_t ld, int64_t m, int64_t n, const std::ve
           for (int64_t i = 0; i < m; ++i) acc += wg[i] * static_cast<A>(rows[i][c]);
           o[c] = static_cast<T>(acc);
         }
-        s0 = s1;
-      }
+      });
     }
   });
 }
 
 at::Tensor combine_cpu(const at::Tensor& J, const at::Tensor& weights, at::IntArrayRef group_sizes) {
-  const std::vector<int64_t> off = check_combine_args(J, weights, group_sizes);
-  const int64_t m = J.size(0), n = J.size(1);
-  const int64_t k = static_cast<int64_t>(group_sizes.size());
-  at::Tensor out = at::empty({n}, J.options());
-  if (n == 0) return out;
-  if (m == 0) return out.zero_();
-  const at::Tensor Jc = unit_col_stride(J);
-  const at::Tensor W = weights.to(at::kDouble).contiguous();
-  const double* w = W.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jc.scalar_type(), "fusedjd_combine_cpu", [&] {
-    combine_rows(Jc.data_ptr<scalar_t>(), Jc.stride(0), m, n, off, w, out.data_ptr<scalar_t>());
+  const CombineArgs a = prepare_combine(J, weights, group_sizes);
+  if (a.done) return a.out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.J.scalar_type(), "fusedjd_combine_cpu", [&] {
+    combine_rows(a.J.data_ptr<scalar_t>(), a.J.stride(0), J.size(0), J.size(1), a.off, a.W.data_ptr<double>(),
+                 a.out.data_ptr<scalar_t>());
   });
-  return out;
+  return a.out;
 }
 
 }  // namespace

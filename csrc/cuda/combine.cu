@@ -53,15 +53,14 @@ __global__ void combine_kernel(const T* J, int64_t ld, int64_t m, int64_t n, con
 }
 
 at::Tensor combine_cuda(const at::Tensor& J, const at::Tensor& weights, at::IntArrayRef group_sizes) {
-  check_combine_args(J, weights, group_sizes);
   const DeviceGuard guard(J.device());
+  const CombineArgs a = prepare_combine(J, weights, group_sizes);
+  if (a.done) return a.out;
   const int64_t m = J.size(0), n = J.size(1);
   const int64_t k = static_cast<int64_t>(group_sizes.size());
-  at::Tensor out = at::empty({n}, J.options());
-  if (n == 0) return out;
-  if (m == 0) return out.zero_();
-  const at::Tensor Jc = unit_col_stride(J);
-  const at::Tensor W = weights.to(at::kDouble).contiguous();
+  const at::Tensor& Jc = a.J;
+  const at::Tensor& W = a.W;
+  const at::Tensor& out = a.out;
   int64_t items = 0;
   const at::Tensor table = group_table(group_sizes, /*chunk=*/int64_t{1} << 30, J.device(), &items);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jc.scalar_type(), "fusedjd_combine_cuda", [&] {

@@ -44,12 +44,12 @@ TOLERANCE: dict[str, dict[torch.dtype, float]] = {
 def rel_err(got: Tensor, ref: Tensor) -> float:
     """``‖got − ref‖ / ‖ref‖`` in float64 on the CPU (``‖got − ref‖`` when ``ref`` is zero); ``inf``
     when ``got`` is not finite, so a NaN never passes a tolerance."""
-    a = got.detach().double().cpu()
-    b = ref.detach().double().cpu()
+    a = got.detach().double().cpu()  # sync-ok: the reference runs on the CPU, in float64
+    b = ref.detach().double().cpu()  # sync-ok
     if not torch.isfinite(a).all():
         return float("inf")
-    diff = (a - b).norm().item()
-    denom = b.norm().item()
+    diff = (a - b).norm().item()  # sync-ok (CPU tensors)
+    denom = b.norm().item()  # sync-ok (CPU tensors)
     return diff / denom if denom > 0 else diff
 
 
@@ -65,15 +65,15 @@ def _groups(n: int, group_sizes: Sequence[int]) -> list[slice]:
 
 def gramian(J: Tensor, group_sizes: Sequence[int]) -> Tensor:
     """``[k, m, m]`` float64: ``G[g] = J_g J_gᵀ`` for the consecutive column groups ``J_g``."""
-    Jd = J.detach().double().cpu()
+    Jd = J.detach().double().cpu()  # sync-ok: reference, CPU float64
     blocks = [Jd[:, cols] @ Jd[:, cols].T for cols in _groups(Jd.shape[1], group_sizes)]
     return torch.stack(blocks) if blocks else Jd.new_zeros((0, Jd.shape[0], Jd.shape[0]))
 
 
 def combine(J: Tensor, weights: Tensor, group_sizes: Sequence[int]) -> Tensor:
     """``[n]`` float64: ``out[cols of g] = weights[g] @ J_g``."""
-    Jd = J.detach().double().cpu()
-    W = weights.detach().double().cpu()
+    Jd = J.detach().double().cpu()  # sync-ok: reference, CPU float64
+    W = weights.detach().double().cpu()  # sync-ok: reference, CPU float64
     parts = [W[g] @ Jd[:, cols] for g, cols in enumerate(_groups(Jd.shape[1], group_sizes))]
     return torch.cat(parts) if parts else Jd.new_zeros((0,))
 
@@ -114,16 +114,16 @@ def pcgrad_loop(G: Tensor, perms: Tensor) -> Tensor:
 
 def _loop(G: Tensor, perms: Tensor, targets: Tensor | None, beta: float, eps: float, pcgrad: bool) -> Tensor:
     sine_floor = 0.5 * torch.finfo(G.dtype).eps ** 0.5
-    Gd = G.detach().double().cpu()
+    Gd = G.detach().double().cpu()  # sync-ok: reference, CPU float64
     k, m = Gd.shape[0], Gd.shape[1]
     W = torch.zeros(k, m, dtype=torch.float64)
-    if not torch.isfinite(Gd).all() or not _valid_orders(perms.cpu(), m):
+    if not torch.isfinite(Gd).all() or not _valid_orders(perms.cpu(), m):  # sync-ok: reference, CPU float64
         return torch.full((k, m), float("nan"), dtype=torch.float64)
     for g in range(k):
         for i in range(m):
             C = torch.zeros(m, dtype=torch.float64)
             C[i] = 1.0
-            for j in perms[g, i].tolist():
+            for j in perms[g, i].tolist():  # sync-ok: reference, CPU float64
                 cG = C @ Gd[g]
                 if pcgrad:
                     if cG[j] < 0 and Gd[g, j, j] > 0:
@@ -201,7 +201,10 @@ class MoCo:
         self.step = 0
 
     def __call__(self, J: Tensor) -> tuple[Tensor, Tensor]:
-        J = J.detach().to(torch.float64).cpu() if self.dtype == torch.float64 else J.detach().to(self.dtype or J.dtype)
+        if self.dtype == torch.float64:
+            J = J.detach().to(torch.float64).cpu()  # sync-ok: the reference runs on the CPU
+        else:
+            J = J.detach().to(self.dtype or J.dtype)
         m, n = J.shape
         if self.Y is None or self.Y.shape != J.shape:
             self.Y = torch.zeros(m, n, dtype=J.dtype, device=J.device)

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -40,10 +41,43 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The kernels read columns with unit stride (rows may have any stride): other layouts are
-// copied once.
-inline at::Tensor unit_col_stride(const at::Tensor& J) {
-  return (J.size(1) <= 1 || J.stride(1) == 1) ? J : J.contiguous();
+// A Jacobian given as a list of column blocks J[b] [m, n_b] (one per parameter in jac_to_grad;
+// one block for a plain matrix): the kernels read them as the matrix [J[0] J[1] ...] of
+// n = sum n_b columns, without forming it. Every block has unit column stride (a block with
+// other strides is copied once; `J` keeps the copy alive).
+struct Blocks {
+  std::vector<at::Tensor> J;
+  std::vector<int64_t> off;  // B + 1 column offsets
+  int64_t m = 0, n = 0;
+  at::ScalarType dtype = at::kFloat;
+  at::Device device = at::kCPU;
+};
+
+// Checks the list (at least one block; each 2-D and floating; one dtype, device and row count)
+// and returns its blocks.
+inline Blocks check_blocks(at::TensorList Js) {
+  TORCH_CHECK(!Js.empty(), "fusedjd: `J` must hold at least one matrix, got an empty list");
+  Blocks B;
+  B.m = Js[0].dim() == 2 ? Js[0].size(0) : 0;
+  B.dtype = Js[0].scalar_type();
+  B.device = Js[0].device();
+  B.off.assign(1, 0);
+  for (size_t b = 0; b < Js.size(); ++b) {
+    const at::Tensor& x = Js[b];
+    TORCH_CHECK(x.dim() == 2, "fusedjd: `J[", b, "]` must have 2 dimensions, got shape ", x.sizes());
+    TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fusedjd: `J[", b,
+                "]` must be a floating-point tensor, got dtype ", x.scalar_type());
+    TORCH_CHECK(x.scalar_type() == B.dtype, "fusedjd: `J[", b, "]` must have the dtype of `J[0]` (", B.dtype,
+                "), got ", x.scalar_type());
+    TORCH_CHECK(x.device() == B.device, "fusedjd: `J[", b, "]` is on ", x.device(), " but `J[0]` is on ", B.device,
+                "; all tensors must be on the same device");
+    TORCH_CHECK(x.size(0) == B.m, "fusedjd: `J[", b, "]` must have m=", B.m, " rows like `J[0]`, got shape ",
+                x.sizes());
+    B.J.push_back((x.size(1) <= 1 || x.stride(1) == 1) ? x : x.contiguous());
+    B.off.push_back(B.off.back() + x.size(1));
+  }
+  B.n = B.off.back();
+  return B;
 }
 
 // Validates column-group sizes against n and returns their prefix offsets
@@ -83,40 +117,33 @@ inline void check_gradvac_hyper(double beta, double eps) {
   TORCH_CHECK(eps >= 0.0, "fusedjd: `eps` must be non-negative, got ", eps);
 }
 
-// Checks of the combine op; returns the group offsets.
-inline std::vector<int64_t> check_combine_args(const at::Tensor& J, const at::Tensor& weights,
-                                               at::IntArrayRef group_sizes) {
-  FUSEDJD_CHECK_DIM(J, 2);
-  FUSEDJD_CHECK_FLOAT(J);
-  FUSEDJD_CHECK_DIM(weights, 2);
-  FUSEDJD_CHECK_FLOAT(weights);
-  FUSEDJD_CHECK_SAME_DEVICE(J, weights);
-  std::vector<int64_t> off = group_offsets(group_sizes, J.size(1));
-  const int64_t k = static_cast<int64_t>(group_sizes.size());
-  TORCH_CHECK(weights.size(0) == k && weights.size(1) == J.size(0), "fusedjd: `weights` must have shape [k, m] = [",
-              k, ", ", J.size(0), "], got ", weights.sizes());
-  return off;
-}
-
 // The combine's preamble, one for both backends: the checks, the output, and the inputs in the
-// layout the kernels read (J with unit column stride, the weights as contiguous float64). When n
-// or m is 0 the output is already complete and `done` is set.
+// layout the kernels read (the blocks with unit column stride, the weights as contiguous
+// float64). When n or m is 0 the output is already complete and `done` is set.
 struct CombineArgs {
+  Blocks B;
   std::vector<int64_t> off;  // group offsets, k + 1 entries
-  at::Tensor out, J, W;
+  at::Tensor out, W;
   bool done;
 };
 
-inline CombineArgs prepare_combine(const at::Tensor& J, const at::Tensor& weights, at::IntArrayRef group_sizes) {
+inline CombineArgs prepare_combine(at::TensorList J, const at::Tensor& weights, at::IntArrayRef group_sizes) {
   CombineArgs a;
-  a.off = check_combine_args(J, weights, group_sizes);
-  a.out = J.new_empty({J.size(1)});
-  a.done = J.size(1) == 0 || J.size(0) == 0;
+  a.B = check_blocks(J);
+  FUSEDJD_CHECK_DIM(weights, 2);
+  FUSEDJD_CHECK_FLOAT(weights);
+  TORCH_CHECK(weights.device() == a.B.device, "fusedjd: `weights` is on ", weights.device(), " but `J` is on ",
+              a.B.device, "; all tensors must be on the same device");
+  a.off = group_offsets(group_sizes, a.B.n);
+  const int64_t k = static_cast<int64_t>(group_sizes.size());
+  TORCH_CHECK(weights.size(0) == k && weights.size(1) == a.B.m, "fusedjd: `weights` must have shape [k, m] = [", k,
+              ", ", a.B.m, "], got ", weights.sizes());
+  a.out = at::empty({a.B.n}, at::TensorOptions().dtype(a.B.dtype).device(a.B.device));
+  a.done = a.B.n == 0 || a.B.m == 0;
   if (a.done) {
     a.out.zero_();
     return a;
   }
-  a.J = unit_col_stride(J);
   a.W = weights.to(at::kDouble).contiguous();
   return a;
 }
@@ -130,25 +157,23 @@ inline void check_targets(const at::Tensor& G, const at::Tensor& targets) {
   FUSEDJD_CHECK_CONTIGUOUS(targets);
 }
 
-inline void check_moco_args(const at::Tensor& J, const at::Tensor& Y, const at::Tensor& lam,
-                            const at::Tensor& step) {
-  FUSEDJD_CHECK_DIM(J, 2);
-  FUSEDJD_CHECK_FLOAT(J);
-  FUSEDJD_CHECK_SAME_DEVICE(J, Y);
-  FUSEDJD_CHECK_SAME_DEVICE(J, lam);
-  FUSEDJD_CHECK_SAME_DEVICE(J, step);
-  TORCH_CHECK(Y.sizes() == J.sizes(), "fusedjd: `Y` must have the shape of `J` ", J.sizes(), ", got ",
-              Y.sizes());
-  TORCH_CHECK(Y.scalar_type() == J.scalar_type(), "fusedjd: `Y` must have the dtype of `J` (",
-              J.scalar_type(), "), got ", Y.scalar_type());
+inline Blocks check_moco_args(at::TensorList J, const at::Tensor& Y, const at::Tensor& lam, const at::Tensor& step) {
+  Blocks B = check_blocks(J);
+  for (const at::Tensor* t : {&Y, &lam, &step})
+    TORCH_CHECK(t->device() == B.device, "fusedjd: `", t == &Y ? "Y" : t == &lam ? "lam" : "step", "` is on ",
+                t->device(), " but `J` is on ", B.device, "; all tensors must be on the same device");
+  TORCH_CHECK(Y.dim() == 2 && Y.size(0) == B.m && Y.size(1) == B.n, "fusedjd: `Y` must have shape [m, n] = [", B.m,
+              ", ", B.n, "], got ", Y.sizes());
+  TORCH_CHECK(Y.scalar_type() == B.dtype, "fusedjd: `Y` must have the dtype of `J` (", B.dtype, "), got ",
+              Y.scalar_type());
   FUSEDJD_CHECK_CONTIGUOUS(Y);
   FUSEDJD_CHECK_DIM(lam, 1);
-  TORCH_CHECK(lam.size(0) == J.size(0), "fusedjd: `lam` must have length m=", J.size(0), ", got ",
-              lam.size(0));
-  FUSEDJD_CHECK_DTYPE(lam, acc_dtype(J.scalar_type()));
+  TORCH_CHECK(lam.size(0) == B.m, "fusedjd: `lam` must have length m=", B.m, ", got ", lam.size(0));
+  FUSEDJD_CHECK_DTYPE(lam, acc_dtype(B.dtype));
   FUSEDJD_CHECK_CONTIGUOUS(lam);
   FUSEDJD_CHECK_DIM(step, 0);
   FUSEDJD_CHECK_DTYPE(step, at::kLong);
+  return B;
 }
 
 }  // namespace fusedjd

@@ -8,10 +8,13 @@
 namespace fusedjd {
 
 inline void define_ops(torch::Library& m) {
-  // Per-column-group Gramians of J [m, n]: returns [k, m, m], G[g] = J_g J_g^T
-  // where J_g are the consecutive column blocks of the given sizes. Float32
+  // J is a list of matrices [m, n_b] (one dtype, device and m): the ops read it as the matrix
+  // [J[0] J[1] ...] of n = sum n_b columns without forming it (a plain matrix is a list of one).
+  //
+  // Per-column-group Gramians of J: returns [k, m, m], G[g] = J_g J_g^T where J_g are the
+  // consecutive column groups of the given sizes (a group may span several matrices). Float32
   // output for float16/bfloat16/float32 inputs, float64 for float64.
-  m.def("gramian(Tensor J, int[] group_sizes) -> Tensor");
+  m.def("gramian(Tensor[] J, int[] group_sizes) -> Tensor");
 
   // The GradVac loop on k Gramians G [k, m, m] with visit orders perms
   // [k, m, m-1] (row i of group g visits perms[g, i, :]); updates the EMA
@@ -31,16 +34,16 @@ inline void define_ops(torch::Library& m) {
   // None); a CUDA copy goes through pinned memory without a host sync.
   m.def("draw_perms(int k, int m, bool pcgrad, Device? device=None) -> Tensor", {at::Tag::nondeterministic_seeded});
 
-  // Per-group combination of the rows of J [m, n] with weights [k, m]:
-  // out[cols of g] = weights[g] @ J_g. Output dtype is J's.
-  m.def("combine(Tensor J, Tensor weights, int[] group_sizes) -> Tensor");
+  // Per-group combination of the rows of J with weights [k, m]: out [n], out[cols of g] =
+  // weights[g] @ J_g. Output dtype is J's.
+  m.def("combine(Tensor[] J, Tensor weights, int[] group_sizes) -> Tensor");
 
-  // One MoCo step: step += 1; Y <- Y - b (Y - J); lam <- S(lam - c (Y Y^T + rho I) lam);
+  // One MoCo step on J and the tracking matrix Y [m, n] (contiguous): step += 1; Y <- Y - b (Y - J); lam <- S(lam - c (Y Y^T + rho I) lam);
   // returns (weights, lam^T Y). A non-finite J (or Gramian term) leaves Y, lam
   // and step untouched and returns NaN for both outputs. `step` is a 0-dim
   // int64 tensor so that no host sync is ever needed.
   m.def(
-      "moco_step(Tensor J, Tensor(a!) Y, Tensor(b!) lam, Tensor(c!) step, float beta, "
+      "moco_step(Tensor[] J, Tensor(a!) Y, Tensor(b!) lam, Tensor(c!) step, float beta, "
       "float beta_sigma, float gamma, float gamma_sigma, float rho, bool projection) -> (Tensor, Tensor)");
 }
 

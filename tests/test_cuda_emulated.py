@@ -164,13 +164,25 @@ def _gram_cases():
     return cases
 
 
+def _blocks(J: torch.Tensor, cuts: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """J as a list of column blocks (views, cut at `cuts` random places, empty blocks possible;
+    their starts are mostly misaligned), or [J] when cuts = 0."""
+    n = J.shape[1]
+    at = sorted(torch.randint(0, n + 1, (cuts,), generator=gen).tolist())
+    edges = [0, *at, n]
+    return [J[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
+
+
 @pytest.mark.parametrize("m,n,k,dtype,kind,sm_count", _gram_cases())
 def test_gramian_and_combine(m, n, k, dtype, kind, sm_count):
+    """J whole or as a list of column blocks (groups then span blocks, blocks span groups)."""
     gen = torch.Generator().manual_seed(m * 10007 + n + k)
     J = _matrix(m, n, dtype, gen, kind)
     sizes = _sizes(n, k, gen) if k > 1 else [n]
     W = torch.randn(len(sizes), m, generator=gen)
-    G, out, launches = run_schedules(lambda: (EMU.gramian(J, sizes), EMU.combine(J, W, sizes)), sm_count=sm_count)
+    blocks = _blocks(J, (m + n + k) % 3 * 2, gen)
+    G, out, launches = run_schedules(lambda: (EMU.gramian(blocks, sizes), EMU.combine(blocks, W, sizes)),
+                                     sm_count=sm_count)
     ref = reference.gramian(J, sizes)
     assert G.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert G.shape == (len(sizes), m, m)
@@ -203,7 +215,7 @@ def test_views_misaligned_and_strided(dtype):
     for J in views:
         sizes = [J.shape[1] // 3, J.shape[1] - J.shape[1] // 3]
         W = torch.randn(2, J.shape[0], generator=gen)
-        G, out, _ = run_schedules(lambda: (EMU.gramian(J, sizes), EMU.combine(J, W, sizes)))
+        G, out, _ = run_schedules(lambda: (EMU.gramian([J], sizes), EMU.combine([J], W, sizes)))
         assert rel_err(G, reference.gramian(J, sizes)) <= TOLERANCE["gramian"][dtype]
         Jd = J.double()
         ref = torch.cat([W[0].double() @ Jd[:, : sizes[0]], W[1].double() @ Jd[:, sizes[0] :]])
@@ -213,9 +225,10 @@ def test_views_misaligned_and_strided(dtype):
 def test_gramian_errors_match_the_cpu_kernel():
     J = torch.randn(3, 10)
     for bad, msg in [
-        (lambda op: op(J, [4, 5]), r"`group_sizes` must sum to the number of columns n=10, got sum 9"),
-        (lambda op: op(J[0], [10]), r"`J` must have 2 dimensions, got shape \[10\]"),
-        (lambda op: op(J.long(), [10]), r"`J` must be a floating-point tensor, got dtype Long"),
+        (lambda op: op([J], [4, 5]), r"`group_sizes` must sum to the number of columns n=10, got sum 9"),
+        (lambda op: op([J, J[0]], [10]), r"`J\[1\]` must have 2 dimensions, got shape \[10\]"),
+        (lambda op: op([J.long()], [10]), r"`J\[0\]` must be a floating-point tensor, got dtype Long"),
+        (lambda op: op([J, J[:2]], [20]), r"`J\[1\]` must have m=3 rows like `J\[0\]`, got shape \[2, 10\]"),
     ]:
         for op in [EMU.gramian, torch.ops.fusedjd.gramian]:
             with pytest.raises(RuntimeError, match=msg):
@@ -335,11 +348,12 @@ def test_moco_steps(m, n, dtype, projection, rho, sm_count):
     step = torch.zeros((), dtype=torch.long)
     for _ in range(3):
         J = (torch.randn(m, n, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+        blocks = _blocks(J, (m + n) % 3, gen)
         Y0, lam0, step0 = Y.clone(), lam.clone(), step.clone()
 
         def one_step():
             Y.copy_(Y0), lam.copy_(lam0), step.copy_(step0)
-            w, out = EMU.moco_step(J, Y, lam, step, h["beta"], h["beta_sigma"], h["gamma"], h["gamma_sigma"], rho,
+            w, out = EMU.moco_step(blocks, Y, lam, step, h["beta"], h["beta_sigma"], h["gamma"], h["gamma_sigma"], rho,
                                    projection)
             return w, out, Y, lam, step
 
@@ -368,7 +382,7 @@ def test_moco_nonfinite_keeps_state(dtype, m):
     J = torch.randn(m, n, generator=gen).to(dtype)
     J[m - 1, 17] = float("nan")
     before = [_bits(t).clone() for t in (Y, lam, step)]
-    w, out = EMU.moco_step(J, Y, lam, step, 0.5, 0.5, 0.1, 0.5, 0.0, False)
+    w, out = EMU.moco_step([J[:, :100], J[:, 100:]], Y, lam, step, 0.5, 0.5, 0.1, 0.5, 0.0, False)
     assert torch.isnan(w).all() and torch.isnan(out).all()
     for t, b in zip((Y, lam, step), before):
         assert torch.equal(_bits(t), b)
@@ -384,8 +398,9 @@ def test_random_schedules_agree():
     T0 = torch.zeros(2, 9, 9, dtype=torch.float64)
     orders = (simt_build.FORWARD, simt_build.RANDOM, simt_build.REVERSE)
     for seed in [1, 2]:
-        run_schedules(lambda: EMU.gramian(J, [1000, 2001]), orders=orders, seed=seed, sm_count=7)
+        run_schedules(lambda: EMU.gramian([J[:, :1500], J[:, 1500:]], [1000, 2001]), orders=orders, seed=seed,
+                      sm_count=7)
         run_schedules(lambda: (EMU.gradvac_loop(G, perms, T0.clone(), 0.5, 1e-8),), orders=orders, seed=seed)
         Y, lam, step = torch.zeros(20, 3001), torch.full((20,), 0.05), torch.zeros((), dtype=torch.long)
-        run_schedules(lambda: EMU.moco_step(J, Y.clone(), lam.clone(), step.clone(), 0.5, 0.5, 0.1, 0.5, 0.0, True),
+        run_schedules(lambda: EMU.moco_step([J], Y.clone(), lam.clone(), step.clone(), 0.5, 0.5, 0.1, 0.5, 0.0, True),
                       orders=orders, seed=seed)

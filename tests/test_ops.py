@@ -239,24 +239,26 @@ def _op_samples(device):
                                   torch.ops.fusedjd.pcgrad_loop.default, torch.ops.fusedjd.combine.default,
                                   torch.ops.fusedjd.moco_step.default)
     return {
-        "gramian-two-groups": (gram, (J, [10, 27])),
-        "gramian-empty-group-strided": (gram, (wide, [0, 41, 0])),
-        "gramian-m1-bf16": (gram, (r(1, 33, dtype=torch.bfloat16), [33])),
-        "gramian-f64-view": (gram, (tall.double(), [7, 13])),
+        "gramian-two-groups": (gram, ([J], [10, 27])),
+        "gramian-list-group-spans-blocks": (gram, ([J[:, :5], r(4, 22)[:, ::2], J[:, 5:5], r(9, 20)[1:5]], [3, 30, 3])),
+        "gramian-empty-group-strided": (gram, ([wide], [0, 41, 0])),
+        "gramian-m1-bf16": (gram, ([r(1, 33, dtype=torch.bfloat16)], [33])),
+        "gramian-f64-view": (gram, ([tall.double()], [7, 13])),
         "gradvac-f32": (loop, (G, perms(2, 4, False), torch.zeros(2, 4, 4, device=device), 0.5, 1e-8)),
         "gradvac-f64-targets": (loop, (Gd, perms(2, 4, False), 0.1 * Gd / Gd.abs().max(), 0.3, 0.0)),
         "gradvac-m1": (loop, (G[:, :1, :1], perms(2, 1, False), torch.zeros(2, 1, 1, device=device), 0.5, 1e-8)),
         "pcgrad-f32": (pc, (G, perms(2, 4, True))),
         "pcgrad-f64-m0": (pc, (Gd[:, :0, :0], perms(2, 0, True))),
-        "combine-two-groups": (comb, (J, r(2, 4), [10, 27])),
-        "combine-f16-strided": (comb, (wide.half(), r(1, 3), [41])),
-        "combine-f64-weights-f32": (comb, (tall.double(), r(2, 8), [7, 13])),
-        "moco-softmax": (moco, (J, torch.zeros(4, 37, device=device), torch.full((4,), 0.25, device=device),
+        "combine-two-groups": (comb, ([J], r(2, 4), [10, 27])),
+        "combine-list-bf16": (comb, ([J[:, :5].bfloat16(), J[:, 5:].bfloat16(), J[:, :0].bfloat16()], r(2, 4), [6, 31])),
+        "combine-f16-strided": (comb, ([wide.half()], r(1, 3), [41])),
+        "combine-f64-weights-f32": (comb, ([tall.double()], r(2, 8), [7, 13])),
+        "moco-softmax": (moco, ([J], torch.zeros(4, 37, device=device), torch.full((4,), 0.25, device=device),
                                 zeros_step(), 0.5, 0.5, 0.1, 0.5, 0.0, False)),
-        "moco-projection-f64": (moco, (J.double(), r(4, 37).double(), torch.full((4,), 0.25, device=device).double(),
+        "moco-projection-f64": (moco, ([J[:, :30].double(), J[:, 30:].double()], r(4, 37).double(), torch.full((4,), 0.25, device=device).double(),
                                        torch.full((), 3, dtype=torch.long, device=device), 0.9, 0.0, 0.5, 0.0, 0.1,
                                        True)),
-        "moco-bf16": (moco, (J.bfloat16(), torch.zeros(4, 37, device=device).bfloat16(),
+        "moco-bf16": (moco, ([J.bfloat16()], torch.zeros(4, 37, device=device).bfloat16(),
                              torch.full((4,), 0.25, device=device), zeros_step(), 0.5, 0.5, 0.1, 0.5, 0.0, False)),
     }
 
@@ -314,12 +316,16 @@ def test_compile_each_op_fullgraph(name):
 
 def test_errors_name_the_argument():
     J = torch.randn(3, 10)
-    with pytest.raises(RuntimeError, match=r"`J` must have 2 dimensions, got shape \[3, 10, 1\]"):
+    with pytest.raises(RuntimeError, match=r"`J\[0\]` must have 2 dimensions, got shape \[3, 10, 1\]"):
         ops.gramian(J.unsqueeze(-1), [10])
-    with pytest.raises(RuntimeError, match=r"`J` must be a floating-point tensor, got dtype Long"):
+    with pytest.raises(RuntimeError, match=r"`J\[0\]` must be a floating-point tensor, got dtype Long"):
         ops.gramian(J.long(), [10])
     with pytest.raises(RuntimeError, match=r"`group_sizes` must sum to the number of columns n=10, got sum 9"):
         ops.gramian(J, [4, 5])
+    with pytest.raises(ValueError, match=r"`J` must hold at least one matrix, got an empty list"):
+        ops.gramian([], [0])  # (the dispatcher cannot route a call without a tensor)
+    with pytest.raises(RuntimeError, match=r"`J\[1\]` must have m=3 rows like `J\[0\]`, got shape \[2, 10\]"):
+        ops.gramian([J, J[:2]], [20])
     with pytest.raises(RuntimeError, match=r"`group_sizes` must be non-negative, got -1 at position 1"):
         ops.gramian(J, [11, -1])
     with pytest.raises(RuntimeError, match=r"`weights` must have shape \[k, m\] = \[2, 3\], got \[2, 4\]"):
@@ -334,7 +340,7 @@ def test_errors_name_the_argument():
     assert torch.equal(T, torch.full((1, 3, 3), 0.25))
     with pytest.raises(RuntimeError, match=r"`targets` must have the dtype of `G` \(Float\), got Double"):
         ops.gradvac_loop(G, ops.draw_perms(1, 3, pcgrad=False), torch.zeros(1, 3, 3, dtype=torch.float64), 0.5, 1e-8)
-    with pytest.raises(RuntimeError, match=r"`Y` must have the shape of `J`"):
+    with pytest.raises(RuntimeError, match=r"`Y` must have shape \[m, n\]"):
         ops.moco_step(J, torch.zeros(3, 9), torch.ones(3), torch.zeros((), dtype=torch.long), 0.5, 0.5, 0.1, 0.5, 0.0,
                       False)
     with pytest.raises(RuntimeError, match=r"`step` must have dtype Long, got Float"):
@@ -413,14 +419,14 @@ def _bad_calls():
     moco = torch.ops.fusedjd.moco_step.default
     h = (0.5, 0.5, 0.1, 0.5, 0.0, False)
     return {
-        "gramian-rank": (torch.ops.fusedjd.gramian.default, (J.unsqueeze(-1), [10])),
-        "gramian-dtype": (torch.ops.fusedjd.gramian.default, (J.long(), [10])),
-        "gramian-sum": (torch.ops.fusedjd.gramian.default, (J, [4, 5])),
-        "gramian-negative": (torch.ops.fusedjd.gramian.default, (J, [11, -1])),
-        "gramian-no-group": (torch.ops.fusedjd.gramian.default, (J, [])),
-        "combine-weights-shape": (torch.ops.fusedjd.combine.default, (J, torch.ones(2, 4), [5, 5])),
-        "combine-weights-rank": (torch.ops.fusedjd.combine.default, (J, torch.ones(3), [10])),
-        "combine-weights-dtype": (torch.ops.fusedjd.combine.default, (J, torch.ones(1, 3, dtype=torch.long), [10])),
+        "gramian-rank": (torch.ops.fusedjd.gramian.default, ([J.unsqueeze(-1)], [10])),
+        "gramian-dtype": (torch.ops.fusedjd.gramian.default, ([J.long()], [10])),
+        "gramian-sum": (torch.ops.fusedjd.gramian.default, ([J], [4, 5])),
+        "gramian-negative": (torch.ops.fusedjd.gramian.default, ([J], [11, -1])),
+        "gramian-no-group": (torch.ops.fusedjd.gramian.default, ([J], [])),
+        "combine-weights-shape": (torch.ops.fusedjd.combine.default, ([J], torch.ones(2, 4), [5, 5])),
+        "combine-weights-rank": (torch.ops.fusedjd.combine.default, ([J], torch.ones(3), [10])),
+        "combine-weights-dtype": (torch.ops.fusedjd.combine.default, ([J], torch.ones(1, 3, dtype=torch.long), [10])),
         "loop-G-square": (torch.ops.fusedjd.pcgrad_loop.default, (torch.zeros(1, 3, 2), L(1, 3, 2))),
         "loop-G-dtype": (torch.ops.fusedjd.pcgrad_loop.default, (G.half(), L(1, 3, 2))),
         "loop-perms-shape": (torch.ops.fusedjd.pcgrad_loop.default, (G, L(1, 3, 3))),
@@ -434,14 +440,19 @@ def _bad_calls():
         "gradvac-eps": (torch.ops.fusedjd.gradvac_loop.default, (G, L(1, 3, 2), torch.zeros(1, 3, 3), 0.5, -1.0)),
         "gradvac-two-faults": (torch.ops.fusedjd.gradvac_loop.default,  # the first one checked is named
                                (G.half(), L(1, 3, 2), torch.zeros(1, 3, 3), 0.5, 0.0)),
-        "gramian-uint16": (torch.ops.fusedjd.gramian.default, (J.to(torch.uint16), [10])),
-        "moco-Y-shape": (moco, (J, torch.zeros(3, 9), torch.ones(3), step, *h)),
-        "moco-Y-dtype": (moco, (J, torch.zeros(3, 10, dtype=torch.float64), torch.ones(3), step, *h)),
-        "moco-Y-strided": (moco, (J, torch.zeros(10, 3).T, torch.ones(3), step, *h)),
-        "moco-lam-length": (moco, (J, torch.zeros(3, 10), torch.ones(4), step, *h)),
-        "moco-lam-dtype": (moco, (J, torch.zeros(3, 10), torch.ones(3, dtype=torch.float64), step, *h)),
-        "moco-step-dtype": (moco, (J, torch.zeros(3, 10), torch.ones(3), torch.zeros(()), *h)),
-        "moco-step-rank": (moco, (J, torch.zeros(3, 10), torch.ones(3), L(1), *h)),
+        "gramian-uint16": (torch.ops.fusedjd.gramian.default, ([J.to(torch.uint16)], [10])),
+        "moco-Y-shape": (moco, ([J], torch.zeros(3, 9), torch.ones(3), step, *h)),
+        "moco-Y-dtype": (moco, ([J], torch.zeros(3, 10, dtype=torch.float64), torch.ones(3), step, *h)),
+        "moco-Y-strided": (moco, ([J], torch.zeros(10, 3).T, torch.ones(3), step, *h)),
+        "moco-lam-length": (moco, ([J], torch.zeros(3, 10), torch.ones(4), step, *h)),
+        "moco-lam-dtype": (moco, ([J], torch.zeros(3, 10), torch.ones(3, dtype=torch.float64), step, *h)),
+        "moco-step-dtype": (moco, ([J], torch.zeros(3, 10), torch.ones(3), torch.zeros(()), *h)),
+        "list-empty": (torch.ops.fusedjd.combine.default, ([], torch.ones(1, 3), [0])),
+        "list-dtype": (torch.ops.fusedjd.gramian.default, ([J, J.double()], [20])),
+        "list-rows": (torch.ops.fusedjd.combine.default, ([J, J[:2]], torch.ones(1, 3), [20])),
+        "list-rank": (torch.ops.fusedjd.gramian.default, ([J, J[0]], [20])),
+        "moco-Y-list-width": (moco, ([J, J], torch.zeros(3, 10), torch.ones(3), step, *h)),
+        "moco-step-rank": (moco, ([J], torch.zeros(3, 10), torch.ones(3), L(1), *h)),
     }
 
 
@@ -453,7 +464,8 @@ def test_fake_kernels_refuse_with_the_eager_message(name):
     with pytest.raises(RuntimeError) as eager:
         op(*args)
     mode = FakeTensorMode()
-    fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    fake = lambda a: mode.from_tensor(a) if isinstance(a, torch.Tensor) else a  # noqa: E731
+    fake_args = [[fake(x) for x in a] if isinstance(a, list) else fake(a) for a in args]
     with mode, pytest.raises(RuntimeError) as fake:
         op(*fake_args)
     assert str(fake.value) == str(eager.value).split("\n")[0]

@@ -36,6 +36,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common.h"
+
 namespace fusedjd::cpu {
 
 // The vector width the build targets (a vector must fit one register: see block_pairs).
@@ -275,23 +277,33 @@ struct RowVec {
   }
 };
 
-// Rows of a matrix (row stride ld, unit column stride), converted to the element type when needed.
+// Rows of a matrix given as column blocks (each with its row stride and unit column stride:
+// common.h's Blocks), converted to the element type when needed.
 template <typename T>
-struct MatrixRows {
+struct BlockRows {
   using A = elem_t<T>;
   static constexpr bool kStaged = !std::is_same_v<T, A>;
-  const T* base;
-  int64_t ld;
+  std::vector<const T*> base;  // per block
+  std::vector<int64_t> ld;     // per block
+  const std::vector<int64_t>& off;  // the B + 1 block offsets: the pieces the engine cuts tiles at
 
-  // Points x[r] at the columns [c0, c0 + len) of row r as `padded` lane values (len rounded up to
-  // the lane count): in place for float32/float64 when no padding is needed, else converted into
-  // `stage` (row r at stage + r * stride) with zeros after len.
-  int64_t tile(int64_t R, int64_t c0, int64_t len, const A** x, A* stage, int64_t stride) const {
+  explicit BlockRows(const Blocks& B) : off(B.off) {
+    for (const at::Tensor& x : B.J) {
+      base.push_back(x.data_ptr<T>());
+      ld.push_back(x.stride(0));
+    }
+  }
+
+  // Points x[r] at the columns [c0, c0 + len) (inside block b) of row r as `padded` lane values
+  // (len rounded up to the lane count): in place for float32/float64 when no padding is needed,
+  // else converted into `stage` (row r at stage + r * stride) with zeros after len.
+  int64_t tile(int64_t R, int64_t b, int64_t c0, int64_t len, const A** x, A* stage, int64_t stride) const {
     constexpr int L = Simd<A>::L;
     const int64_t padded = (len + L - 1) / L * L;
+    const T* first = base[b] + (c0 - off[b]);
     if constexpr (std::is_same_v<T, A>) {
       if (padded == len) {
-        for (int64_t r = 0; r < R; ++r) x[r] = base + r * ld + c0;
+        for (int64_t r = 0; r < R; ++r) x[r] = first + r * ld[b];
         return padded;
       }
     }
@@ -300,7 +312,7 @@ struct MatrixRows {
     constexpr int64_t kStep = 256;
     for (int64_t s = 0; s < len; s += kStep)
       for (int64_t r = 0; r < R; ++r) {
-        const T* src = base + r * ld + c0 + s;
+        const T* src = first + r * ld[b] + s;
         for (int64_t p = 0; p < kStep * static_cast<int64_t>(sizeof(T)); p += 64)
           __builtin_prefetch(reinterpret_cast<const char*>(src) + kPrefetchBytes + p);
         convert_row(src, stage + r * stride + s, std::min(kStep, len - s));
@@ -328,7 +340,8 @@ inline void for_each_segment(const std::vector<int64_t>& off, int64_t c0, int64_
 }
 
 // Per-group Gramians of R rows given by `src` over the consecutive column groups whose offsets
-// are `off` (k + 1 entries, off[k] = n): out[g * R * R + a * R + b], float64, symmetric. `out`
+// are `off` (k + 1 entries, off[k] = n; a group may span several of the source's blocks, whose
+// offsets are `src.off`): out[g * R * R + a * R + b], float64, symmetric. `out`
 // must hold k * R * R zeros.
 template <typename Src>
 void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, double* out) {
@@ -350,11 +363,13 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
       const int64_t c0 = t * chunk, c1 = std::min(n, c0 + chunk);
       for_each_segment(off, c0, c1, [&](int64_t g, int64_t s0, int64_t s1) {
         std::fill(acc.begin(), acc.end(), 0.0);
-        for (int64_t p = s0; p < s1; p += TW) {
-          const int64_t len = std::min(TW, s1 - p);
-          const int64_t padded = src.tile(R, p, len, x.data(), stage.data(), TW);
-          tile_pairs<A>(x.data(), R, padded, zero.data(), acc.data());
-        }
+        for_each_segment(src.off, s0, s1, [&](int64_t b, int64_t q0, int64_t q1) {  // the block pieces
+          for (int64_t p = q0; p < q1; p += TW) {
+            const int64_t len = std::min(TW, q1 - p);
+            const int64_t padded = src.tile(R, b, p, len, x.data(), stage.data(), TW);
+            tile_pairs<A>(x.data(), R, padded, zero.data(), acc.data());
+          }
+        });
         double* dst = out + g * RR;
         if (s0 != off[g] || s1 != off[g + 1]) {  // cut: at most the first and the last segment
           const int64_t slot = 2 * t + (s0 == c0 ? 0 : 1);

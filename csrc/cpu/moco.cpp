@@ -23,22 +23,26 @@
 namespace fusedjd::cpu {
 namespace {
 
-// The engine's row source for pass 1: the rows of Yn, computed tile by tile.
+// The engine's row source for pass 1: the rows of Yn, computed tile by tile from Y (global
+// columns) and J's blocks.
 template <typename T>
 struct UpdatedRows {
   using A = elem_t<T>;
   static constexpr bool kStaged = true;
   const T* y;  // [m, n] contiguous
-  const T* j;
-  int64_t n, ldj;
+  int64_t n;
+  BlockRows<T> j;
+  const std::vector<int64_t>& off;  // J's block offsets
   at::opmath_type<T> b;
 
-  int64_t tile(int64_t R, int64_t c0, int64_t len, const A** x, A* stage, int64_t stride) const {
+  UpdatedRows(const T* y_, const Blocks& B, at::opmath_type<T> b_) : y(y_), n(B.n), j(B), off(B.off), b(b_) {}
+
+  int64_t tile(int64_t R, int64_t blk, int64_t c0, int64_t len, const A** x, A* stage, int64_t stride) const {
     constexpr int L = Simd<A>::L;
     const int64_t padded = (len + L - 1) / L * L;
     for (int64_t r = 0; r < R; ++r) {
       const T* yr = y + r * n + c0;
-      const T* jr = j + r * ldj + c0;
+      const T* jr = j.base[blk] + r * j.ld[blk] + (c0 - off[blk]);
       A* dst = stage + r * stride;
       for (int64_t c = 0; c < len; ++c) dst[c] = static_cast<A>(moco_row_update(yr[c], jr[c], b));
       for (int64_t c = len; c < padded; ++c) dst[c] = A(0);
@@ -48,18 +52,17 @@ struct UpdatedRows {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J, at::Tensor& Y, at::Tensor& lam,
-                                                 at::Tensor& step, double beta, double beta_sigma, double gamma,
-                                                 double gamma_sigma, double rho, bool projection) {
-  check_moco_args(J, Y, lam, step);
-  const int64_t m = J.size(0), n = J.size(1);
+std::tuple<at::Tensor, at::Tensor> moco_step_cpu(at::TensorList J, at::Tensor& Y, at::Tensor& lam, at::Tensor& step,
+                                                 double beta, double beta_sigma, double gamma, double gamma_sigma,
+                                                 double rho, bool projection) {
+  const Blocks B = check_moco_args(J, Y, lam, step);
+  const int64_t m = B.m, n = B.n;
   at::Tensor weights = at::empty({m}, lam.options());
-  at::Tensor out = at::empty({n}, J.options());
+  at::Tensor out = at::empty({n}, Y.options());
   if (m == 0) {  // nothing to weigh: zeros, state untouched
     out.zero_();
     return {weights, out};
   }
-  const at::Tensor Jc = unit_col_stride(J);
   const int64_t k = step.data_ptr<int64_t>()[0] + 1;
   double b = 0.0, c = 0.0;
   moco_rates(k, beta, beta_sigma, gamma, gamma_sigma, &b, &c);
@@ -70,13 +73,12 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J, at::Tensor
   });
 
   bool ok = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jc.scalar_type(), "fusedjd_moco_step_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, B.dtype, "fusedjd_moco_step_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     scalar_t* y = Y.data_ptr<scalar_t>();
-    const scalar_t* j = Jc.data_ptr<scalar_t>();
-    const int64_t ldj = Jc.stride(0);
     const opmath_t br = static_cast<opmath_t>(b);
-    gram_groups(UpdatedRows<scalar_t>{y, j, n, ldj, br}, m, {0, n}, gram.data());
+    const UpdatedRows<scalar_t> rows(y, B, br);
+    gram_groups(rows, m, {0, n}, gram.data());
     ok = moco_lambda_update(gram.data(), lam_old.data(), lam_new.data(), m, c, rho, projection, scratch.data());
     if (!ok) return;
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -86,16 +88,19 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cpu(const at::Tensor& J, at::Tensor
       for (int64_t ch = lo; ch < hi; ++ch) {
         const int64_t c0 = ch * kChunk, len = std::min(n, c0 + kChunk) - c0;
         for (int64_t e = 0; e < len; ++e) acc[e] = opmath_t(0);
-        for (int64_t r = 0; r < m; ++r) {
-          scalar_t* yr = y + r * n + c0;
-          const scalar_t* jr = j + r * ldj + c0;
-          const opmath_t lr = static_cast<opmath_t>(lam_new[r]);
-          for (int64_t e = 0; e < len; ++e) {
-            const scalar_t ynew = moco_row_update(yr[e], jr[e], br);
-            yr[e] = ynew;
-            acc[e] += lr * static_cast<opmath_t>(ynew);
+        for_each_segment(B.off, c0, c0 + len, [&](int64_t blk, int64_t q0, int64_t q1) {
+          for (int64_t r = 0; r < m; ++r) {
+            scalar_t* yr = y + r * n + q0;
+            const scalar_t* jr = rows.j.base[blk] + r * rows.j.ld[blk] + (q0 - B.off[blk]);
+            opmath_t* ar = acc.data() + (q0 - c0);
+            const opmath_t lr = static_cast<opmath_t>(lam_new[r]);
+            for (int64_t e = 0; e < q1 - q0; ++e) {
+              const scalar_t ynew = moco_row_update(yr[e], jr[e], br);
+              yr[e] = ynew;
+              ar[e] += lr * static_cast<opmath_t>(ynew);
+            }
           }
-        }
+        });
         for (int64_t e = 0; e < len; ++e) o[c0 + e] = static_cast<scalar_t>(acc[e]);
       }
     });

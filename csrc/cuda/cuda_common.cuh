@@ -18,6 +18,8 @@
 #include <utility>
 #include <vector>
 
+#include "../common.h"
+
 #if defined(FUSEDJD_SIMT)
 #include "../simt/simt.h"
 #else
@@ -93,10 +95,60 @@ __device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
 // configurable).
 int sm_count();
 
-// Device table for a column grouping: [col_off (k+1) | item_off (k+1)] int64, where group
-// g is split into ceil(size_g / chunk) work items; *items receives the total number of work
-// items (known on the host: no sync). See device.cu for why a table is never read before it
-// is written, nor freed while a captured graph may use it.
-at::Tensor group_table(at::IntArrayRef group_sizes, int64_t chunk, const at::Device& device, int64_t* items);
+// A Jacobian's column blocks (common.h's Blocks) split into column groups, as the kernels walk
+// them: segments (the columns of one group inside one block, in column order), each cut into
+// work items of at most `chunk` columns. Device pointers into one int64 table.
+struct WorkTable {
+  const int64_t* item_off;        // S + 1: each segment's first work item
+  const int64_t* group;           // S: the segment's group
+  const int64_t* block;           // S: its block
+  const int64_t* col;             // S: its first column, counted in its block
+  const int64_t* end;             // S: one past its last column, counted in its block
+  const int64_t* gcol;            // S: its first column, counted in the whole matrix
+  const int64_t* group_item_off;  // k + 1: each group's first work item (a group's items are consecutive)
+  const int64_t* ptr;             // nb: the blocks' addresses
+  const int64_t* ld;              // nb: their row strides
+  int64_t segments, chunk, items;
+};
+
+// A work item: columns [c0, c1) of block `block` (counted in the block), the first of which is
+// the matrix's column gcol, in segment `seg` of group `group`.
+struct Item {
+  int64_t seg, group, block, c0, c1, gcol;
+};
+
+__device__ __forceinline__ Item locate_item(const WorkTable& t, int64_t item) {
+  int64_t lo = 0, hi = t.segments;  // largest s with item_off[s] <= item (a segment with items)
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (t.item_off[mid] <= item) lo = mid; else hi = mid;
+  }
+  Item it;
+  it.seg = lo;
+  it.group = t.group[lo];
+  it.block = t.block[lo];
+  it.c0 = t.col[lo] + (item - t.item_off[lo]) * t.chunk;
+  it.c1 = min(t.end[lo], it.c0 + t.chunk);
+  it.gcol = t.gcol[lo] + (it.c0 - t.col[lo]);
+  return it;
+}
+
+template <typename T>
+__device__ __forceinline__ const T* block_row(const WorkTable& t, int64_t block, int64_t r) {
+  return reinterpret_cast<const T*>(static_cast<uintptr_t>(t.ptr[block])) + r * t.ld[block];
+}
+
+// The work table of `B` over the column groups with offsets `group_off` (k + 1 entries) for work
+// items of `chunk` columns. `keep` receives the device tensor the table lives in: keep it until
+// the kernels reading it are queued. Built on the host, copied without a host sync (device.cu).
+WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int64_t chunk, at::Tensor* keep);
+
+// Whether every block starts on a 16-byte boundary with a row stride of whole 16 bytes (packed loads).
+inline bool blocks_aligned16(const Blocks& B) {
+  for (const at::Tensor& x : B.J)
+    if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0 || (x.stride(0) * static_cast<int64_t>(x.element_size())) % 16 != 0)
+      return false;
+  return true;
+}
 
 }  // namespace fusedjd::cuda

@@ -1,7 +1,9 @@
-// Per-device facts and per-grouping device tables, cached for the life of the process.
+// Per-device facts (cached for the life of the process) and the work tables of the kernels.
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <vector>
+#include <algorithm>
 
 #include "cuda_common.cuh"
 
@@ -39,53 +41,90 @@ std::pair<uint64_t, unsigned long long> stream_and_capture() {
 
 }  // namespace
 
-// How the table cache stays safe without a host sync:
-//  (a) CUDA-graph capture: a table made while the stream captures is written only when the graph
-//      replays, so it is keyed by the capture's id: no eager call and no other capture is ever
-//      handed it, and an eager call after the capture makes (and writes) its own.
-//  (b) Nothing is ever evicted: a captured graph may replay at any later time and must find its
-//      table (and the pinned host copy its copy node reads) alive. The cache grows by one entry
-//      (2(k+1) int64 on the host and the device) per grouping, chunk, stream and capture seen.
-//      Cost to know: a table made during a capture comes from that graph's private memory pool,
-//      so it keeps one segment of that pool (up to 2 MiB) alive after the graph is destroyed;
-//      a program that re-captures fusedjd ops many times grows by that much per capture.
-//  (c) Streams: a table is written by an asynchronous copy on the stream of the call that made
-//      it and is handed only to calls on that same stream (the stream is part of the key), so
-//      stream order puts the write before every read.
-at::Tensor group_table(at::IntArrayRef group_sizes, int64_t chunk, const at::Device& device, int64_t* items) {
-  using Key = std::tuple<int, uint64_t, unsigned long long, int64_t, std::vector<int64_t>>;
-  struct Entry {
-    at::Tensor host, dev;
-    int64_t items;
-  };
-  static std::mutex mu;
-  static std::map<Key, Entry> cache;
+// How a work table reaches the device without a host sync, and stays valid:
+//  - it is written into pinned host memory and copied by an asynchronous copy on the stream of
+//    the call, so stream order puts the write before every kernel of the call that reads it; the
+//    caching host allocator does not hand the pinned buffer out again before that copy has run;
+//  - eagerly, each call makes its own table (it holds the blocks' addresses, which change from
+//    call to call), and the caller keeps the device copy alive until its kernels are queued;
+//  - during a CUDA-graph capture the copy runs only when the graph replays, so the table and its
+//    pinned host copy must live as long as the graph: they are kept for the life of the process,
+//    keyed by the capture's id and the table's content (a replay that needs them finds them; a
+//    re-capture of the same call reuses them). Cost to know: a program that captures fusedjd ops
+//    over new tensors many times grows by one table per capture (tens of bytes per block).
+WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int64_t chunk, at::Tensor* keep) {
+  const int64_t k = static_cast<int64_t>(group_off.size()) - 1, nb = static_cast<int64_t>(B.J.size());
+  // segments: the non-empty intersections of groups and blocks, in column order
+  std::vector<int64_t> seg_group, seg_block, seg_col, seg_end, seg_gcol;
+  for (int64_t g = 0, b = 0, c = 0; c < B.n;) {
+    while (group_off[g + 1] <= c) ++g;
+    while (B.off[b + 1] <= c) ++b;
+    const int64_t e = std::min(group_off[g + 1], B.off[b + 1]);
+    seg_group.push_back(g);
+    seg_block.push_back(b);
+    seg_col.push_back(c - B.off[b]);
+    seg_end.push_back(e - B.off[b]);
+    seg_gcol.push_back(c);
+    c = e;
+  }
+  const int64_t S = static_cast<int64_t>(seg_group.size());
+  const int64_t size = (S + 1) + 5 * S + (k + 1) + 2 * nb;
+  std::vector<int64_t> h(static_cast<size_t>(size), 0);
+  int64_t* item_off = h.data();
+  int64_t* group_item_off = item_off + (S + 1) + 5 * S;
+  for (int64_t s = 0; s < S; ++s) {
+    item_off[s + 1] = item_off[s] + (seg_end[s] - seg_col[s] + chunk - 1) / chunk;
+    for (int64_t g = seg_group[s] + 1; g <= k; ++g) group_item_off[g] = item_off[s + 1];
+  }
+  std::copy(seg_group.begin(), seg_group.end(), h.begin() + (S + 1));
+  std::copy(seg_block.begin(), seg_block.end(), h.begin() + (S + 1) + S);
+  std::copy(seg_col.begin(), seg_col.end(), h.begin() + (S + 1) + 2 * S);
+  std::copy(seg_end.begin(), seg_end.end(), h.begin() + (S + 1) + 3 * S);
+  std::copy(seg_gcol.begin(), seg_gcol.end(), h.begin() + (S + 1) + 4 * S);
+  int64_t* ptr = group_item_off + (k + 1);
+  for (int64_t b = 0; b < nb; ++b) {
+    ptr[b] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(B.J[b].data_ptr()));
+    ptr[nb + b] = B.J[b].stride(0);
+  }
+
   const auto [stream_id, capture_id] = stream_and_capture();
-  Key key{device.index(), stream_id, capture_id, chunk, group_sizes.vec()};
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(key);
-  if (it != cache.end()) {
-    *items = it->second.items;
-    return it->second.dev;
+  using Key = std::tuple<int, uint64_t, unsigned long long, std::vector<int64_t>>;
+  static std::mutex mu;
+  static std::map<Key, std::pair<at::Tensor, at::Tensor>> captured;  // (host, device), never evicted
+  std::unique_lock<std::mutex> lock(mu, std::defer_lock);
+  Key key;
+  if (capture_id != 0) {
+    lock.lock();
+    key = Key{B.device.index(), stream_id, capture_id, h};
+    auto it = captured.find(key);
+    if (it != captured.end()) *keep = it->second.second;
   }
-  const int64_t k = static_cast<int64_t>(group_sizes.size());
-  at::TensorOptions host_options = at::TensorOptions().dtype(at::kLong);
+  if (!keep->defined()) {
+    at::TensorOptions host_options = at::TensorOptions().dtype(at::kLong);
 #if !defined(FUSEDJD_SIMT)
-  host_options = host_options.pinned_memory(true);  // an asynchronous copy a graph can capture
+    host_options = host_options.pinned_memory(true);  // an asynchronous copy a graph can capture
 #endif
-  at::Tensor host = at::empty({2 * (k + 1)}, host_options);
-  int64_t* h = host.data_ptr<int64_t>();
-  h[0] = 0;
-  h[k + 1] = 0;
-  for (int64_t g = 0; g < k; ++g) {
-    h[g + 1] = h[g] + group_sizes[g];
-    h[k + 2 + g] = h[k + 1 + g] + (group_sizes[g] + chunk - 1) / chunk;
+    at::Tensor host = at::empty({size}, host_options);
+    std::copy(h.begin(), h.end(), host.data_ptr<int64_t>());
+    *keep = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(B.device));
+    keep->copy_(host, /*non_blocking=*/true);
+    if (capture_id != 0) captured.emplace(std::move(key), std::make_pair(host, *keep));
   }
-  at::Tensor dev = at::empty({2 * (k + 1)}, at::TensorOptions().dtype(at::kLong).device(device));
-  dev.copy_(host, /*non_blocking=*/true);
-  *items = h[2 * k + 1];
-  cache.emplace(std::move(key), Entry{host, dev, *items});
-  return dev;
+  const int64_t* d = keep->data_ptr<int64_t>();
+  WorkTable t;
+  t.item_off = d;
+  t.group = d + (S + 1);
+  t.block = t.group + S;
+  t.col = t.block + S;
+  t.end = t.col + S;
+  t.gcol = t.end + S;
+  t.group_item_off = t.gcol + S;
+  t.ptr = t.group_item_off + (k + 1);
+  t.ld = t.ptr + nb;
+  t.segments = S;
+  t.chunk = chunk;
+  t.items = item_off[S];
+  return t;
 }
 
 }  // namespace fusedjd::cuda

@@ -1,6 +1,7 @@
 // The streaming Gramian engine (gram_engine.cuh).
 //
-// The columns are split into work items (enough to fill the GPU); the row pairs into tiles.
+// The columns are split into work items (enough to fill the GPU; each inside one block of the
+// list and one column group: cuda_common.cuh's WorkTable); the row pairs into tiles.
 // One block takes one (item, tile): each thread keeps the tile's pair sums in registers while it
 // streams its columns (16-byte packed loads for small aligned diagonal tiles, scalar head and
 // tail), the block reduces them into the tile's slots of `partial`, and a second kernel sums the
@@ -48,23 +49,47 @@ struct TileList {
 
 inline int64_t max_rows(at::ScalarType t) { return t == at::kDouble ? 64 : 128; }
 
+// The rows a work item reads: row r < split from `a` (row stride lda), row r >= split from `b`
+// (row r - split, stride ldb), at the item's columns (counted in its block). With `step` set
+// (MoCo's first pass), row r is Y_r + b (J_r - Y_r) with Y_r from `a`, J_r from `b`.
+struct Rows {
+  const void* a;
+  int64_t lda;
+  const void* b;
+  int64_t ldb;
+  int64_t split;
+  const int64_t* step = nullptr;
+  double beta = 0.0, beta_sigma = 0.0;
+};
+
+// The rows of work item `it`: J's block, or (upd.y set) MoCo's Y (row stride n) and J's block.
+template <typename T>
+__device__ __forceinline__ Rows item_rows(const WorkTable& tab, const Item& it, const Update& upd, int64_t n,
+                                          int64_t rows) {
+  Rows R;
+  const T* blk = block_row<T>(tab, it.block, 0);
+  if (upd.y != nullptr) {
+    // Y's column gcol + (c - c0) for the block's column c: rows index both by c
+    R.a = static_cast<const T*>(upd.y) + (it.gcol - it.c0);
+    R.lda = n;
+    R.b = blk;
+    R.ldb = tab.ld[it.block];
+    R.step = upd.step;
+    R.beta = upd.beta;
+    R.beta_sigma = upd.beta_sigma;
+  } else {
+    R.a = blk;
+    R.lda = tab.ld[it.block];
+    R.b = R.a;
+    R.ldb = R.lda;
+  }
+  R.split = rows;
+  return R;
+}
+
 template <typename T>
 __device__ __forceinline__ const T* row_ptr(const Rows& R, int64_t r) {
   return r < R.split ? static_cast<const T*>(R.a) + r * R.lda : static_cast<const T*>(R.b) + (r - R.split) * R.ldb;
-}
-
-// Locates the work item: its column range [c0, c1).
-__device__ __forceinline__ void locate(const int64_t* table, int64_t k, int64_t chunk, int64_t item, int64_t* c0,
-                                       int64_t* c1) {
-  const int64_t* col_off = table;
-  const int64_t* item_off = table + k + 1;
-  int64_t lo = 0, hi = k;  // largest g with item_off[g] <= item (a non-empty group)
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (item_off[mid] <= item) lo = mid; else hi = mid;
-  }
-  *c0 = col_off[lo] + (item - item_off[lo]) * chunk;
-  *c1 = min(col_off[lo + 1], *c0 + chunk);
 }
 
 // Sum over the lanes of a warp that agree on lane % S, in a fixed order; lanes 0..S-1 hold them.
@@ -190,26 +215,26 @@ __device__ __forceinline__ void tile_partial(const Rows& R, const Tile& tl, int6
 // of TD x 2*TO rows; VD: pack width of the diagonal tiles (1: scalar loads).
 template <typename T, typename acc_t, int TD, int TO, int VD, bool UPD>
 __global__ void __launch_bounds__(kGramThreads)
-    gram_partial_kernel(Rows R, const int64_t* table, int64_t k, int64_t chunk, int64_t items, TileList tiles,
-                        int ntiles, acc_t* partial) {
+    gram_partial_kernel(WorkTable tab, Update upd, int64_t n, int64_t rows, TileList tiles, int ntiles,
+                        acc_t* partial) {
   const int64_t bid = blockIdx.x;
   const Tile tl = tiles.t[bid % ntiles];
   const int64_t item = bid / ntiles;
-  int64_t c0, c1;
-  locate(table, k, chunk, item, &c0, &c1);
+  const Item it = locate_item(tab, item);
+  const Rows R = item_rows<T>(tab, it, upd, n, rows);
   if constexpr (TO > 0) {
     if (!tl.diag) {
-      tile_partial<T, acc_t, TD, TO, false, 1, 2, UPD>(R, tl, c0, c1, items, item, partial);
+      tile_partial<T, acc_t, TD, TO, false, 1, 2, UPD>(R, tl, it.c0, it.c1, tab.items, item, partial);
       return;
     }
   }
-  tile_partial<T, acc_t, TD, TD, true, VD, 1, UPD>(R, tl, c0, c1, items, item, partial);
+  tile_partial<T, acc_t, TD, TD, true, VD, 1, UPD>(R, tl, it.c0, it.c1, tab.items, item, partial);
 }
 
 // One warp per (group, a <= b): ordered sum of the group's partials, mirrored.
 template <typename acc_t>
-__global__ void gram_finalize_kernel(const acc_t* partial, int64_t items, const int64_t* table, int64_t k,
-                                     int64_t rows, TileList tiles, int ntiles, acc_t* out) {
+__global__ void gram_finalize_kernel(const acc_t* partial, WorkTable tab, int64_t k, int64_t rows, TileList tiles,
+                                     int ntiles, acc_t* out) {
   const int64_t npairs = rows * (rows + 1) / 2;
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -225,9 +250,9 @@ __global__ void gram_finalize_kernel(const acc_t* partial, int64_t items, const 
   }
   const Tile tl = tiles.t[t];
   const int64_t slot = tl.slot0 + (a - tl.a0) * tl.nb + (b - tl.b0);
-  const int64_t* item_off = table + k + 1;
+  const int64_t* item_off = tab.group_item_off;
   acc_t s = acc_t(0);
-  for (int64_t it = item_off[g] + lane; it < item_off[g + 1]; it += kWarp) s += partial[slot * items + it];
+  for (int64_t it = item_off[g] + lane; it < item_off[g + 1]; it += kWarp) s += partial[slot * tab.items + it];
   s = warp_sum(s);
   if (lane == 0) {
     out[(g * rows + a) * rows + b] = s;
@@ -236,39 +261,40 @@ __global__ void gram_finalize_kernel(const acc_t* partial, int64_t items, const 
 }
 
 struct Plan {
-  const int64_t* table;
-  int64_t k, chunk, items;
+  WorkTable tab;
+  Update upd;
+  int64_t n, rows;
   TileList tiles;
   int ntiles;
 };
 
 template <typename T, typename acc_t, int TD, int TO>
-void run_tiles(const Rows& R, bool aligned, const Plan& p, acc_t* partial) {
+void run_tiles(bool aligned, const Plan& p, acc_t* partial) {
   constexpr int V = 16 / static_cast<int>(sizeof(T));
-  const dim3 grid(static_cast<unsigned>(p.items * p.ntiles));
-  if (R.step != nullptr) {  // MoCo's updated rows: scalar loads
-    launch("gram_partial_kernel", gram_partial_kernel<T, acc_t, TD, TO, 1, true>, grid, kGramThreads, 0, R, p.table,
-           p.k, p.chunk, p.items, p.tiles, p.ntiles, partial);
+  const dim3 grid(static_cast<unsigned>(p.tab.items * p.ntiles));
+  auto go = [&](auto kernel) {
+    launch("gram_partial_kernel", kernel, grid, kGramThreads, 0, p.tab, p.upd, p.n, p.rows, p.tiles, p.ntiles,
+           partial);
+  };
+  if (p.upd.y != nullptr) {  // MoCo's updated rows: scalar loads
+    go(gram_partial_kernel<T, acc_t, TD, TO, 1, true>);
     return;
   }
   if constexpr (TO == 0 && TD <= 8) {
     if (aligned) {
-      launch("gram_partial_kernel", gram_partial_kernel<T, acc_t, TD, TO, V, false>, grid, kGramThreads, 0, R, p.table,
-             p.k, p.chunk, p.items, p.tiles, p.ntiles, partial);
+      go(gram_partial_kernel<T, acc_t, TD, TO, V, false>);
       return;
     }
   }
-  launch("gram_partial_kernel", gram_partial_kernel<T, acc_t, TD, TO, 1, false>, grid, kGramThreads, 0, R, p.table,
-         p.k, p.chunk, p.items, p.tiles, p.ntiles, partial);
+  go(gram_partial_kernel<T, acc_t, TD, TO, 1, false>);
 }
 
 template <typename T>
-at::Tensor gram_rows_impl(const Rows& R, int64_t rows, at::IntArrayRef group_sizes, int64_t n,
-                          const at::Device& device) {
+at::Tensor gram_blocks_impl(const Blocks& B, const std::vector<int64_t>& group_off, const Update& upd) {
   using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  const int64_t k = static_cast<int64_t>(group_sizes.size());
+  const int64_t k = static_cast<int64_t>(group_off.size()) - 1, rows = B.m, n = B.n;
   const auto acc_type = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
-  at::Tensor out = at::zeros({k, rows, rows}, at::TensorOptions().dtype(acc_type).device(device));
+  at::Tensor out = at::zeros({k, rows, rows}, at::TensorOptions().dtype(acc_type).device(B.device));
   if (rows == 0 || n == 0) return out;
 
   constexpr int V = 16 / static_cast<int>(sizeof(T));
@@ -277,11 +303,12 @@ at::Tensor gram_rows_impl(const Rows& R, int64_t rows, at::IntArrayRef group_siz
   chunk = std::min<int64_t>(65536, std::max<int64_t>(1024, (chunk + kGramThreads * V - 1) / (kGramThreads * V) *
                                                                (kGramThreads * V)));
   Plan p{};
-  p.k = k;
-  p.chunk = chunk;
-  const at::Tensor table = group_table(group_sizes, chunk, device, &p.items);
-  if (p.items == 0) return out;
-  p.table = table.data_ptr<int64_t>();
+  at::Tensor table;
+  p.tab = work_table(B, group_off, chunk, &table);
+  p.upd = upd;
+  p.n = n;
+  p.rows = rows;
+  if (p.tab.items == 0) return out;
 
   // Diagonal tiles of BASE rows, off-diagonal tiles of BASE x 2*OFFB rows (two lanes per
   // column, BASE x OFFB sums each): float64 uses smaller tiles so that the register sums do not
@@ -303,24 +330,22 @@ at::Tensor gram_rows_impl(const Rows& R, int64_t rows, at::IntArrayRef group_siz
       for (int sub = BASE * (ta + 1); sub < r; sub += 2 * OFFB)
         add(BASE * ta, sub, BASE, std::min(2 * OFFB, r - sub), false);
   }
-  at::Tensor partial = at::empty({static_cast<int64_t>(slots) * p.items}, at::TensorOptions().dtype(acc_type).device(device));
+  at::Tensor partial = at::empty({static_cast<int64_t>(slots) * p.tab.items}, at::TensorOptions().dtype(acc_type).device(B.device));
   acc_t* part = partial.data_ptr<acc_t>();
   // packed loads need every row start aligned to 16 bytes
-  const bool aligned = reinterpret_cast<uintptr_t>(R.a) % 16 == 0 && reinterpret_cast<uintptr_t>(R.b) % 16 == 0 &&
-                       (R.lda * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
-                       (R.ldb * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-  if (rows <= 4) run_tiles<T, acc_t, 4, 0>(R, aligned, p, part);
-  else if (rows <= 8) run_tiles<T, acc_t, 8, 0>(R, aligned, p, part);
+  const bool aligned = blocks_aligned16(B);
+  if (rows <= 4) run_tiles<T, acc_t, 4, 0>(aligned, p, part);
+  else if (rows <= 8) run_tiles<T, acc_t, 8, 0>(aligned, p, part);
   else if constexpr (BASE == 16) {
-    if (rows <= 16) run_tiles<T, acc_t, 16, 0>(R, aligned, p, part);
-    else run_tiles<T, acc_t, 16, OFFB>(R, aligned, p, part);
+    if (rows <= 16) run_tiles<T, acc_t, 16, 0>(aligned, p, part);
+    else run_tiles<T, acc_t, 16, OFFB>(aligned, p, part);
   } else {
-    run_tiles<T, acc_t, BASE, OFFB>(R, aligned, p, part);
+    run_tiles<T, acc_t, BASE, OFFB>(aligned, p, part);
   }
   const int64_t warps = k * rows * (rows + 1) / 2;
   const int64_t blocks = (warps * kWarp + kGramThreads - 1) / kGramThreads;
   launch("gram_finalize_kernel", gram_finalize_kernel<acc_t>, dim3(static_cast<unsigned>(blocks)), kGramThreads, 0,
-         part, p.items, p.table, k, rows, p.tiles, p.ntiles, out.data_ptr<acc_t>());
+         part, p.tab, k, rows, p.tiles, p.ntiles, out.data_ptr<acc_t>());
   return out;
 }
 
@@ -328,13 +353,13 @@ at::Tensor gram_rows_impl(const Rows& R, int64_t rows, at::IntArrayRef group_siz
 
 int64_t gram_rows_max(at::ScalarType dtype) { return max_rows(dtype); }
 
-at::Tensor gram_rows(const Rows& R, int64_t rows, at::IntArrayRef group_sizes, int64_t n, at::ScalarType dtype,
-                     const at::Device& device) {
-  TORCH_CHECK(rows <= gram_rows_max(dtype), "fusedjd: the CUDA Gramian kernel takes at most ", gram_rows_max(dtype),
-              " rows of ", dtype, ", got ", rows);
+at::Tensor gram_blocks(const Blocks& B, const std::vector<int64_t>& group_off, const Update* upd) {
+  TORCH_CHECK(B.m <= gram_rows_max(B.dtype), "fusedjd: the CUDA Gramian kernel takes at most ", gram_rows_max(B.dtype),
+              " rows of ", B.dtype, ", got ", B.m);
+  const Update none{nullptr, nullptr, 0.0, 0.0};
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedjd_gram_rows_cuda", [&] {
-    out = gram_rows_impl<scalar_t>(R, rows, group_sizes, n, device);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, B.dtype, "fusedjd_gram_blocks_cuda", [&] {
+    out = gram_blocks_impl<scalar_t>(B, group_off, upd != nullptr ? *upd : none);
   });
   return out;
 }

@@ -2,6 +2,8 @@
 // (gram_engine.cuh); J taller than the engine's tiles goes to blas_gram, group by group.
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../blas_gram.h"
 #include "../common.h"
 #include "gram_engine.cuh"
@@ -9,22 +11,21 @@
 namespace fusedjd::cuda {
 namespace {
 
-at::Tensor gramian_cuda(const at::Tensor& J, at::IntArrayRef group_sizes) {
-  FUSEDJD_CHECK_DIM(J, 2);
-  FUSEDJD_CHECK_FLOAT(J);
-  const DeviceGuard guard(J.device());
-  const int64_t m = J.size(0), n = J.size(1);
-  const std::vector<int64_t> off = group_offsets(group_sizes, n);
-  const at::Tensor Jc = unit_col_stride(J);
-  if (m > gram_rows_max(J.scalar_type())) {
+at::Tensor gramian_cuda(at::TensorList J, at::IntArrayRef group_sizes) {
+  const Blocks B = check_blocks(J);
+  const DeviceGuard guard(B.device);
+  const std::vector<int64_t> off = group_offsets(group_sizes, B.n);
+  if (B.m > gram_rows_max(B.dtype)) {  // group by group, block piece by block piece
     const int64_t k = static_cast<int64_t>(group_sizes.size());
-    at::Tensor out = at::empty({k, m, m}, J.options().dtype(acc_dtype(J.scalar_type())));
+    at::Tensor out = at::zeros({k, B.m, B.m}, at::TensorOptions().dtype(acc_dtype(B.dtype)).device(B.device));
     for (int64_t g = 0; g < k; ++g)
-      out.select(0, g).copy_(blas_gram(Jc.narrow(1, off[g], off[g + 1] - off[g]), at::Tensor(), out.scalar_type()));
+      for (size_t b = 0; b < B.J.size(); ++b) {
+        const int64_t c0 = std::max(off[g], B.off[b]), c1 = std::min(off[g + 1], B.off[b + 1]);
+        if (c1 > c0) out.select(0, g).add_(blas_gram(B.J[b].narrow(1, c0 - B.off[b], c1 - c0), at::Tensor(), out.scalar_type()));
+      }
     return out;
   }
-  const Rows R{Jc.data_ptr(), Jc.stride(0), Jc.data_ptr(), Jc.stride(0), m};
-  return gram_rows(R, m, group_sizes, n, Jc.scalar_type(), J.device());
+  return gram_blocks(B, off, nullptr);
 }
 
 }  // namespace

@@ -48,54 +48,58 @@ __global__ void moco_update_kernel(const acc_t* gram, int64_t m, lam_t* lam, int
   scratch[4 * m + 1] = ok ? 1.0 : 0.0;
 }
 
+constexpr int kPass2Threads = 256;
+
+// One block per work item (columns of one block of J): Y <- Y + b (J - Y) and out = lam^T Y.
 template <typename T, typename opmath_t>
-__global__ void moco_pass2_kernel(const T* J, int64_t ldj, T* Y, int64_t m, int64_t n, const double* scratch, T* out) {
+__global__ void __launch_bounds__(kPass2Threads)
+    moco_pass2_kernel(WorkTable tab, T* Y, int64_t m, int64_t n, const double* scratch, T* out) {
+  const Item it = locate_item(tab, blockIdx.x);
+  const T* J = block_row<T>(tab, it.block, 0);
+  const int64_t ldj = tab.ld[it.block];
   const double* lam_new = scratch + m;
   const bool ok = scratch[4 * m + 1] != 0.0;
   const opmath_t b = static_cast<opmath_t>(scratch[4 * m]);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < n; c += stride) {
+  for (int64_t c = it.c0 + threadIdx.x; c < it.c1; c += kPass2Threads) {
+    const int64_t g = it.gcol + (c - it.c0);  // the column in Y and out
     if (!ok) {
-      out[c] = static_cast<T>(NAN);
+      out[g] = static_cast<T>(NAN);
       continue;
     }
     opmath_t acc = opmath_t(0);
     for (int64_t r = 0; r < m; ++r) {
-      const T ynew = moco_row_update(Y[r * n + c], J[r * ldj + c], b);
-      Y[r * n + c] = ynew;
+      const T ynew = moco_row_update(Y[r * n + g], J[r * ldj + c], b);
+      Y[r * n + g] = ynew;
       acc += static_cast<opmath_t>(lam_new[r]) * static_cast<opmath_t>(ynew);
     }
-    out[c] = static_cast<T>(acc);
+    out[g] = static_cast<T>(acc);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> moco_step_cuda(const at::Tensor& J, at::Tensor& Y, at::Tensor& lam,
-                                                  at::Tensor& step, double beta, double beta_sigma, double gamma,
-                                                  double gamma_sigma, double rho, bool projection) {
-  check_moco_args(J, Y, lam, step);
-  const DeviceGuard guard(J.device());
-  const int64_t m = J.size(0), n = J.size(1);
+std::tuple<at::Tensor, at::Tensor> moco_step_cuda(at::TensorList J, at::Tensor& Y, at::Tensor& lam, at::Tensor& step,
+                                                  double beta, double beta_sigma, double gamma, double gamma_sigma,
+                                                  double rho, bool projection) {
+  const Blocks B = check_moco_args(J, Y, lam, step);
+  const DeviceGuard guard(B.device);
+  const int64_t m = B.m, n = B.n;
   at::Tensor weights = at::empty({m}, lam.options());
-  at::Tensor out = at::empty({n}, J.options());
+  at::Tensor out = at::empty({n}, Y.options());
   if (m == 0) {
     out.zero_();
     return {weights, out};
   }
-  const at::Tensor Jc = unit_col_stride(J);
-  const at::ScalarType acc = acc_dtype(J.scalar_type());
+  const at::ScalarType acc = acc_dtype(B.dtype);
   at::Tensor gram;
-  const bool stacked = m > gram_rows_max(J.scalar_type());
+  const bool stacked = m > gram_rows_max(B.dtype);
   if (!stacked) {
-    Rows R{Y.data_ptr(), n, Jc.data_ptr(), Jc.stride(0), m};
-    R.step = step.data_ptr<int64_t>();
-    R.beta = beta;
-    R.beta_sigma = beta_sigma;
-    const int64_t sizes[1] = {n};
-    gram = gram_rows(R, m, at::IntArrayRef(sizes, 1), n, J.scalar_type(), J.device()).select(0, 0);
-  } else {
-    gram = blas_gram(Y, Jc, acc);
+    const Update upd{Y.data_ptr(), step.data_ptr<int64_t>(), beta, beta_sigma};
+    gram = gram_blocks(B, {0, n}, &upd).select(0, 0);
+  } else {  // the Gramian of [Y; J], block by block
+    gram = at::zeros({2 * m, 2 * m}, Y.options().dtype(acc));
+    for (size_t b = 0; b < B.J.size(); ++b)
+      if (B.off[b + 1] > B.off[b]) gram.add_(blas_gram(Y.narrow(1, B.off[b], B.off[b + 1] - B.off[b]), B.J[b], acc));
   }
-  at::Tensor scratch = at::empty({4 * m + 2}, J.options().dtype(at::kDouble));
+  at::Tensor scratch = at::empty({4 * m + 2}, Y.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(acc, "fusedjd_moco_update_cuda", [&] {
     auto kernel = stacked ? moco_update_kernel<scalar_t, scalar_t, true> : moco_update_kernel<scalar_t, scalar_t, false>;
     launch("moco_update_kernel", kernel, dim3(1), dim3(1), 0, gram.data_ptr<scalar_t>(), m, lam.data_ptr<scalar_t>(),
@@ -103,13 +107,12 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cuda(const at::Tensor& J, at::Tenso
            scratch.data_ptr<double>(), weights.data_ptr<scalar_t>());
   });
   if (n == 0) return {weights, out};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, J.scalar_type(), "fusedjd_moco_pass2_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, B.dtype, "fusedjd_moco_pass2_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    constexpr int threads = 256;
-    const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 32 * static_cast<int64_t>(sm_count()));
-    launch("moco_pass2_kernel", moco_pass2_kernel<scalar_t, opmath_t>, dim3(static_cast<unsigned>(blocks)), threads,
-           0, Jc.data_ptr<scalar_t>(), Jc.stride(0), Y.data_ptr<scalar_t>(), m, n, scratch.data_ptr<double>(),
-           out.data_ptr<scalar_t>());
+    at::Tensor table;
+    const WorkTable tab = work_table(B, {0, n}, /*chunk=*/int64_t{8} * kPass2Threads, &table);
+    launch("moco_pass2_kernel", moco_pass2_kernel<scalar_t, opmath_t>, dim3(static_cast<unsigned>(tab.items)),
+           kPass2Threads, 0, tab, Y.data_ptr<scalar_t>(), m, n, scratch.data_ptr<double>(), out.data_ptr<scalar_t>());
   });
   return {weights, out};
 }

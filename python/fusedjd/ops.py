@@ -33,14 +33,26 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def gramian(J: Tensor, group_sizes: Sequence[int]) -> Tensor:
+def _blocks(J: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    if isinstance(J, Tensor):
+        return [J]
+    blocks = list(J)
+    if not blocks:  # the dispatcher cannot route a call without a tensor: say what is wrong here
+        raise ValueError("fusedjd: `J` must hold at least one matrix, got an empty list")
+    return blocks
+
+
+def gramian(J: Tensor | Sequence[Tensor], group_sizes: Sequence[int]) -> Tensor:
     """Gramians of the column groups of ``J``.
 
-    :param J: Matrix ``[m, n]`` (float16, bfloat16, float32 or float64).
+    :param J: Matrix ``[m, n]`` (float16, bfloat16, float32 or float64), or a list of matrices
+        ``[m, n_b]`` of one dtype and device, read as their concatenation along the columns
+        (which is never formed).
     :param group_sizes: Sizes of the consecutive column groups; non-negative, summing to ``n``.
+        A group may span several matrices of the list.
     :returns: ``[k, m, m]`` with ``G[g] = J_g J_gᵀ``, float32 (float64 for a float64 ``J``).
     """
-    return torch.ops.fusedjd.gramian.default(J, list(group_sizes))
+    return torch.ops.fusedjd.gramian.default(_blocks(J), list(group_sizes))
 
 
 def gradvac_loop(G: Tensor, perms: Tensor, targets: Tensor, beta: float, eps: float) -> Tensor:
@@ -76,18 +88,18 @@ def draw_perms(k: int, m: int, pcgrad: bool, device: torch.device | str | None =
     return torch.ops.fusedjd.draw_perms.default(int(k), int(m), bool(pcgrad), dev)
 
 
-def combine(J: Tensor, weights: Tensor, group_sizes: Sequence[int]) -> Tensor:
+def combine(J: Tensor | Sequence[Tensor], weights: Tensor, group_sizes: Sequence[int]) -> Tensor:
     """Per-group combination of the rows of ``J``: ``out[cols of g] = weights[g] @ J_g``.
 
-    :param J: Matrix ``[m, n]``.
+    :param J: Matrix ``[m, n]``, or a list of matrices ``[m, n_b]`` as in :func:`gramian`.
     :param weights: ``[k, m]``, one weight vector per column group.
     :returns: Vector ``[n]`` with the dtype of ``J``.
     """
-    return torch.ops.fusedjd.combine.default(J, weights, list(group_sizes))
+    return torch.ops.fusedjd.combine.default(_blocks(J), weights, list(group_sizes))
 
 
 def moco_step(
-    J: Tensor,
+    J: Tensor | Sequence[Tensor],
     Y: Tensor,
     lam: Tensor,
     step: Tensor,
@@ -100,7 +112,7 @@ def moco_step(
 ) -> tuple[Tensor, Tensor]:
     """One MoCo step (``docs/CONTRACT.md`` §2; :func:`fusedjd.reference.moco_step`), updating ``Y``, ``lam`` and ``step`` in place.
 
-    :param J: Jacobian ``[m, n]``.
+    :param J: Jacobian ``[m, n]``, or a list of matrices ``[m, n_b]`` as in :func:`gramian`.
     :param Y: Tracking matrix ``[m, n]`` (contiguous, dtype of ``J``).
     :param lam: Weights ``[m]``, float32 (float64 for a float64 ``J``).
     :param step: 0-dim int64 step counter (incremented on the device).
@@ -108,7 +120,7 @@ def moco_step(
     :returns: ``(weights, lamᵀ Y)``; both NaN, with the state untouched, when ``J`` is not finite.
     """
     return torch.ops.fusedjd.moco_step.default(
-        J, Y, lam, step, float(beta), float(beta_sigma), float(gamma), float(gamma_sigma), float(rho), bool(projection)
+        _blocks(J), Y, lam, step, float(beta), float(beta_sigma), float(gamma), float(gamma_sigma), float(rho), bool(projection)
     )
 
 
@@ -187,12 +199,29 @@ def _check_loop(G: Tensor, perms: Tensor) -> None:
                  lambda: f"fusedjd: `perms` must have shape [k, m, m-1] = [{k}, {m}, {m1}], got {_shape(perms)}")
 
 
+def _check_blocks(J: Sequence[Tensor]) -> tuple[int, int]:
+    """common.h's check_blocks: returns (m, n)."""
+    torch._check(len(J) > 0, lambda: "fusedjd: `J` must hold at least one matrix, got an empty list")
+    J0 = J[0]
+    m = J0.shape[0] if J0.dim() == 2 else 0
+    n = 0
+    for b, x in enumerate(J):
+        _check_dim(x, f"J[{b}]", 2)
+        _check_float(x, f"J[{b}]")
+        torch._check(x.dtype == J0.dtype, lambda: f"fusedjd: `J[{b}]` must have the dtype of `J[0]` "
+                     f"({_st(J0.dtype)}), got {_st(x.dtype)}")
+        _check_same_device(x, f"J[{b}]", J0, "J[0]")
+        torch._check(x.shape[0] == m, lambda: f"fusedjd: `J[{b}]` must have m={m} rows like `J[0]`, got shape "
+                     f"{_shape(x)}")
+        n = n + x.shape[1]
+    return m, n
+
+
 @torch.library.register_fake("fusedjd::gramian")
 def _(J, group_sizes):
-    _check_dim(J, "J", 2)
-    _check_float(J, "J")
-    _check_group_sizes(group_sizes, J.shape[1])
-    return J.new_empty((len(group_sizes), J.shape[0], J.shape[0]), dtype=acc_dtype(J.dtype))
+    m, n = _check_blocks(J)
+    _check_group_sizes(group_sizes, n)
+    return J[0].new_empty((len(group_sizes), m, m), dtype=acc_dtype(J[0].dtype))
 
 
 @torch.library.register_fake("fusedjd::gradvac_loop")
@@ -224,33 +253,31 @@ def _(k, m, pcgrad, device=None):
 
 @torch.library.register_fake("fusedjd::combine")
 def _(J, weights, group_sizes):
-    _check_dim(J, "J", 2)
-    _check_float(J, "J")
+    m, n = _check_blocks(J)
     _check_dim(weights, "weights", 2)
     _check_float(weights, "weights")
-    _check_same_device(J, "J", weights, "weights")
-    _check_group_sizes(group_sizes, J.shape[1])
-    k, m = len(group_sizes), J.shape[0]
+    _check_same_device(weights, "weights", J[0], "J")
+    _check_group_sizes(group_sizes, n)
+    k = len(group_sizes)
     torch._check(tuple(weights.shape) == (k, m),
                  lambda: f"fusedjd: `weights` must have shape [k, m] = [{k}, {m}], got {_shape(weights)}")
-    return J.new_empty((J.shape[1],))
+    return J[0].new_empty((n,))
 
 
 @torch.library.register_fake("fusedjd::moco_step")
 def _(J, Y, lam, step, beta, beta_sigma, gamma, gamma_sigma, rho, projection):
-    _check_dim(J, "J", 2)
-    _check_float(J, "J")
+    m, n = _check_blocks(J)
     for t, name in ((Y, "Y"), (lam, "lam"), (step, "step")):
-        _check_same_device(J, "J", t, name)
-    torch._check(Y.shape == J.shape, lambda: f"fusedjd: `Y` must have the shape of `J` {_shape(J)}, got {_shape(Y)}")
-    torch._check(Y.dtype == J.dtype,
-                 lambda: f"fusedjd: `Y` must have the dtype of `J` ({_st(J.dtype)}), got {_st(Y.dtype)}")
+        _check_same_device(t, name, J[0], "J")
+    torch._check(Y.dim() == 2 and tuple(Y.shape) == (m, n),
+                 lambda: f"fusedjd: `Y` must have shape [m, n] = [{m}, {n}], got {_shape(Y)}")
+    torch._check(Y.dtype == J[0].dtype,
+                 lambda: f"fusedjd: `Y` must have the dtype of `J` ({_st(J[0].dtype)}), got {_st(Y.dtype)}")
     _check_contiguous(Y, "Y")
     _check_dim(lam, "lam", 1)
-    torch._check(lam.shape[0] == J.shape[0],
-                 lambda: f"fusedjd: `lam` must have length m={J.shape[0]}, got {lam.shape[0]}")
-    _check_dtype(lam, "lam", acc_dtype(J.dtype))
+    torch._check(lam.shape[0] == m, lambda: f"fusedjd: `lam` must have length m={m}, got {lam.shape[0]}")
+    _check_dtype(lam, "lam", acc_dtype(J[0].dtype))
     _check_contiguous(lam, "lam")
     _check_dim(step, "step", 0)
     _check_dtype(step, "step", torch.long)
-    return lam.new_empty((J.shape[0],)), J.new_empty((J.shape[1],))
+    return lam.new_empty((m,)), Y.new_empty((n,))

@@ -11,7 +11,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "[fusedjd] no torch found: installing torch==${FUSEDJD_TORCH:-2.13.0}"
   pip_install "torch==${FUSEDJD_TORCH:-2.13.0}"
 fi
-pip_install "torchjd==0.18.0" pybind11 ninja numpy pytest "setuptools>=64" wheel
+pip_install "torchjd[quadprog-projector]==0.18.0" pybind11 ninja numpy pytest "setuptools>=64" wheel
 if [ "${FUSEDJD_PLOT:-0}" = "1" ]; then pip_install matplotlib || echo "[fusedjd] matplotlib unavailable: no plot"; fi
 # Rebuild only when the extension is missing, installed from another checkout, or older than
 # a source file (the build takes about 90 s on 2 cores).

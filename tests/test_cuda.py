@@ -139,9 +139,9 @@ def test_no_host_sync_in_forward(make):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_group_table_first_made_inside_capture_then_eager():
-    """A grouping first seen inside a CUDA-graph capture: its table is written only at replay, so
-    a later eager call must not be handed it (device.cu, (a))."""
+def test_work_table_made_inside_capture_then_eager():
+    """A work table made inside a CUDA-graph capture is written only at replay: it must outlive
+    the capture, and a later eager call must make its own (device.cu, work_table)."""
     gen = torch.Generator().manual_seed(21)
     J = torch.randn(8, 50001, generator=gen).cuda()
     sizes = [12347, 0, 37654]  # a grouping no other test uses
@@ -157,9 +157,9 @@ def test_group_table_first_made_inside_capture_then_eager():
     assert rel_err(G_captured, ref) < 1e-5
 
 
-def test_group_table_first_made_on_one_stream_then_another():
+def test_work_table_on_one_stream_then_another():
     """A table written by an asynchronous copy on one stream is never read from another stream
-    that did not wait for it (device.cu, (c))."""
+    that did not wait for it (device.cu, work_table)."""
     gen = torch.Generator().manual_seed(22)
     J = torch.randn(8, 50001, generator=gen).cuda()
     sizes = [777, 49224]  # a grouping no other test uses

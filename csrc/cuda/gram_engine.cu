@@ -49,47 +49,28 @@ struct TileList {
 
 inline int64_t max_rows(at::ScalarType t) { return t == at::kDouble ? 64 : 128; }
 
-// The rows a work item reads: row r < split from `a` (row stride lda), row r >= split from `b`
-// (row r - split, stride ldb), at the item's columns (counted in its block). With `step` set
-// (MoCo's first pass), row r is Y_r + b (J_r - Y_r) with Y_r from `a`, J_r from `b`.
+// The rows a work item reads, at its columns (counted in its block): row r at a + r * lda. With
+// UPD (MoCo's first pass), row r is Y_r + b (J_r - Y_r) with Y_r at `a` and J_r at b + r * ldb.
 struct Rows {
   const void* a;
   int64_t lda;
   const void* b;
   int64_t ldb;
-  int64_t split;
-  const int64_t* step = nullptr;
-  double beta = 0.0, beta_sigma = 0.0;
 };
 
 // The rows of work item `it`: J's block, or (upd.y set) MoCo's Y (row stride n) and J's block.
 template <typename T>
-__device__ __forceinline__ Rows item_rows(const WorkTable& tab, const Item& it, const Update& upd, int64_t n,
-                                          int64_t rows) {
-  Rows R;
+__device__ __forceinline__ Rows item_rows(const WorkTable& tab, const Item& it, const Update& upd, int64_t n) {
   const T* blk = block_row<T>(tab, it.block, 0);
-  if (upd.y != nullptr) {
-    // Y's column gcol + (c - c0) for the block's column c: rows index both by c
-    R.a = static_cast<const T*>(upd.y) + (it.gcol - it.c0);
-    R.lda = n;
-    R.b = blk;
-    R.ldb = tab.ld[it.block];
-    R.step = upd.step;
-    R.beta = upd.beta;
-    R.beta_sigma = upd.beta_sigma;
-  } else {
-    R.a = blk;
-    R.lda = tab.ld[it.block];
-    R.b = R.a;
-    R.ldb = R.lda;
-  }
-  R.split = rows;
-  return R;
+  const int64_t ld = tab.ld[it.block];
+  if (upd.y != nullptr)  // Y's column gcol + (c - c0) for the block's column c: rows index both by c
+    return Rows{static_cast<const T*>(upd.y) + (it.gcol - it.c0), n, blk, ld};
+  return Rows{blk, ld, blk, ld};
 }
 
 template <typename T>
 __device__ __forceinline__ const T* row_ptr(const Rows& R, int64_t r) {
-  return r < R.split ? static_cast<const T*>(R.a) + r * R.lda : static_cast<const T*>(R.b) + (r - R.split) * R.ldb;
+  return static_cast<const T*>(R.a) + r * R.lda;
 }
 
 // Sum over the lanes of a warp that agree on lane % S, in a fixed order; lanes 0..S-1 hold them.
@@ -103,11 +84,11 @@ __device__ __forceinline__ T lane_class_sum(T v) {
 // The pair sums of one tile over columns [c0, c1), reduced over the block into `partial`. S lanes
 // share each column (off-diagonal tiles only): lane class h = lane % S takes b rows
 // [h * TB, (h + 1) * TB) of the tile.
-// UPD: the rows are MoCo's updated rows (Rows::step), computed from Y (pa, pb) and J (the same
-// row of R.b).
+// UPD: the rows are MoCo's updated rows at the rate `rate`, computed from Y (pa, pb) and J (the
+// same row of R.b).
 template <typename T, typename acc_t, int TA, int TB, bool DIAG, int V, int S = 1, bool UPD = false>
-__device__ __forceinline__ void tile_partial(const Rows& R, const Tile& tl, int64_t c0, int64_t c1, int64_t items,
-                                             int64_t item, acc_t* partial) {
+__device__ __forceinline__ void tile_partial(const Rows& R, double rate_d, const Tile& tl, int64_t c0, int64_t c1,
+                                             int64_t items, int64_t item, acc_t* partial) {
   static_assert(S == 1 || (!DIAG && V == 1), "shared columns are for scalar off-diagonal tiles");
   static_assert(kWarp % S == 0 && kGramThreads % S == 0, "S must divide the warp");
   static_assert(!UPD || V == 1, "updated rows are read with scalar loads");
@@ -115,12 +96,7 @@ __device__ __forceinline__ void tile_partial(const Rows& R, const Tile& tl, int6
   const int h = static_cast<int>(threadIdx.x % S);
   const T* pa[TA];
   const T* pb[TB];
-  opmath_t rate = opmath_t(0);
-  if constexpr (UPD) {
-    double bd = 0.0, unused = 0.0;
-    moco_rates(*R.step + 1, R.beta, R.beta_sigma, 0.0, 0.0, &bd, &unused);
-    rate = static_cast<opmath_t>(bd);
-  }
+  const opmath_t rate = static_cast<opmath_t>(rate_d);
 #pragma unroll
   for (int i = 0; i < TA; ++i) pa[i] = i < tl.na ? row_ptr<T>(R, tl.a0 + i) : nullptr;
 #pragma unroll
@@ -215,20 +191,24 @@ __device__ __forceinline__ void tile_partial(const Rows& R, const Tile& tl, int6
 // of TD x 2*TO rows; VD: pack width of the diagonal tiles (1: scalar loads).
 template <typename T, typename acc_t, int TD, int TO, int VD, bool UPD>
 __global__ void __launch_bounds__(kGramThreads)
-    gram_partial_kernel(WorkTable tab, Update upd, int64_t n, int64_t rows, TileList tiles, int ntiles,
-                        acc_t* partial) {
+    gram_partial_kernel(WorkTable tab, Update upd, int64_t n, TileList tiles, int ntiles, acc_t* partial) {
   const int64_t bid = blockIdx.x;
   const Tile tl = tiles.t[bid % ntiles];
   const int64_t item = bid / ntiles;
   const Item it = locate_item(tab, item);
-  const Rows R = item_rows<T>(tab, it, upd, n, rows);
+  const Rows R = item_rows<T>(tab, it, upd, n);
+  double rate = 0.0;  // MoCo's b = beta / (step + 1)^beta_sigma, from the device step counter
+  if constexpr (UPD) {
+    double unused = 0.0;
+    moco_rates(*upd.step + 1, upd.beta, upd.beta_sigma, 0.0, 0.0, &rate, &unused);
+  }
   if constexpr (TO > 0) {
     if (!tl.diag) {
-      tile_partial<T, acc_t, TD, TO, false, 1, 2, UPD>(R, tl, it.c0, it.c1, tab.items, item, partial);
+      tile_partial<T, acc_t, TD, TO, false, 1, 2, UPD>(R, rate, tl, it.c0, it.c1, tab.items, item, partial);
       return;
     }
   }
-  tile_partial<T, acc_t, TD, TD, true, VD, 1, UPD>(R, tl, it.c0, it.c1, tab.items, item, partial);
+  tile_partial<T, acc_t, TD, TD, true, VD, 1, UPD>(R, rate, tl, it.c0, it.c1, tab.items, item, partial);
 }
 
 // One warp per (group, a <= b): ordered sum of the group's partials, mirrored.
@@ -263,7 +243,7 @@ __global__ void gram_finalize_kernel(const acc_t* partial, WorkTable tab, int64_
 struct Plan {
   WorkTable tab;
   Update upd;
-  int64_t n, rows;
+  int64_t n;
   TileList tiles;
   int ntiles;
 };
@@ -273,8 +253,7 @@ void run_tiles(bool aligned, const Plan& p, acc_t* partial) {
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   const dim3 grid(static_cast<unsigned>(p.tab.items * p.ntiles));
   auto go = [&](auto kernel) {
-    launch("gram_partial_kernel", kernel, grid, kGramThreads, 0, p.tab, p.upd, p.n, p.rows, p.tiles, p.ntiles,
-           partial);
+    launch("gram_partial_kernel", kernel, grid, kGramThreads, 0, p.tab, p.upd, p.n, p.tiles, p.ntiles, partial);
   };
   if (p.upd.y != nullptr) {  // MoCo's updated rows: scalar loads
     go(gram_partial_kernel<T, acc_t, TD, TO, 1, true>);
@@ -307,7 +286,6 @@ at::Tensor gram_blocks_impl(const Blocks& B, const std::vector<int64_t>& group_o
   p.tab = work_table(B, group_off, chunk, &table);
   p.upd = upd;
   p.n = n;
-  p.rows = rows;
   if (p.tab.items == 0) return out;
 
   // Diagonal tiles of BASE rows, off-diagonal tiles of BASE x 2*OFFB rows (two lanes per

@@ -1,6 +1,6 @@
 // CUDA kernels of the MoCo family: one in-place MoCo step, free of host syncs.
 //   pass 1: the Gramian of the updated rows Y + b (J - Y), formed as the streaming engine reads Y
-//           and J (gram_engine.cuh, Rows::step; b from the device step counter), rounded as pass
+//           and J (gram_engine.cuh, Update; b from the device step counter), rounded as pass
 //           2 stores them; for m beyond the engine's tiles, the Gramian of the stacked rows
 //           [Y; J] by blas_gram (no m x n temporary either);
 //   step:   one thread reads the device step counter, computes the step sizes, the

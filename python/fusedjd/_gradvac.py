@@ -24,11 +24,11 @@ from ._validation import (
 )
 
 
-def _hooked(a: nn.Module, b: nn.Module) -> bool:
+def _hooked(*modules: nn.Module) -> bool:
     """Whether calling these modules would run hooks (theirs or global ones): the aggregators then
     go through them, as torchjd's do; otherwise they call the ops directly."""
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks or a._forward_hooks
-                or a._forward_pre_hooks or b._forward_hooks or b._forward_pre_hooks)
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks) or any(
+        mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
 
 
 def _whole_gramian(matrix: Tensor) -> Tensor:
@@ -143,13 +143,17 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
         self.gramian_weighting.reset()
         self._n = None
 
-    def forward(self, matrix: Tensor, /) -> Tensor:
-        check_matrix(matrix)
-        n = matrix.shape[1]
+    def _track_n(self, n: int) -> None:
+        """Resets the targets when the number of columns changes."""
         if self._n != n:  # (assigned only on a change: Module.__setattr__ is slow)
             if self._n is not None:
                 self.gramian_weighting.reset()
             self._n = n
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        check_matrix(matrix)
+        n = matrix.shape[1]
+        self._track_n(n)
         if _hooked(self.weighting, self.gramian_weighting):
             weights = self.weighting(matrix).unsqueeze(0)
         else:  # the same computation without the module calls: a few ops, no Python around them

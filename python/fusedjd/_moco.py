@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
-from torch.nn.modules import module as _module
 from torchjd import Stateful
 from torchjd.aggregation import Aggregator, Weighting
 
 from . import ops
+from ._gradvac import _hooked
 from ._state import _BufferState, _NonDifferentiable
 from ._validation import check_matrix, forwarded, in_unit_interval, non_negative
 
@@ -73,17 +75,22 @@ class _MoCoState(_BufferState):
         uniform ``λ`` and step 0."""
         self._clear_state()
 
-    def update(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
-        """One MoCo step on ``matrix`` (the Jacobian): updates ``Y``, ``λ`` and the step count in
-        place and returns ``(λ, λᵀ Y)``; NaN for both, state untouched, if ``matrix`` is not
-        finite."""
-        check_matrix(matrix)
-        m, n = matrix.shape
+    def update(self, matrix: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """One MoCo step on ``matrix`` (the Jacobian ``[m, n]``, or a list of its column blocks
+        ``[m, n_b]``, as :func:`fusedjd.jac_to_grad` passes it): updates ``Y``, ``λ`` and the step
+        count in place and returns ``(λ, λᵀ Y)``; NaN for both, state untouched, if ``matrix`` is
+        not finite."""
+        if isinstance(matrix, Tensor):
+            check_matrix(matrix)
+            (m, n), first = matrix.shape, matrix
+        else:  # the op checks the blocks
+            first = matrix[0]
+            m, n = first.shape[0], sum(b.shape[1] for b in matrix)
         Y = self._y
-        if Y.shape != (m, n) or Y.dtype != matrix.dtype or Y.device != matrix.device:
-            self._y = torch.zeros((m, n), dtype=matrix.dtype, device=matrix.device)
-            self._lam = torch.full((m,), 1.0 / max(m, 1), dtype=ops.acc_dtype(matrix.dtype), device=matrix.device)
-            self._step = torch.zeros((), dtype=torch.long, device=matrix.device)
+        if Y.shape != (m, n) or Y.dtype != first.dtype or Y.device != first.device:
+            self._y = torch.zeros((m, n), dtype=first.dtype, device=first.device)
+            self._lam = torch.full((m,), 1.0 / max(m, 1), dtype=ops.acc_dtype(first.dtype), device=first.device)
+            self._step = torch.zeros((), dtype=torch.long, device=first.device)
         return ops.moco_step(
             matrix,
             self._y,
@@ -212,8 +219,7 @@ class MoCo(Aggregator, Stateful, _NonDifferentiable):
 
     def forward(self, matrix: Tensor, /) -> Tensor:
         w = self.weighting
-        if _module._global_forward_hooks or _module._global_forward_pre_hooks or w._forward_hooks or \
-                w._forward_pre_hooks:
+        if _hooked(w):
             # through the module call, so its hooks run (as for torchjd's aggregators); λᵀ Y then
             # costs one more read of Y
             lam = w(matrix)

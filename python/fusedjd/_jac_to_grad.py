@@ -1,0 +1,166 @@
+"""``fusedjd.jac_to_grad``: torchjd's ``jac_to_grad`` without the concatenated Jacobian."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+from torchjd.aggregation import Aggregator, GramianWeightedAggregator
+from torchjd.autojac import jac_to_grad as _torchjd_jac_to_grad
+from torchjd.autojac._accumulation import _check_expects_grad, is_tensor_with_jac
+from torchjd.autojac._utils import check_consistent_first_dimension
+
+from . import ops
+from ._gradvac import GradVac, GroupedGradVac, _hooked
+from ._moco import MoCo
+
+# The fused path of one aggregator: from the list of Jacobian blocks [m, n_b] to (the combined
+# gradient [n], the weights jac_to_grad returns).
+_Route = Callable[[list[Tensor]], tuple[Tensor, "Tensor | None"]]
+
+
+def jac_to_grad(
+    tensors: Iterable[Tensor],
+    /,
+    aggregator: Aggregator,
+    *,
+    retain_jac: bool = False,
+    optimize_gramian_computation: bool = False,
+) -> Tensor | None:
+    r"""
+    Aggregates the Jacobians in the ``.jac`` fields of ``tensors`` and accumulates the result into
+    their ``.grad`` fields: the signature, results, return value and errors of
+    :func:`torchjd.autojac.jac_to_grad` (0.18), without its :math:`m \times n` concatenation of
+    the Jacobians.
+
+    The Gramian is computed over the list of ``.jac`` tensors in one call (each read where it
+    lies), the aggregator's weighting runs on it, and one call combines the rows of every
+    ``.jac`` into a single gradient vector whose pieces become (or are added to) the ``.grad``
+    fields. Extra memory: :math:`O(k m^2 + n)`, against an extra :math:`m \times n` for torchjd's
+    default path.
+
+    Fused for :class:`~fusedjd.GradVac`, :class:`~fusedjd.PCGrad`,
+    :class:`~fusedjd.GroupedGradVac` (its groups must be whole tensors, in the order of
+    ``tensors``: :mod:`fusedjd.groups` makes them so), :class:`~fusedjd.MoCo` (its ``Y`` stays
+    one flat ``[m, n]`` buffer) and any torchjd
+    :class:`~torchjd.aggregation.GramianWeightedAggregator` (UPGrad, MGDA, DualProj, ...).
+    Everything else goes to :func:`torchjd.autojac.jac_to_grad` unchanged: other aggregators,
+    aggregators or weightings with forward hooks, and ``.jac`` tensors of mixed dtypes or
+    devices.
+
+    :param tensors: The tensors whose ``.jac`` fields are aggregated (all with the same first
+        dimension ``m``).
+    :param aggregator: The aggregator.
+    :param retain_jac: Keep the ``.jac`` fields (deleted by default).
+    :param optimize_gramian_computation: Accepted for torchjd compatibility; the fused path never
+        concatenates. Passed on to torchjd when it takes the call.
+    :returns: The weights (for weighted aggregators, as torchjd returns them), else ``None``.
+    """
+    tensors_ = []
+    for t in tensors:
+        if not is_tensor_with_jac(t):
+            raise ValueError(
+                "Some `jac` fields were not populated. Did you use `autojac.backward` or "
+                "`autojac.mtl_backward` before calling `jac_to_grad`?",
+            )
+        tensors_.append(t)
+    if len(tensors_) == 0:
+        raise ValueError("The `tensors` parameter cannot be empty.")
+    jacobians = [t.jac for t in tensors_]
+    check_consistent_first_dimension(jacobians, "tensors.jac")
+
+    route = _route(aggregator, jacobians, tensors_)
+    if route is None:
+        return _torchjd_jac_to_grad(tensors_, aggregator, retain_jac=retain_jac,
+                                    optimize_gramian_computation=optimize_gramian_computation)
+    for t in tensors_:  # the checks accumulate_grads makes, before anything is changed
+        _check_expects_grad(t, field_name=".grad")
+    if not retain_jac:
+        for t in tensors_:
+            del t.jac
+    m = jacobians[0].shape[0]
+    blocks = [j.reshape(m, -1) for j in jacobians]  # views of contiguous .jac tensors
+    del jacobians
+    gradient, weights = route(blocks)
+    del blocks
+    pieces = [g.view(t.shape).to(dtype=t.dtype) for g, t in zip(gradient.split([t.numel() for t in tensors_]),
+                                                                 tensors_, strict=True)]
+    _accumulate(tensors_, pieces)
+    return weights
+
+
+def _accumulate(tensors: list[Tensor], grads: list[Tensor]) -> None:
+    """torchjd's accumulate_grads (``.grad += g``, or ``.grad = g``), the additions in one call."""
+    old = [(t.grad, g) for t, g in zip(tensors, grads, strict=True) if t.grad is not None]
+    if old:
+        torch._foreach_add_([a for a, _ in old], [g for _, g in old])
+    for t, g in zip(tensors, grads, strict=True):
+        if t.grad is None:
+            t.grad = g
+
+
+def _route(aggregator: Aggregator, jacobians: list[Tensor], tensors: list[Tensor]) -> _Route | None:
+    """The fused path for this aggregator and these Jacobians, or None for torchjd's."""
+    first = jacobians[0]
+    if first.shape[0] == 0 or not first.is_floating_point() or any(
+            j.dtype != first.dtype or j.device != first.device for j in jacobians):
+        return None
+    sizes = [j[0].numel() for j in jacobians]
+    n = sum(sizes)
+
+    if isinstance(aggregator, MoCo):
+        if _hooked(aggregator, aggregator.weighting):
+            return None
+        return lambda blocks: (aggregator.weighting.update(blocks)[1], None)
+
+    if isinstance(aggregator, GroupedGradVac):
+        if _hooked(aggregator, aggregator.gramian_weighting):
+            return None
+        groups = aggregator.group_sizes
+        _check_whole_tensors(groups, sizes, n)
+
+        def grouped(blocks: list[Tensor]) -> tuple[Tensor, None]:
+            weights = aggregator.gramian_weighting.stacked(ops.gramian(blocks, groups))
+            return ops.combine(blocks, weights, groups), None
+
+        return grouped
+
+    if isinstance(aggregator, GramianWeightedAggregator):
+        gw = aggregator.gramian_weighting
+        if _hooked(aggregator, aggregator.weighting, gw):
+            return None
+
+        def weighted(blocks: list[Tensor]) -> tuple[Tensor, Tensor]:
+            G = ops.gramian(blocks, [n])
+            if isinstance(aggregator, GradVac):
+                aggregator._track_n(n)
+                weights = gw.stacked(G)[0]
+            else:
+                weights = gw(G[0])
+            return ops.combine(blocks, weights.unsqueeze(0), [n]), weights
+
+        return weighted
+    return None
+
+
+def _check_whole_tensors(groups: list[int], sizes: list[int], n: int) -> None:
+    """GroupedGradVac's groups (column counts) must end where tensors end."""
+    if sum(groups) != n:
+        raise ValueError(
+            f"GroupedGradVac's `group_sizes` must sum to the number of Jacobian columns n={n} of the "
+            f"tensors given to jac_to_grad, got sum {sum(groups)} for group_sizes={groups}."
+        )
+    ends, total = set(), 0
+    for s in sizes:
+        total += s
+        ends.add(total)
+    total = 0
+    for g, s in enumerate(groups):
+        total += s
+        if total not in ends and total != 0:
+            raise ValueError(
+                f"GroupedGradVac's group {g} (group_sizes={groups}) ends at column {total}, inside a tensor "
+                f"(the tensors end at columns {sorted(ends)}): in jac_to_grad every group must be whole "
+                "tensors, in the order of `tensors`. fusedjd.groups builds such groupings."
+            )

@@ -1,0 +1,281 @@
+"""fusedjd.jac_to_grad against torchjd.autojac.jac_to_grad (both of its modes) on real models: the
+same gradients, weights, state and errors, and no m x n buffer on the fused path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchjd.aggregation import MGDA, DualProj, UPGrad
+from torchjd.aggregation import GradVac as TorchjdGradVac
+from torchjd.autojac import jac_to_grad as torchjd_jac_to_grad
+from torchjd.autojac import mtl_backward
+
+import fusedjd
+
+TASKS = 3
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 16), nn.Tanh())
+
+    def forward(self, x):
+        return self.body(x)
+
+    @staticmethod
+    def inputs(gen):
+        return torch.randn(32, 12, generator=gen)
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3, bias=True), nn.ReLU(),
+                                  nn.Flatten(), nn.Linear(5 * 4 * 4, 16))
+
+    def forward(self, x):
+        return self.body(x)
+
+    @staticmethod
+    def inputs(gen):
+        return torch.randn(8, 3, 8, 8, generator=gen)
+
+
+class Attention(nn.Module):
+    """Multi-head attention (its packed in-projection and its out-projection), then a learned scale.
+    (A non-leaf tensor that retains its grad cannot be among the shared tensors: mtl_backward's
+    vmap leaks a batched tensor into its .grad, and torchjd's jac_to_grad fails on it too.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.log_scale = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x):
+        y, _ = self.attn(x, x, x)
+        return (y * self.log_scale.exp()).mean(1)
+
+    @staticmethod
+    def inputs(gen):
+        return torch.randn(4, 5, 8, generator=gen)
+
+
+MODELS = {"mlp": MLP, "cnn": CNN, "attention": Attention}
+
+
+def _setup(model_name: str, dtype: torch.dtype, seed: int = 0):
+    torch.manual_seed(seed)
+    model = MODELS[model_name]().to(dtype)
+    width = 16 if model_name != "attention" else 8
+    heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(TASKS)).to(dtype)
+    return model, heads
+
+
+def _backward(model, heads, gen, dtype):
+    x = model.inputs(gen).to(dtype)
+    features = model(x)
+    losses = [(h(features) ** 2).mean() for h in heads]
+    shared = list(model.parameters())
+    mtl_backward(losses, features=features, shared_params=shared)
+    return shared
+
+
+def _run(j2g, make_agg, model_name, dtype, steps=3, **kwargs):
+    """`steps` training steps through j2g; returns the weights and the .grad of every step."""
+    model, heads = _setup(model_name, dtype)
+    agg = make_agg()
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(2)  # the aggregators' draws
+    opt = torch.optim.SGD([*model.parameters(), *heads.parameters()], lr=0.05)
+    history = []
+    for _ in range(steps):
+        opt.zero_grad()
+        shared = _backward(model, heads, gen, dtype)
+        w = j2g(shared, agg, **kwargs)
+        history.append((w, [t.grad.clone() for t in shared]))
+        opt.step()
+    return history, agg
+
+
+def _close(a, b, dtype):
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-6)
+    if a is None or b is None:
+        assert a is None and b is None
+    else:
+        torch.testing.assert_close(a, b, **tol)
+
+
+AGGREGATORS = {
+    "GradVac": lambda: fusedjd.GradVac(beta=0.3),
+    "PCGrad": fusedjd.PCGrad,
+    "MoCo": lambda: fusedjd.MoCo(gamma=0.5),
+    "UPGrad": UPGrad,
+    "MGDA": MGDA,
+    "DualProj": DualProj,
+}
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("agg_name", list(AGGREGATORS))
+def test_equals_torchjd_jac_to_grad(model_name, dtype, agg_name):
+    make = AGGREGATORS[agg_name]
+    ours, agg = _run(fusedjd.jac_to_grad, make, model_name, dtype)
+    modes = [{}]
+    if agg_name in ("GradVac", "PCGrad", "UPGrad", "MGDA", "DualProj"):  # torchjd's Gramian mode needs a GWA
+        modes.append({"optimize_gramian_computation": True})
+    for mode in modes:
+        theirs, _ = _run(torchjd_jac_to_grad, make, model_name, dtype, **mode)
+        for (w1, g1), (w2, g2) in zip(ours, theirs, strict=True):
+            _close(w1, w2, dtype)
+            for a, b in zip(g1, g2, strict=True):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                _close(a, b, dtype)
+    if agg_name == "MoCo":  # the state is one flat [m, n] buffer
+        n = sum(t.numel() for t in _setup(model_name, dtype)[0].parameters())
+        assert agg.y.shape[0] == TASKS and agg.y.shape[1] >= n and int(agg.step) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradvac_equals_torchjds_own_gradvac(dtype):
+    """fusedjd's GradVac through fusedjd.jac_to_grad against torchjd's GradVac through torchjd's
+    jac_to_grad: independent code on both sides, the same draws."""
+    ours, _ = _run(fusedjd.jac_to_grad, lambda: fusedjd.GradVac(beta=0.3), "cnn", dtype, steps=4)
+    theirs, _ = _run(torchjd_jac_to_grad, lambda: TorchjdGradVac(beta=0.3), "cnn", dtype, steps=4)
+    for (w1, g1), (w2, g2) in zip(ours, theirs, strict=True):
+        _close(w1, w2, dtype)
+        for a, b in zip(g1, g2, strict=True):
+            _close(a, b, dtype)
+
+
+def test_grouped_gradvac_by_layer_equals_torchjd():
+    model, _ = _setup("mlp", torch.float64)
+    groups = fusedjd.groups.all_layer(model)
+    ours, _ = _run(fusedjd.jac_to_grad, lambda: fusedjd.GroupedGradVac(groups), "mlp", torch.float64)
+    theirs, _ = _run(torchjd_jac_to_grad, lambda: fusedjd.GroupedGradVac(groups), "mlp", torch.float64)
+    for (w1, g1), (w2, g2) in zip(ours, theirs, strict=True):
+        assert w1 is None and w2 is None
+        for a, b in zip(g1, g2, strict=True):
+            _close(a, b, torch.float64)
+
+
+def test_grouping_that_cuts_a_tensor_is_refused_and_nothing_is_lost():
+    model, heads = _setup("mlp", torch.float32)
+    shared = _backward(model, heads, torch.Generator().manual_seed(0), torch.float32)
+    jacs = [t.jac.clone() for t in shared]
+    n = sum(t.numel() for t in shared)
+    with pytest.raises(ValueError, match=r"group 0 .* ends at column 100, inside a tensor"):
+        fusedjd.jac_to_grad(shared, fusedjd.GroupedGradVac([100, n - 100]))
+    with pytest.raises(ValueError, match=rf"must sum to the number of Jacobian columns n={n}"):
+        fusedjd.jac_to_grad(shared, fusedjd.GroupedGradVac([n + 1]))
+    for t, j in zip(shared, jacs):
+        assert torch.equal(t.jac, j) and t.grad is None
+
+
+@pytest.mark.parametrize("retain_jac", [False, True])
+def test_accumulates_into_existing_grad_and_retain_jac(retain_jac):
+    for j2g in (fusedjd.jac_to_grad, torchjd_jac_to_grad):
+        model, heads = _setup("mlp", torch.float64)
+        shared = _backward(model, heads, torch.Generator().manual_seed(0), torch.float64)
+        for t in shared:
+            t.grad = torch.full_like(t, 0.5)
+        jacs = [t.jac.clone() for t in shared]
+        w = j2g(shared, UPGrad(), retain_jac=retain_jac)
+        expected = [0.5 + torch.tensordot(w, j, dims=1) for j in jacs]
+        for t, e, j in zip(shared, expected, jacs):
+            torch.testing.assert_close(t.grad, e, rtol=1e-12, atol=1e-14)
+            assert hasattr(t, "jac") == retain_jac
+            if retain_jac:
+                assert torch.equal(t.jac, j)
+
+
+def test_refusals_are_torchjds():
+    model, heads = _setup("mlp", torch.float32)
+    shared = _backward(model, heads, torch.Generator().manual_seed(0), torch.float32)
+    stray = torch.zeros(3, requires_grad=True)  # received no .jac
+    for j2g in (fusedjd.jac_to_grad, torchjd_jac_to_grad):
+        with pytest.raises(ValueError, match=r"Some `jac` fields were not populated") as e:
+            j2g([*shared, stray], fusedjd.GradVac())
+        with pytest.raises(ValueError, match=r"The `tensors` parameter cannot be empty"):
+            j2g([], fusedjd.GradVac())
+    assert all(hasattr(t, "jac") and t.grad is None for t in shared), e
+    bad = torch.zeros(2, requires_grad=True)
+    bad.__setattr__("jac", torch.zeros(4, 2))  # m = 4 against 3
+    for j2g in (fusedjd.jac_to_grad, torchjd_jac_to_grad):
+        with pytest.raises(ValueError) as err:
+            j2g([*shared, bad], fusedjd.GradVac())
+        assert "first dimension" in str(err.value) or "tensors.jac" in str(err.value), err.value
+
+
+def test_hooks_go_through_torchjd_and_run():
+    calls = []
+    agg = UPGrad()
+    agg.weighting.register_forward_hook(lambda *a: calls.append("weighting"))
+    ours, _ = _run(fusedjd.jac_to_grad, lambda: agg, "mlp", torch.float64, steps=1)
+    assert calls == ["weighting"]
+    theirs, _ = _run(torchjd_jac_to_grad, UPGrad, "mlp", torch.float64, steps=1)
+    for a, b in zip(ours[0][1], theirs[0][1]):
+        _close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_jacobians(dtype):
+    """fp16/bf16 .jac: the Gramian in float32, gradients written in the parameters' dtype."""
+    ours, _ = _run(fusedjd.jac_to_grad, UPGrad, "mlp", dtype, steps=1)
+    ref, _ = _run(torchjd_jac_to_grad, UPGrad, "mlp", torch.float64, steps=1)  # same init, rounded
+    for a, b in zip(ours[0][1], ref[0][1]):
+        assert a.dtype == dtype
+        assert (a.double() - b).norm() <= 0.05 * b.norm() + 1e-3
+
+
+def _largest_allocation(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+
+
+@pytest.mark.parametrize("agg_name", ["GradVac", "UPGrad", "MoCo"])
+def test_no_m_by_n_buffer(agg_name):
+    """The largest tensor the fused path allocates is the gradient vector (n elements), never an
+    m x n one; torchjd's default path allocates the concatenation (the counter sees it)."""
+    def one(j2g):
+        model, heads = _setup("mlp", torch.float32)
+        agg = AGGREGATORS[agg_name]()
+        gen = torch.Generator().manual_seed(0)
+        if agg_name == "MoCo":  # the state exists after a first step
+            j2g(_backward(model, heads, gen, torch.float32), agg)
+            model.zero_grad()
+        shared = _backward(model, heads, gen, torch.float32)
+        n = sum(t.numel() for t in shared)
+        return _largest_allocation(lambda: j2g(shared, agg)), n
+
+    ours, n = one(fusedjd.jac_to_grad)
+    theirs, _ = one(torchjd_jac_to_grad)
+    assert ours < TASKS * n * 4 and ours <= n * 4 + 1024, (ours, n)
+    assert theirs >= TASKS * n * 4, (theirs, n)
+
+
+@pytest.mark.slow
+def test_compiled_step_fullgraph():
+    """A step that calls the fused list ops compiles without graph breaks and matches eager."""
+    gen = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(3, s, generator=gen) for s in (40, 7, 0, 129)]
+
+    def step(blocks, targets):
+        G = fusedjd.ops.gramian(blocks, [47, 129])
+        W = fusedjd.ops.gradvac_loop(G, fusedjd.ops.draw_perms(2, 3, False), targets, 0.5, 1e-8)
+        return fusedjd.ops.combine(blocks, W, [47, 129])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    t1, t2 = torch.zeros(2, 3, 3, dtype=torch.float32), torch.zeros(2, 3, 3, dtype=torch.float32)
+    torch.manual_seed(3)
+    expected = step(blocks, t1)
+    torch.manual_seed(3)
+    got = compiled(blocks, t2)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(t2, t1)

@@ -53,6 +53,35 @@ def stream_bandwidth(device: str) -> float:
     return buf.numel() * 4 / t
 
 
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak bytes of tensors allocated while fn() runs, above what was allocated before: the CUDA
+    allocator's peak on a GPU; on the CPU the running total of the profiler's allocations and frees
+    in time order, each allocation at the start of the op that made it (untimed: the profiler
+    slows the call)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # each allocation counted once (in the op that made it: self usage), frees as they come
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    total = peak = 0
+    for e in events:
+        total += e.self_cpu_memory_usage
+        peak = max(peak, total)
+    return peak
+
+
+def fmt_mib(b: int | None) -> str:
+    return "—" if b is None else f"{b / 2**20:.1f} MiB"
+
+
 def fmt_time(t: float | None) -> str:
     if t is None:
         return "—"

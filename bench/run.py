@@ -29,7 +29,8 @@ from torchjd.autogram import Engine
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 import fusedjd
-from common import Progress, Table, fmt_time, fmt_x, median_time, stream_bandwidth, sync  # bench/ is sys.path[0]
+from common import (Progress, Table, fmt_mib, fmt_time, fmt_x, median_time, peak_bytes,  # bench/ is sys.path[0]
+                    stream_bandwidth, sync)
 from fusedjd import reference
 from fusedjd.reference import rel_err
 
@@ -268,6 +269,76 @@ class MultiTaskMLP(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(hidden, 1) for _ in range(tasks)])
 
 
+def bench_jac_to_grad(run: Run, cfg: TrainCase):
+    """The training step as a user runs it: forward, mtl_backward, jac_to_grad, SGD step, with
+    torchjd's jac_to_grad in both of its modes and fusedjd.jac_to_grad; time and peak memory of
+    the whole step (the .jac tensors included: they are what mtl_backward leaves)."""
+    device = run.device
+    d_in, hidden, tasks, batch = cfg.d_in, cfg.hidden, cfg.tasks, cfg.batch
+    torch.manual_seed(0)
+    net = MultiTaskMLP(d_in, hidden, tasks).to(device)
+    enc = list(net.encoder.parameters())
+    n = sum(p.numel() for p in enc)
+    x = torch.randn(batch, d_in, device=device)
+    ys = [torch.randn(batch, device=device) for _ in range(tasks)]
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    t = Table(f"Training step with jac_to_grad: MLP encoder ({d_in}→{hidden}→{hidden}→{hidden}, {len(enc)} tensors, "
+              f"n = {n:,}), {tasks} task heads, batch {batch}: forward, mtl_backward, jac_to_grad, SGD step. "
+              f"Peak: tensors allocated during the step (its m × n .jac tensors are {fmt_mib(tasks * n * 4)})",
+              ["aggregator", "step: torchjd jac_to_grad", "torchjd optimize_gramian_computation=True",
+               "fusedjd.jac_to_grad", "speedup (vs torchjd's faster mode)", "jac_to_grad alone: torchjd / optimize / fusedjd",
+               "speedup", "step's peak memory: torchjd / optimize / fusedjd"])
+
+    def step(j2g, agg, **kw):
+        def one_step():
+            f = net.encoder(x)
+            losses = [((h(f).squeeze(-1) - y) ** 2).mean() for h, y in zip(net.heads, ys)]
+            opt.zero_grad()
+            mtl_backward(losses, features=f)
+            j2g(enc, agg, **kw)
+            opt.step()
+        return one_step
+
+    rows = [
+        ("UPGrad", ta.UPGrad, ta.UPGrad),
+        ("GradVac (torchjd's / fusedjd's)", ta.GradVac, fusedjd.GradVac),
+        ("MoCo (plain PyTorch / fusedjd's)", PlainMoCo, fusedjd.MoCo),
+    ]
+    for name, make_theirs, make_ours in rows:
+        variants = [(jac_to_grad, make_theirs, {})]
+        gramian_based = isinstance(make_theirs(), ta.GramianWeightedAggregator)
+        if gramian_based:
+            variants.append((jac_to_grad, make_theirs, {"optimize_gramian_computation": True}))
+        variants.append((fusedjd.jac_to_grad, make_ours, {}))
+        times, alone, peaks = [], [], []
+        for j2g, make, kw in variants:
+            agg = make()
+            fn = step(j2g, agg, **kw)
+            times.append(median_time(fn, device, budget_s=1.0))
+            peaks.append(peak_bytes(fn, device))
+
+            def only_jac_to_grad():  # on the .jac tensors the last step's mtl_backward left
+                for p in enc:
+                    p.grad = None
+                j2g(enc, agg, retain_jac=True, **kw)
+
+            f = net.encoder(x)
+            mtl_backward([((h(f).squeeze(-1) - y) ** 2).mean() for h, y in zip(net.heads, ys)], features=f)
+            alone.append(median_time(only_jac_to_grad, device, budget_s=0.5))
+            for p in enc:
+                del p.jac
+        if not gramian_based:
+            for v in (times, alone, peaks):
+                v.insert(1, None)
+        best = min(x for x in times[:2] if x is not None)
+        best_alone = min(x for x in alone[:2] if x is not None)
+        t.rows.append([name, fmt_time(times[0]), fmt_time(times[1]), fmt_time(times[2]), fmt_x(best / times[2]),
+                       " / ".join(fmt_time(a) for a in alone), fmt_x(best_alone / alone[2]),
+                       " / ".join(fmt_mib(p) for p in peaks)])
+        run.progress.step(f"jac_to_grad {name}")
+    return t
+
+
 def bench_training(run: Run, cfg: TrainCase):
     device = run.device
     d_in, hidden, tasks, batch = cfg.d_in, cfg.hidden, cfg.tasks, cfg.batch
@@ -367,7 +438,7 @@ def configs(device: str, full: bool):
     return gram, loops, agg, moco, train
 
 
-TRAIN_ROWS = 5  # the rows of bench_training
+TRAIN_ROWS = 5 + 3  # the rows of bench_training and bench_jac_to_grad
 
 
 def plot(speedups, path, device_name):
@@ -447,6 +518,7 @@ def main() -> int:
     gram, loops, agg, moco, train = configs(device, args.full)
     run = Run(device, stream_bandwidth(device), Progress(len(gram) + 2 * len(loops) + len(agg) + len(moco) + TRAIN_ROWS))
     tables = [
+        bench_jac_to_grad(run, train),
         bench_gramian(run, gram),
         bench_loops(run, loops),
         bench_aggregators(run, agg),

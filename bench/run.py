@@ -342,8 +342,8 @@ def bench_jac_to_grad(run: Run, cfg: TrainCase):
 def bench_training(run: Run, cfg: TrainCase):
     device = run.device
     d_in, hidden, tasks, batch = cfg.d_in, cfg.hidden, cfg.tasks, cfg.batch
-    t = Table(f"End-to-end training step: MLP encoder ({d_in}→{hidden}→{hidden}→{hidden}), {tasks} task heads, "
-              f"batch {batch} (forward, mtl_backward, jac_to_grad, SGD step)",
+    t = Table(f"Training step through torchjd's jac_to_grad (fusedjd's classes as drop-in aggregators): MLP encoder "
+              f"({d_in}→{hidden}→{hidden}→{hidden}), {tasks} task heads, batch {batch}",
               ["aggregation", "torchjd 0.18 / baseline", "fusedjd", "speedup"])
     torch.manual_seed(0)
     net = MultiTaskMLP(d_in, hidden, tasks).to(device)

@@ -65,16 +65,16 @@ class Attention(nn.Module):
 MODELS = {"mlp": MLP, "cnn": CNN, "attention": Attention}
 
 
-def _setup(model_name: str, dtype: torch.dtype, seed: int = 0):
+def _setup(model_name: str, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
     torch.manual_seed(seed)
-    model = MODELS[model_name]().to(dtype)
+    model = MODELS[model_name]().to(dtype=dtype, device=device)
     width = 16 if model_name != "attention" else 8
-    heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(TASKS)).to(dtype)
+    heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(TASKS)).to(dtype=dtype, device=device)
     return model, heads
 
 
 def _backward(model, heads, gen, dtype):
-    x = model.inputs(gen).to(dtype)
+    x = model.inputs(gen).to(dtype=dtype, device=next(model.parameters()).device)
     features = model(x)
     losses = [(h(features) ** 2).mean() for h in heads]
     shared = list(model.parameters())
@@ -82,9 +82,9 @@ def _backward(model, heads, gen, dtype):
     return shared
 
 
-def _run(j2g, make_agg, model_name, dtype, steps=3, **kwargs):
+def _run(j2g, make_agg, model_name, dtype, steps=3, device="cpu", **kwargs):
     """`steps` training steps through j2g; returns the weights and the .grad of every step."""
-    model, heads = _setup(model_name, dtype)
+    model, heads = _setup(model_name, dtype, device=device)
     agg = make_agg()
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(2)  # the aggregators' draws
@@ -260,22 +260,46 @@ def test_no_m_by_n_buffer(agg_name):
 
 
 @pytest.mark.slow
-def test_compiled_step_fullgraph():
-    """A step that calls the fused list ops compiles without graph breaks and matches eager."""
+@pytest.mark.parametrize("make", [lambda: fusedjd.GradVac(beta=0.3), lambda: fusedjd.MoCo(),
+                                  lambda: fusedjd.GroupedGradVac([15, 0, 4])], ids=["GradVac", "MoCo", "Grouped"])
+def test_compiled_fullgraph(make):
+    """fusedjd.jac_to_grad compiles without graph breaks (with retain_jac=True: deleting a tensor
+    attribute is beyond torch.compile, so a compiled step deletes the .jac fields outside) and
+    matches eager, state included, over two steps."""
     gen = torch.Generator().manual_seed(0)
-    blocks = [torch.randn(3, s, generator=gen) for s in (40, 7, 0, 129)]
+    jacs = [[torch.randn(3, 5, 3, generator=gen), torch.randn(3, 4, generator=gen)] for _ in range(2)]
 
-    def step(blocks, targets):
-        G = fusedjd.ops.gramian(blocks, [47, 129])
-        W = fusedjd.ops.gradvac_loop(G, fusedjd.ops.draw_perms(2, 3, False), targets, 0.5, 1e-8)
-        return fusedjd.ops.combine(blocks, W, [47, 129])
+    def run(compiled: bool):
+        torch._dynamo.reset()
+        torch.manual_seed(7)
+        ps = [torch.zeros(5, 3, requires_grad=True), torch.zeros(4, requires_grad=True)]
+        agg = make()
+        fn = lambda: fusedjd.jac_to_grad(ps, agg, retain_jac=True)  # noqa: E731
+        fn = torch.compile(fn, fullgraph=True) if compiled else fn
+        out = []
+        for step_jacs in jacs:
+            for p, j in zip(ps, step_jacs):
+                p.jac, p.grad = j.clone(), None
+            w = fn()
+            out.append((w, [p.grad.clone() for p in ps]))
+        return out, agg.state_dict()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)
-    t1, t2 = torch.zeros(2, 3, 3, dtype=torch.float32), torch.zeros(2, 3, 3, dtype=torch.float32)
-    torch.manual_seed(3)
-    expected = step(blocks, t1)
-    torch.manual_seed(3)
-    got = compiled(blocks, t2)
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(t2, t1)
+    (eager, s1), (compiled, s2) = run(False), run(True)
+    for (w1, g1), (w2, g2) in zip(eager, compiled):
+        _close(w1, w2, torch.float32)
+        for a, b in zip(g1, g2):
+            _close(a, b, torch.float32)
+    for k in s1:
+        if isinstance(s1[k], torch.Tensor):
+            torch.testing.assert_close(s1[k], s2[k])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA jac_to_grad path runs on a GPU only")
+@pytest.mark.parametrize("agg_name", ["GradVac", "MoCo", "UPGrad"])
+def test_cuda_equals_cpu(agg_name):
+    cpu, _ = _run(fusedjd.jac_to_grad, AGGREGATORS[agg_name], "cnn", torch.float64)
+    gpu, _ = _run(fusedjd.jac_to_grad, AGGREGATORS[agg_name], "cnn", torch.float64, device="cuda")
+    for (w1, g1), (w2, g2) in zip(cpu, gpu, strict=True):
+        _close(w1, None if w2 is None else w2.cpu(), torch.float64)
+        for a, b in zip(g1, g2, strict=True):
+            _close(a, b.cpu(), torch.float64)

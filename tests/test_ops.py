@@ -297,7 +297,8 @@ def test_opcheck(device, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gramian-two-groups", "gradvac-f32", "pcgrad-f32", "combine-two-groups",
-                                  "moco-softmax"])
+                                  "moco-softmax", "gramian-list-group-spans-blocks", "combine-list-bf16",
+                                  "moco-projection-f64"])
 def test_compile_each_op_fullgraph(name):
     op, args = _op_samples("cpu")[name]
     clone = lambda a: [x.clone() if isinstance(x, torch.Tensor) else x for x in a]  # noqa: E731

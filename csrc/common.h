@@ -157,22 +157,44 @@ inline void check_targets(const at::Tensor& G, const at::Tensor& targets) {
   FUSEDJD_CHECK_CONTIGUOUS(targets);
 }
 
-inline Blocks check_moco_args(at::TensorList J, const at::Tensor& Y, const at::Tensor& lam, const at::Tensor& step) {
+// Checks of MoCo's J, Y and step (the moco_gramian op's arguments); returns J's blocks.
+inline Blocks check_moco_state(at::TensorList J, const at::Tensor& Y, const at::Tensor& step) {
   Blocks B = check_blocks(J);
-  for (const at::Tensor* t : {&Y, &lam, &step})
-    TORCH_CHECK(t->device() == B.device, "fusedjd: `", t == &Y ? "Y" : t == &lam ? "lam" : "step", "` is on ",
-                t->device(), " but `J` is on ", B.device, "; all tensors must be on the same device");
+  TORCH_CHECK(Y.device() == B.device, "fusedjd: `Y` is on ", Y.device(), " but `J` is on ", B.device,
+              "; all tensors must be on the same device");
   TORCH_CHECK(Y.dim() == 2 && Y.size(0) == B.m && Y.size(1) == B.n, "fusedjd: `Y` must have shape [m, n] = [", B.m,
               ", ", B.n, "], got ", Y.sizes());
   TORCH_CHECK(Y.scalar_type() == B.dtype, "fusedjd: `Y` must have the dtype of `J` (", B.dtype, "), got ",
               Y.scalar_type());
   FUSEDJD_CHECK_CONTIGUOUS(Y);
+  TORCH_CHECK(step.device() == B.device, "fusedjd: `step` is on ", step.device(), " but `J` is on ", B.device,
+              "; all tensors must be on the same device");
+  FUSEDJD_CHECK_DIM(step, 0);
+  FUSEDJD_CHECK_DTYPE(step, at::kLong);
+  return B;
+}
+
+// Checks of the moco_step op: J, Y and step, then lam, then the Gramian when one is given.
+inline Blocks check_moco_args(at::TensorList J, const at::Tensor& Y, const at::Tensor& lam, const at::Tensor& step,
+                              const c10::optional<at::Tensor>& gram) {
+  Blocks B = check_moco_state(J, Y, step);
+  TORCH_CHECK(lam.device() == B.device, "fusedjd: `lam` is on ", lam.device(), " but `J` is on ", B.device,
+              "; all tensors must be on the same device");
   FUSEDJD_CHECK_DIM(lam, 1);
   TORCH_CHECK(lam.size(0) == B.m, "fusedjd: `lam` must have length m=", B.m, ", got ", lam.size(0));
   FUSEDJD_CHECK_DTYPE(lam, acc_dtype(B.dtype));
   FUSEDJD_CHECK_CONTIGUOUS(lam);
-  FUSEDJD_CHECK_DIM(step, 0);
-  FUSEDJD_CHECK_DTYPE(step, at::kLong);
+  if (gram.has_value()) {
+    const at::Tensor& G = *gram;
+    TORCH_CHECK(G.device() == B.device, "fusedjd: `gram` is on ", G.device(), " but `J` is on ", B.device,
+                "; all tensors must be on the same device");
+    TORCH_CHECK(G.dim() == 2 && G.size(0) == B.m && G.size(1) == B.m, "fusedjd: `gram` must have shape [m, m] = [",
+                B.m, ", ", B.m, "], got ", G.sizes());
+    TORCH_CHECK(G.scalar_type() == acc_dtype(B.dtype), "fusedjd: `gram` must have dtype ", acc_dtype(B.dtype),
+                ", got ", G.scalar_type());
+    TORCH_CHECK(G.is_contiguous(), "fusedjd: `gram` must be contiguous, got strides ", G.strides(), " for shape ",
+                G.sizes());
+  }
   return B;
 }
 

@@ -156,22 +156,18 @@ FUSEDJD_HD bool moco_lambda_update(const GT* gram, const double* lam, double* la
                           m, c, rho, projection, scratch);
 }
 
-// The same update from the (2m x 2m) Gramian of the stacked rows [Y; J] (YY^T top-left, YJ^T
-// top-right, JJ^T bottom-right), with Yn = (1 - b) Y + b J: the CUDA kernel's fallback for more
-// rows than its streaming engine takes.
+// Entry (r, s) of the Gramian of Yn = (1 - b) Y + b J from the (2m x 2m) Gramian of the stacked
+// rows [Y; J] (YY^T top-left, YJ^T top-right, JJ^T bottom-right): the CUDA kernels' fallback for
+// more rows than their streaming engine takes.
 template <typename GT>
-FUSEDJD_HD bool moco_lambda_update_stacked(const GT* gram, const double* lam, double* lam_new, int64_t m, double b,
-                                           double c, double rho, bool projection, double* scratch) {
+FUSEDJD_HD double moco_stacked_entry(const GT* gram, int64_t m, double b, int64_t r, int64_t s) {
   const int64_t w = 2 * m;
   const double a = 1.0 - b;
-  auto mrs = [&](int64_t r, int64_t s) {
-    const double yy = static_cast<double>(gram[r * w + s]);
-    const double yj = static_cast<double>(gram[r * w + (m + s)]);  // <Y_r, J_s>
-    const double jy = static_cast<double>(gram[s * w + (m + r)]);  // <Y_s, J_r>
-    const double jj = static_cast<double>(gram[(m + r) * w + (m + s)]);
-    return a * a * yy + a * b * (yj + jy) + b * b * jj;
-  };
-  return moco_lambda_step(mrs, lam, lam_new, m, c, rho, projection, scratch);
+  const double yy = static_cast<double>(gram[r * w + s]);
+  const double yj = static_cast<double>(gram[r * w + (m + s)]);  // <Y_r, J_s>
+  const double jy = static_cast<double>(gram[s * w + (m + r)]);  // <Y_s, J_r>
+  const double jj = static_cast<double>(gram[(m + r) * w + (m + s)]);
+  return a * a * yy + a * b * (yj + jy) + b * b * jj;
 }
 
 }  // namespace fusedjd

@@ -38,13 +38,21 @@ inline void define_ops(torch::Library& m) {
   // weights[g] @ J_g. Output dtype is J's.
   m.def("combine(Tensor[] J, Tensor weights, int[] group_sizes) -> Tensor");
 
-  // One MoCo step on J and the tracking matrix Y [m, n] (contiguous): step += 1; Y <- Y - b (Y - J); lam <- S(lam - c (Y Y^T + rho I) lam);
-  // returns (weights, lam^T Y). A non-finite J (or Gramian term) leaves Y, lam
-  // and step untouched and returns NaN for both outputs. `step` is a 0-dim
-  // int64 tensor so that no host sync is ever needed.
+  // One MoCo step on J and the tracking matrix Y [m, n] (contiguous): step += 1;
+  // Y <- Y - b (Y - J); lam <- S(lam - c (Y Y^T + rho I) lam); returns (weights, lam^T Y). A
+  // non-finite J (or Gramian term) leaves Y, lam and step untouched and returns NaN for both
+  // outputs. `step` is a 0-dim int64 tensor so that no host sync is ever needed.
+  // `gram`: Y Y^T of the updated Y when the caller has it (sharded MoCo: the sum over the ranks of
+  // moco_gramian); without it the step computes it in its first pass, reading Y and J once.
   m.def(
       "moco_step(Tensor[] J, Tensor(a!) Y, Tensor(b!) lam, Tensor(c!) step, float beta, "
-      "float beta_sigma, float gamma, float gamma_sigma, float rho, bool projection) -> (Tensor, Tensor)");
+      "float beta_sigma, float gamma, float gamma_sigma, float rho, bool projection, Tensor? gram=None) "
+      "-> (Tensor, Tensor)");
+
+  // MoCo's first pass alone: the Gramian [m, m] (float32; float64 for float64) of the Y the next
+  // moco_step would store, Y + b (J - Y) with b from the step counter, rounded to Y's dtype as the
+  // step stores it; Y and step are not written.
+  m.def("moco_gramian(Tensor[] J, Tensor Y, Tensor step, float beta, float beta_sigma) -> Tensor");
 }
 
 }  // namespace fusedjd

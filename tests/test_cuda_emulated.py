@@ -84,7 +84,7 @@ def _matrix(m, n, dtype, gen, kind="random"):
 
 
 def test_emulator_library_covers_every_cuda_op():
-    for op in ["gramian", "combine", "gradvac_loop", "pcgrad_loop", "moco_step"]:
+    for op in ["gramian", "combine", "gradvac_loop", "pcgrad_loop", "moco_step", "moco_gramian"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedjd_simt::{op}", "CPU"), op
     assert simt_build.cuda_sources(), "no CUDA sources found"
 
@@ -404,3 +404,30 @@ def test_random_schedules_agree():
         Y, lam, step = torch.zeros(20, 3001), torch.full((20,), 0.05), torch.zeros((), dtype=torch.long)
         run_schedules(lambda: EMU.moco_step([J], Y.clone(), lam.clone(), step.clone(), 0.5, 0.5, 0.1, 0.5, 0.0, True),
                       orders=orders, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [3, 129])
+def test_moco_gramian_and_given_gram(dtype, m):
+    """The first pass alone (the streaming engine, or for m = 129 the stacked [Y; J] Gramian folded
+    on the device) against the CPU kernel, and a step given that Gramian against the step that
+    computes it."""
+    gen = torch.Generator().manual_seed(m)
+    n = 700
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    J = torch.randn(m, n, generator=gen).to(dtype)
+    blocks = [J[:, :300], J[:, 300:]]
+    Y = torch.randn(m, n, generator=gen).to(dtype)
+    step = torch.tensor(3)
+    G, _ = run_schedules(lambda: (EMU.moco_gramian(blocks, Y, step, 0.5, 0.5),))
+    G_cpu = torch.ops.fusedjd.moco_gramian(blocks, Y, step, 0.5, 0.5)
+    assert rel_err(G, G_cpu) <= TOLERANCE["moco"][dtype]
+    lam = torch.softmax(torch.randn(m, generator=gen), 0).to(acc)
+    outs = []
+    for gram in (None, G_cpu):
+        Y1, l1, s1 = Y.clone(), lam.clone(), step.clone()
+        w, out = EMU.moco_step(blocks, Y1, l1, s1, 0.5, 0.5, 0.1, 0.5, 0.0, False, gram)
+        outs.append((w, out, Y1))
+    for a, b in zip(*outs):
+        assert rel_err(a, b) <= TOLERANCE["moco"][dtype]
+

@@ -258,6 +258,12 @@ def _op_samples(device):
         "moco-projection-f64": (moco, ([J[:, :30].double(), J[:, 30:].double()], r(4, 37).double(), torch.full((4,), 0.25, device=device).double(),
                                        torch.full((), 3, dtype=torch.long, device=device), 0.9, 0.0, 0.5, 0.0, 0.1,
                                        True)),
+        "moco-given-gram": (moco, ([J[:, :9], J[:, 9:]], torch.zeros(4, 37, device=device),
+                                   torch.full((4,), 0.25, device=device), zeros_step(), 0.5, 0.5, 0.1, 0.5, 0.0, False,
+                                   (J @ J.T).contiguous())),
+        "moco-gramian-f64": (torch.ops.fusedjd.moco_gramian.default,
+                             ([J.double()], r(4, 37).double(), torch.full((), 2, dtype=torch.long, device=device),
+                              0.5, 0.5)),
         "moco-bf16": (moco, ([J.bfloat16()], torch.zeros(4, 37, device=device).bfloat16(),
                              torch.full((4,), 0.25, device=device), zeros_step(), 0.5, 0.5, 0.1, 0.5, 0.0, False)),
     }
@@ -453,6 +459,11 @@ def _bad_calls():
         "list-rows": (torch.ops.fusedjd.combine.default, ([J, J[:2]], torch.ones(1, 3), [20])),
         "list-rank": (torch.ops.fusedjd.gramian.default, ([J, J[0]], [20])),
         "moco-Y-list-width": (moco, ([J, J], torch.zeros(3, 10), torch.ones(3), step, *h)),
+        "moco-gram-shape": (moco, ([J], torch.zeros(3, 10), torch.ones(3), step, *h, torch.zeros(3, 4))),
+        "moco-gram-dtype": (moco, ([J], torch.zeros(3, 10), torch.ones(3), step, *h, torch.zeros(3, 3).double())),
+        "moco-gramian-Y-shape": (torch.ops.fusedjd.moco_gramian.default, ([J], torch.zeros(3, 9), step, 0.5, 0.5)),
+        "moco-gramian-step-dtype": (torch.ops.fusedjd.moco_gramian.default,
+                                    ([J], torch.zeros(3, 10), torch.zeros(()), 0.5, 0.5)),
         "moco-step-rank": (moco, ([J], torch.zeros(3, 10), torch.ones(3), L(1), *h)),
     }
 
@@ -526,3 +537,38 @@ def test_combine_rounds_like_torch(dtype):
         # values equal (the sum starts at +0, so -0 comes out as +0, which compares equal)
         assert torch.equal(got[~expected.isnan()], expected[~expected.isnan()])
         assert torch.equal(got.isnan(), expected.isnan())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_moco_step_with_a_given_gramian(device, dtype):
+    """moco_gramian is the step's first pass: handing its result back to moco_step gives the step
+    that computes it itself (bit for bit in float64, where the Gramian is not rounded on the way),
+    and moco_gramian writes nothing."""
+    gen = torch.Generator().manual_seed(4)
+    m, n = 5, 3001
+    acc = ops.acc_dtype(dtype)
+    states = [(torch.zeros(m, n, dtype=dtype, device=device), torch.full((m,), 0.2, dtype=acc, device=device),
+               torch.zeros((), dtype=torch.long, device=device)) for _ in range(2)]
+    h = (0.6, 0.4, 0.7, 0.3, 0.1, True)
+    for _ in range(4):
+        J = torch.randn(m, n, generator=gen).to(dtype).to(device)
+        blocks = [J[:, :1000], J[:, 1000:]]
+        (Y1, l1, s1), (Y2, l2, s2) = states
+        before = Y2.clone(), s2.clone()
+        G = ops.moco_gramian(blocks, Y2, s2, h[0], h[1])
+        assert torch.equal(Y2, before[0]) and torch.equal(s2, before[1])
+        w1, o1 = ops.moco_step(J, Y1, l1, s1, *h)
+        w2, o2 = ops.moco_step(blocks, Y2, l2, s2, *h, gram=G)
+        if dtype == torch.float64:
+            assert torch.equal(w1, w2) and torch.equal(o1, o2) and torch.equal(Y1, Y2)
+        else:
+            assert rel_err(w2, w1) < 1e-5 and rel_err(o2, o1) < 1e-2 and torch.equal(Y1, Y2)
+        assert int(s1) == int(s2)
+    bad = G.clone()
+    bad[0, 1] = float("nan")
+    saved = [t.clone() for t in states[1]]
+    w, o = ops.moco_step(blocks, *states[1], *h, gram=bad)
+    assert torch.isnan(w).all() and torch.isnan(o).all()
+    assert all(torch.equal(a, b) for a, b in zip(states[1], saved))
+

@@ -2,7 +2,8 @@
 // m x n temporary (5 streams of m x n: read Y, J; read Y, J and write Y).
 //   pass 1: the Gramian of the updated rows Yn = Y + b (J - Y), formed tile by tile in cache by
 //           the streaming engine (gram_engine.h) and rounded to Y's dtype exactly as pass 2 will
-//           store it; Y is not written -- a non-finite J shows as a non-finite Gramian;
+//           store it; Y is not written -- a non-finite J shows as a non-finite Gramian (skipped
+//           when the caller gives the Gramian; moco_gramian is this pass alone);
 //   step:   step sizes, the weight update and the skip decision (math.h);
 //   pass 2: Y <- Yn in place and out = lam^T Yn, fused.
 #include <ATen/ATen.h>
@@ -52,10 +53,34 @@ struct UpdatedRows {
   }
 };
 
+// Pass 1: the Gramian (float64, m x m) of the updated rows Y + b (J - Y).
+std::vector<double> updated_gram(const Blocks& B, const at::Tensor& Y, double b) {
+  std::vector<double> gram(static_cast<size_t>(B.m * B.m), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, B.dtype, "fusedjd_moco_gram_cpu", [&] {
+    const UpdatedRows<scalar_t> rows(Y.data_ptr<scalar_t>(), B, static_cast<at::opmath_type<scalar_t>>(b));
+    gram_groups(rows, B.m, {0, B.n}, gram.data());
+  });
+  return gram;
+}
+
+at::Tensor moco_gramian_cpu(at::TensorList J, const at::Tensor& Y, const at::Tensor& step, double beta,
+                            double beta_sigma) {
+  const Blocks B = check_moco_state(J, Y, step);
+  at::Tensor out = at::zeros({B.m, B.m}, Y.options().dtype(acc_dtype(B.dtype)));
+  if (B.m == 0) return out;
+  double b = 0.0, c = 0.0;
+  moco_rates(step.data_ptr<int64_t>()[0] + 1, beta, beta_sigma, 0.0, 0.0, &b, &c);
+  const std::vector<double> gram = updated_gram(B, Y, b);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fusedjd_moco_gramian_out", [&] {
+    std::copy(gram.begin(), gram.end(), out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> moco_step_cpu(at::TensorList J, at::Tensor& Y, at::Tensor& lam, at::Tensor& step,
                                                  double beta, double beta_sigma, double gamma, double gamma_sigma,
-                                                 double rho, bool projection) {
-  const Blocks B = check_moco_args(J, Y, lam, step);
+                                                 double rho, bool projection, const c10::optional<at::Tensor>& given) {
+  const Blocks B = check_moco_args(J, Y, lam, step, given);
   const int64_t m = B.m, n = B.n;
   at::Tensor weights = at::empty({m}, lam.options());
   at::Tensor out = at::empty({n}, Y.options());
@@ -67,7 +92,13 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cpu(at::TensorList J, at::Tensor& Y
   double b = 0.0, c = 0.0;
   moco_rates(k, beta, beta_sigma, gamma, gamma_sigma, &b, &c);
 
-  std::vector<double> gram(static_cast<size_t>(m * m), 0.0), lam_old(m), lam_new(m), scratch(m);
+  std::vector<double> gram, lam_old(m), lam_new(m), scratch(m);
+  if (given.has_value()) {
+    const at::Tensor G = given->to(at::kDouble).contiguous();
+    gram.assign(G.data_ptr<double>(), G.data_ptr<double>() + m * m);
+  } else {
+    gram = updated_gram(B, Y, b);
+  }
   AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "fusedjd_moco_lam", [&] {
     for (int64_t r = 0; r < m; ++r) lam_old[r] = static_cast<double>(lam.data_ptr<scalar_t>()[r]);
   });
@@ -78,7 +109,6 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cpu(at::TensorList J, at::Tensor& Y
     scalar_t* y = Y.data_ptr<scalar_t>();
     const opmath_t br = static_cast<opmath_t>(b);
     const UpdatedRows<scalar_t> rows(y, B, br);
-    gram_groups(rows, m, {0, n}, gram.data());
     ok = moco_lambda_update(gram.data(), lam_old.data(), lam_new.data(), m, c, rho, projection, scratch.data());
     if (!ok) return;
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -123,6 +153,7 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cpu(at::TensorList J, at::Tensor& Y
 
 TORCH_LIBRARY_IMPL(fusedjd, CPU, m) {
   m.impl("moco_step", &moco_step_cpu);
+  m.impl("moco_gramian", &moco_gramian_cpu);
 }
 
 }  // namespace fusedjd::cpu

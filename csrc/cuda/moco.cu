@@ -2,7 +2,8 @@
 //   pass 1: the Gramian of the updated rows Y + b (J - Y), formed as the streaming engine reads Y
 //           and J (gram_engine.cuh, Update; b from the device step counter), rounded as pass
 //           2 stores them; for m beyond the engine's tiles, the Gramian of the stacked rows
-//           [Y; J] by blas_gram (no m x n temporary either);
+//           [Y; J] by blas_gram (no m x n temporary either), folded into the m x m one. Skipped
+//           when the caller gives the Gramian; moco_gramian is this pass alone;
 //   step:   one thread reads the device step counter, computes the step sizes, the
 //           weight update and the skip decision (math.h), and updates lam and step;
 //   pass 2: Y <- Y + b (J - Y) in place and out = lam^T Y, or NaN and no write when the
@@ -23,9 +24,9 @@
 namespace fusedjd::cuda {
 namespace {
 
-// scratch (float64): [lam_old m | lam_new m | tmp 2m | b | ok]. STACKED: `gram` is the (2m x 2m)
-// Gramian of [Y; J], else the (m x m) Gramian of the updated rows.
-template <typename acc_t, typename lam_t, bool STACKED>
+// scratch (float64): [lam_old m | lam_new m | tmp 2m | b | ok]; `gram` the (m x m) Gramian of the
+// updated rows.
+template <typename acc_t, typename lam_t>
 __global__ void moco_update_kernel(const acc_t* gram, int64_t m, lam_t* lam, int64_t* step, double beta,
                                    double beta_sigma, double gamma, double gamma_sigma, double rho, bool projection,
                                    double* scratch, lam_t* weights) {
@@ -37,8 +38,7 @@ __global__ void moco_update_kernel(const acc_t* gram, int64_t m, lam_t* lam, int
   double b = 0.0, c = 0.0;
   moco_rates(k, beta, beta_sigma, gamma, gamma_sigma, &b, &c);
   for (int64_t r = 0; r < m; ++r) lam_old[r] = static_cast<double>(lam[r]);
-  const bool ok = STACKED ? moco_lambda_update_stacked(gram, lam_old, lam_new, m, b, c, rho, projection, tmp)
-                          : moco_lambda_update(gram, lam_old, lam_new, m, c, rho, projection, tmp);
+  const bool ok = moco_lambda_update(gram, lam_old, lam_new, m, c, rho, projection, tmp);
   for (int64_t r = 0; r < m; ++r) {
     if (ok) lam[r] = static_cast<lam_t>(lam_new[r]);
     weights[r] = ok ? static_cast<lam_t>(lam_new[r]) : static_cast<lam_t>(NAN);
@@ -46,6 +46,40 @@ __global__ void moco_update_kernel(const acc_t* gram, int64_t m, lam_t* lam, int
   if (ok) *step = k;
   scratch[4 * m] = b;
   scratch[4 * m + 1] = ok ? 1.0 : 0.0;
+}
+
+// The (m x m) Gramian of the updated rows from the (2m x 2m) Gramian of [Y; J], with b from the
+// device step counter: one thread per entry.
+template <typename acc_t>
+__global__ void moco_fold_stacked_kernel(const acc_t* stacked, int64_t m, const int64_t* step, double beta,
+                                         double beta_sigma, acc_t* gram) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= m * m) return;
+  double b = 0.0, unused = 0.0;
+  moco_rates(*step + 1, beta, beta_sigma, 0.0, 0.0, &b, &unused);
+  gram[e] = static_cast<acc_t>(moco_stacked_entry(stacked, m, b, e / m, e % m));
+}
+
+// Pass 1: the Gramian (acc dtype, m x m) of the rows Y + b (J - Y) the step would store.
+at::Tensor updated_gram(const Blocks& B, const at::Tensor& Y, const at::Tensor& step, double beta, double beta_sigma) {
+  const int64_t m = B.m, n = B.n;
+  const at::ScalarType acc = acc_dtype(B.dtype);
+  if (m <= gram_rows_max(B.dtype)) {
+    const Update upd{Y.data_ptr(), step.data_ptr<int64_t>(), beta, beta_sigma};
+    return gram_blocks(B, {0, n}, &upd).select(0, 0);
+  }
+  // the Gramian of [Y; J], block by block, folded
+  at::Tensor stacked = at::zeros({2 * m, 2 * m}, Y.options().dtype(acc));
+  for (size_t b = 0; b < B.J.size(); ++b)
+    if (B.off[b + 1] > B.off[b]) stacked.add_(blas_gram(Y.narrow(1, B.off[b], B.off[b + 1] - B.off[b]), B.J[b], acc));
+  at::Tensor gram = at::empty({m, m}, Y.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "fusedjd_moco_fold_cuda", [&] {
+    constexpr int threads = 256;
+    launch("moco_fold_stacked_kernel", moco_fold_stacked_kernel<scalar_t>,
+           dim3(static_cast<unsigned>((m * m + threads - 1) / threads)), threads, 0, stacked.data_ptr<scalar_t>(), m,
+           step.data_ptr<int64_t>(), beta, beta_sigma, gram.data_ptr<scalar_t>());
+  });
+  return gram;
 }
 
 constexpr int kPass2Threads = 256;
@@ -76,10 +110,18 @@ __global__ void __launch_bounds__(kPass2Threads)
   }
 }
 
+at::Tensor moco_gramian_cuda(at::TensorList J, const at::Tensor& Y, const at::Tensor& step, double beta,
+                             double beta_sigma) {
+  const Blocks B = check_moco_state(J, Y, step);
+  const DeviceGuard guard(B.device);
+  if (B.m == 0) return at::zeros({0, 0}, Y.options().dtype(acc_dtype(B.dtype)));
+  return updated_gram(B, Y, step, beta, beta_sigma);
+}
+
 std::tuple<at::Tensor, at::Tensor> moco_step_cuda(at::TensorList J, at::Tensor& Y, at::Tensor& lam, at::Tensor& step,
                                                   double beta, double beta_sigma, double gamma, double gamma_sigma,
-                                                  double rho, bool projection) {
-  const Blocks B = check_moco_args(J, Y, lam, step);
+                                                  double rho, bool projection, const c10::optional<at::Tensor>& given) {
+  const Blocks B = check_moco_args(J, Y, lam, step, given);
   const DeviceGuard guard(B.device);
   const int64_t m = B.m, n = B.n;
   at::Tensor weights = at::empty({m}, lam.options());
@@ -89,20 +131,11 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cuda(at::TensorList J, at::Tensor& 
     return {weights, out};
   }
   const at::ScalarType acc = acc_dtype(B.dtype);
-  at::Tensor gram;
-  const bool stacked = m > gram_rows_max(B.dtype);
-  if (!stacked) {
-    const Update upd{Y.data_ptr(), step.data_ptr<int64_t>(), beta, beta_sigma};
-    gram = gram_blocks(B, {0, n}, &upd).select(0, 0);
-  } else {  // the Gramian of [Y; J], block by block
-    gram = at::zeros({2 * m, 2 * m}, Y.options().dtype(acc));
-    for (size_t b = 0; b < B.J.size(); ++b)
-      if (B.off[b + 1] > B.off[b]) gram.add_(blas_gram(Y.narrow(1, B.off[b], B.off[b + 1] - B.off[b]), B.J[b], acc));
-  }
+  const at::Tensor gram = given.has_value() ? *given : updated_gram(B, Y, step, beta, beta_sigma);
   at::Tensor scratch = at::empty({4 * m + 2}, Y.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(acc, "fusedjd_moco_update_cuda", [&] {
-    auto kernel = stacked ? moco_update_kernel<scalar_t, scalar_t, true> : moco_update_kernel<scalar_t, scalar_t, false>;
-    launch("moco_update_kernel", kernel, dim3(1), dim3(1), 0, gram.data_ptr<scalar_t>(), m, lam.data_ptr<scalar_t>(),
+    launch("moco_update_kernel", moco_update_kernel<scalar_t, scalar_t>, dim3(1), dim3(1), 0, gram.data_ptr<scalar_t>(), m,
+           lam.data_ptr<scalar_t>(),
            step.data_ptr<int64_t>(), beta, beta_sigma, gamma, gamma_sigma, rho, projection,
            scratch.data_ptr<double>(), weights.data_ptr<scalar_t>());
   });
@@ -121,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cuda(at::TensorList J, at::Tensor& 
 
 FUSEDJD_CUDA_IMPL(m) {
   m.impl("moco_step", &moco_step_cuda);
+  m.impl("moco_gramian", &moco_gramian_cuda);
 }
 
 }  // namespace fusedjd::cuda

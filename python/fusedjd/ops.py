@@ -22,6 +22,7 @@ __all__ = [
     "gradvac_loop",
     "gramian",
     "has_cuda_kernels",
+    "moco_gramian",
     "moco_step",
     "pcgrad_loop",
 ]
@@ -109,6 +110,7 @@ def moco_step(
     gamma_sigma: float,
     rho: float,
     projection: bool,
+    gram: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One MoCo step (``docs/CONTRACT.md`` §2; :func:`fusedjd.reference.moco_step`), updating ``Y``, ``lam`` and ``step`` in place.
 
@@ -117,11 +119,23 @@ def moco_step(
     :param lam: Weights ``[m]``, float32 (float64 for a float64 ``J``).
     :param step: 0-dim int64 step counter (incremented on the device).
     :param projection: ``True`` for the Euclidean simplex projection, ``False`` for softmax.
-    :returns: ``(weights, lamᵀ Y)``; both NaN, with the state untouched, when ``J`` is not finite.
+    :param gram: The Gramian ``[m, m]`` of the updated ``Y`` (float32; float64 for float64), when
+        the caller has it: sharded MoCo passes the sum over the ranks of :func:`moco_gramian`.
+        Without it the step computes it in its first pass.
+    :returns: ``(weights, lamᵀ Y)``; both NaN, with the state untouched, when ``J`` (or ``gram``)
+        is not finite.
     """
     return torch.ops.fusedjd.moco_step.default(
-        _blocks(J), Y, lam, step, float(beta), float(beta_sigma), float(gamma), float(gamma_sigma), float(rho), bool(projection)
+        _blocks(J), Y, lam, step, float(beta), float(beta_sigma), float(gamma), float(gamma_sigma), float(rho),
+        bool(projection), gram,
     )
+
+
+def moco_gramian(J: Tensor | Sequence[Tensor], Y: Tensor, step: Tensor, beta: float, beta_sigma: float) -> Tensor:
+    """MoCo's first pass alone: the Gramian ``[m, m]`` of the ``Y`` the next :func:`moco_step` would
+    store, ``Y + b (J - Y)`` with ``b = beta / (step + 1)^beta_sigma`` (read on the device), rounded
+    to ``Y``'s dtype as the step stores it. Nothing is written."""
+    return torch.ops.fusedjd.moco_gramian.default(_blocks(J), Y, step, float(beta), float(beta_sigma))
 
 
 def has_cuda_kernels() -> bool:
@@ -264,20 +278,38 @@ def _(J, weights, group_sizes):
     return J[0].new_empty((n,))
 
 
-@torch.library.register_fake("fusedjd::moco_step")
-def _(J, Y, lam, step, beta, beta_sigma, gamma, gamma_sigma, rho, projection):
+def _check_moco_state(J, Y, step) -> tuple[int, int]:
     m, n = _check_blocks(J)
-    for t, name in ((Y, "Y"), (lam, "lam"), (step, "step")):
-        _check_same_device(t, name, J[0], "J")
+    _check_same_device(Y, "Y", J[0], "J")
     torch._check(Y.dim() == 2 and tuple(Y.shape) == (m, n),
                  lambda: f"fusedjd: `Y` must have shape [m, n] = [{m}, {n}], got {_shape(Y)}")
     torch._check(Y.dtype == J[0].dtype,
                  lambda: f"fusedjd: `Y` must have the dtype of `J` ({_st(J[0].dtype)}), got {_st(Y.dtype)}")
     _check_contiguous(Y, "Y")
+    _check_same_device(step, "step", J[0], "J")
+    _check_dim(step, "step", 0)
+    _check_dtype(step, "step", torch.long)
+    return m, n
+
+
+@torch.library.register_fake("fusedjd::moco_step")
+def _(J, Y, lam, step, beta, beta_sigma, gamma, gamma_sigma, rho, projection, gram=None):
+    m, n = _check_moco_state(J, Y, step)
+    _check_same_device(lam, "lam", J[0], "J")
     _check_dim(lam, "lam", 1)
     torch._check(lam.shape[0] == m, lambda: f"fusedjd: `lam` must have length m={m}, got {lam.shape[0]}")
     _check_dtype(lam, "lam", acc_dtype(J[0].dtype))
     _check_contiguous(lam, "lam")
-    _check_dim(step, "step", 0)
-    _check_dtype(step, "step", torch.long)
+    if gram is not None:
+        _check_same_device(gram, "gram", J[0], "J")
+        torch._check(gram.dim() == 2 and tuple(gram.shape) == (m, m),
+                     lambda: f"fusedjd: `gram` must have shape [m, m] = [{m}, {m}], got {_shape(gram)}")
+        _check_dtype(gram, "gram", acc_dtype(J[0].dtype))
+        _check_contiguous(gram, "gram")
     return lam.new_empty((m,)), Y.new_empty((n,))
+
+
+@torch.library.register_fake("fusedjd::moco_gramian")
+def _(J, Y, step, beta, beta_sigma):
+    m, _ = _check_moco_state(J, Y, step)
+    return Y.new_empty((m, m), dtype=acc_dtype(J[0].dtype))

@@ -11,7 +11,8 @@ from torch.nn.modules import module as _module
 from torchjd import Stateful
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, Weighting
 
-from . import ops
+from . import _distributed, ops
+from ._distributed import ProcessGroup
 from ._state import _BufferState, _NonDifferentiable
 from ._validation import (
     check_group_sizes,
@@ -31,10 +32,16 @@ def _hooked(*modules: nn.Module) -> bool:
         mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
 
 
-def _whole_gramian(matrix: Tensor) -> Tensor:
-    """Gramian of the whole matrix through the fused op (what the aggregators compose with)."""
-    check_matrix(matrix)
-    return ops.gramian(matrix, [matrix.shape[1]])[0]
+class _WholeGramian:
+    """The Gramian of the whole matrix through the fused op, summed over the aggregator's process
+    group when it has one: what GradVac's and PCGrad's ``weighting`` composes with."""
+
+    def __init__(self, weighting: nn.Module) -> None:
+        self.weighting = weighting  # holds the process group
+
+    def __call__(self, matrix: Tensor) -> Tensor:
+        check_matrix(matrix)
+        return _distributed.all_reduce_sum(ops.gramian(matrix, [matrix.shape[1]]), self.weighting.process_group)[0]
 
 
 class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
@@ -64,16 +71,20 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
 
     :param beta: EMA rate for :math:`\hat{\phi}`, in [0, 1].
     :param eps: Small non-negative constant added to denominators.
+    :param process_group: With a ``torch.distributed`` group, the visit orders are drawn on its
+        first rank and broadcast, so that every rank (given the same, already summed, Gramian)
+        computes the same weights and targets.
     """
 
     _state_names = ("_targets",)
     # torchjd 0.18's GradVacWeighting keeps one [m, m] target matrix in `_phi_t`
     _foreign_state = {"_phi_t": ("_targets", lambda phi: phi.to(ops.acc_dtype(phi.dtype)).unsqueeze(0))}
 
-    def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8, *, process_group: ProcessGroup | None = None) -> None:
         super().__init__()
         self.beta = beta
         self.eps = eps
+        self.process_group = process_group
         self._init_state()
 
     beta = in_unit_interval("beta")
@@ -87,9 +98,10 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         check_square(gramian)
         return self.stacked(gramian.unsqueeze(0))[0]
 
-    def stacked(self, gramians: Tensor) -> Tensor:
+    def stacked(self, gramians: Tensor, group: ProcessGroup | None = None) -> Tensor:
         """Weights ``[k, m]`` for a stack of Gramians ``[k, m, m]`` (one per column group), each
-        group with its own targets and visit orders, drawn group by group. Used by
+        group with its own targets and visit orders, drawn group by group (on the first rank of
+        ``group``, else of :attr:`process_group`, when there is one). Used by
         :class:`~fusedjd.GroupedGradVac`; the targets reset when ``k``, ``m``, the dtype or the
         device changes."""
         G = gramians.to(ops.acc_dtype(gramians.dtype))
@@ -97,7 +109,7 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         T = self._targets
         if T.shape != G.shape or T.dtype != G.dtype or T.device != G.device:
             self._targets = torch.zeros_like(G)
-        perms = ops.draw_perms(k, m, pcgrad=False, device=G.device)
+        perms = _distributed.draw_perms(k, m, False, G.device, group or self.process_group)
         return ops.gradvac_loop(G, perms, self._targets, self._beta, self._eps)
 
 
@@ -126,17 +138,21 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
 
     :param beta: EMA rate for :math:`\hat{\phi}`, in [0, 1].
     :param eps: Small non-negative constant added to denominators.
+    :param process_group: Sharded aggregation (``docs/CONTRACT.md`` §5): the matrix is this rank's
+        columns of the Jacobian, the Gramian is summed over the group, and the result is this
+        rank's part of the aggregated gradient.
     """
 
     gramian_weighting: GradVacWeighting
 
-    def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:
-        super().__init__(GradVacWeighting(beta=beta, eps=eps))
-        self.weighting = self.gramian_weighting << _whole_gramian
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8, *, process_group: ProcessGroup | None = None) -> None:
+        super().__init__(GradVacWeighting(beta=beta, eps=eps, process_group=process_group))
+        self.weighting = self.gramian_weighting << _WholeGramian(self.gramian_weighting)
         self._n: int | None = None
 
     beta = forwarded("beta", to="gramian_weighting")
     eps = forwarded("eps", to="gramian_weighting")
+    process_group = forwarded("process_group", to="gramian_weighting")
 
     def reset(self) -> None:
         """Clears the EMA targets so the next call starts from zero targets."""
@@ -157,7 +173,8 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
         if _hooked(self.weighting, self.gramian_weighting):
             weights = self.weighting(matrix).unsqueeze(0)
         else:  # the same computation without the module calls: a few ops, no Python around them
-            weights = self.gramian_weighting.stacked(ops.gramian(matrix, [n]))
+            group = self.gramian_weighting.process_group
+            weights = self.gramian_weighting.stacked(_distributed.all_reduce_sum(ops.gramian(matrix, [n]), group))
         return ops.combine(matrix, weights, [n])
 
     def get_extra_state(self) -> Any:
@@ -190,13 +207,17 @@ class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
     same ``torch.manual_seed``.
 
     :param group_sizes: Number of columns of each group, in column order; must sum to ``n``.
+        With a process group: this rank's columns of each group (0 where it holds none).
     :param beta: EMA rate for :math:`\hat{\phi}`, in [0, 1].
     :param eps: Small non-negative constant added to denominators.
+    :param process_group: Sharded aggregation, as for :class:`~fusedjd.GradVac`: each group's
+        Gramian is summed over the ranks.
     """
 
-    def __init__(self, group_sizes: Sequence[int], beta: float = 0.5, eps: float = 1e-8) -> None:
+    def __init__(self, group_sizes: Sequence[int], beta: float = 0.5, eps: float = 1e-8, *,
+                 process_group: ProcessGroup | None = None) -> None:
         super().__init__()
-        self.gramian_weighting = GradVacWeighting(beta=beta, eps=eps)
+        self.gramian_weighting = GradVacWeighting(beta=beta, eps=eps, process_group=process_group)
         self.group_sizes = group_sizes
 
     @property
@@ -210,6 +231,7 @@ class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
 
     beta = forwarded("beta", to="gramian_weighting")
     eps = forwarded("eps", to="gramian_weighting")
+    process_group = forwarded("process_group", to="gramian_weighting")
 
     def reset(self) -> None:
         """Clears the EMA targets of every group."""
@@ -219,8 +241,8 @@ class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
         check_matrix(matrix)
         sizes = self._group_sizes
         check_sizes_cover(sizes, matrix)
-        weights = self.gramian_weighting.stacked(ops.gramian(matrix, sizes))
-        return ops.combine(matrix, weights, sizes)
+        G = _distributed.all_reduce_sum(ops.gramian(matrix, sizes), self.process_group)
+        return ops.combine(matrix, self.gramian_weighting.stacked(G), sizes)
 
     def __repr__(self) -> str:
         return (
@@ -236,16 +258,20 @@ class PCGradWeighting(Weighting, _NonDifferentiable):
     :class:`torchjd.aggregation.PCGradWeighting` under the same ``torch.manual_seed``.
     """
 
+    def __init__(self, *, process_group: ProcessGroup | None = None) -> None:
+        super().__init__()
+        self.process_group = process_group
+
     def forward(self, gramian: Tensor, /) -> Tensor:
         check_square(gramian)
         return self.pcgrad(gramian)
 
-    @staticmethod
-    def pcgrad(gramian: Tensor) -> Tensor:
+    def pcgrad(self, gramian: Tensor, group: ProcessGroup | None = None) -> Tensor:
         """The PCGrad weights ``[m]`` of a checked Gramian ``[m, m]`` (visit orders drawn as torchjd
-        draws them)."""
+        draws them, on the first rank of ``group``, else of :attr:`process_group`, when there is
+        one)."""
         G = gramian.to(ops.acc_dtype(gramian.dtype)).unsqueeze(0)
-        perms = ops.draw_perms(1, G.shape[1], pcgrad=True, device=G.device)
+        perms = _distributed.draw_perms(1, G.shape[1], True, G.device, group or self.process_group)
         return ops.pcgrad_loop(G, perms)[0]
 
 
@@ -254,20 +280,25 @@ class PCGrad(GramianWeightedAggregator, _NonDifferentiable):
     :class:`~torchjd.aggregation.GramianWeightedAggregator` as defined in Algorithm 1 of
     `Gradient Surgery for Multi-Task Learning <https://arxiv.org/pdf/2001.06782.pdf>`_, a drop-in
     replacement for :class:`torchjd.aggregation.PCGrad` on fused kernels.
+
+    :param process_group: Sharded aggregation, as for :class:`~fusedjd.GradVac`.
     """
 
     gramian_weighting: PCGradWeighting
 
-    def __init__(self) -> None:
-        super().__init__(PCGradWeighting())
-        self.weighting = self.gramian_weighting << _whole_gramian
+    def __init__(self, *, process_group: ProcessGroup | None = None) -> None:
+        super().__init__(PCGradWeighting(process_group=process_group))
+        self.weighting = self.gramian_weighting << _WholeGramian(self.gramian_weighting)
+
+    process_group = forwarded("process_group", to="gramian_weighting")
 
     def forward(self, matrix: Tensor, /) -> Tensor:
         check_matrix(matrix)
         if _hooked(self.weighting, self.gramian_weighting):
             weights = self.weighting(matrix)
         else:
-            weights = self.gramian_weighting.pcgrad(ops.gramian(matrix, [matrix.shape[1]])[0])
+            G = _distributed.all_reduce_sum(ops.gramian(matrix, [matrix.shape[1]]), self.process_group)
+            weights = self.gramian_weighting.pcgrad(G[0])
         return ops.combine(matrix, weights.unsqueeze(0), [matrix.shape[1]])
 
 

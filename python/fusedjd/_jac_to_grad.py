@@ -11,8 +11,9 @@ from torchjd.autojac import jac_to_grad as _torchjd_jac_to_grad
 from torchjd.autojac._accumulation import _check_expects_grad, is_tensor_with_jac
 from torchjd.autojac._utils import check_consistent_first_dimension
 
-from . import ops
-from ._gradvac import GradVac, GroupedGradVac, _hooked
+from . import _distributed, ops
+from ._distributed import ProcessGroup
+from ._gradvac import GradVac, GroupedGradVac, PCGrad, _hooked
 from ._moco import MoCo
 
 # The fused path of one aggregator: from the list of Jacobian blocks [m, n_b] to (the combined
@@ -27,6 +28,7 @@ def jac_to_grad(
     *,
     retain_jac: bool = False,
     optimize_gramian_computation: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor | None:
     r"""
     Aggregates the Jacobians in the ``.jac`` fields of ``tensors`` and accumulates the result into
@@ -55,6 +57,12 @@ def jac_to_grad(
     :param retain_jac: Keep the ``.jac`` fields (deleted by default).
     :param optimize_gramian_computation: Accepted for torchjd compatibility; the fused path never
         concatenates. Passed on to torchjd when it takes the call.
+    :param process_group: Sharded aggregation (``docs/CONTRACT.md`` §5): ``tensors`` are this
+        rank's parameters (or shards), their ``.jac`` this rank's columns of the Jacobian; the
+        Gramians are summed over the group (one all-reduce of ``k·m²`` numbers), every rank gets
+        the same weights, and each writes its own part of the gradient. Defaults to the
+        aggregator's own ``process_group`` (fusedjd's classes), else single-process. Only the
+        fused path can shard: an aggregator torchjd would take is refused with a ``ValueError``.
     :returns: The weights (for weighted aggregators, as torchjd returns them), else ``None``.
     """
     tensors_ = []
@@ -70,8 +78,14 @@ def jac_to_grad(
     jacobians = [t.jac for t in tensors_]
     check_consistent_first_dimension(jacobians, "tensors.jac")
 
-    route = _route(aggregator, jacobians, tensors_)
+    group = process_group if process_group is not None else getattr(aggregator, "process_group", None)
+    route = _route(aggregator, jacobians, group)
     if route is None:
+        if group is not None:
+            raise ValueError(
+                f"jac_to_grad with a process group needs an aggregator it can shard ({_SHARDABLE}), with "
+                f"no forward hooks and .jac tensors of one dtype and device; got {aggregator!r}."
+            )
         return _torchjd_jac_to_grad(tensors_, aggregator, retain_jac=retain_jac,
                                     optimize_gramian_computation=optimize_gramian_computation)
     for t in tensors_:  # the checks accumulate_grads makes, before anything is changed
@@ -100,8 +114,12 @@ def _accumulate(tensors: list[Tensor], grads: list[Tensor]) -> None:
             t.grad = g
 
 
-def _route(aggregator: Aggregator, jacobians: list[Tensor], tensors: list[Tensor]) -> _Route | None:
-    """The fused path for this aggregator and these Jacobians, or None for torchjd's."""
+_SHARDABLE = "fusedjd's GradVac, PCGrad, GroupedGradVac, MoCo or a torchjd GramianWeightedAggregator"
+
+
+def _route(aggregator: Aggregator, jacobians: list[Tensor], group: ProcessGroup | None) -> _Route | None:
+    """The fused path for this aggregator and these Jacobians (summing the Gramians over ``group``
+    when there is one), or None for torchjd's."""
     first = jacobians[0]
     if first.shape[0] == 0 or not first.is_floating_point() or any(
             j.dtype != first.dtype or j.device != first.device for j in jacobians):
@@ -109,10 +127,13 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], tensors: list[Tensor
     sizes = [j[0].numel() for j in jacobians]
     n = sum(sizes)
 
+    def gramians(blocks: list[Tensor], groups: list[int]) -> Tensor:
+        return _distributed.all_reduce_sum(ops.gramian(blocks, groups), group)
+
     if isinstance(aggregator, MoCo):
         if _hooked(aggregator, aggregator.weighting):
             return None
-        return lambda blocks: (aggregator.weighting.update(blocks)[1], None)
+        return lambda blocks: (aggregator.weighting.update(blocks, group)[1], None)
 
     if isinstance(aggregator, GroupedGradVac):
         if _hooked(aggregator, aggregator.gramian_weighting):
@@ -121,7 +142,7 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], tensors: list[Tensor
         _check_whole_tensors(groups, sizes, n)
 
         def grouped(blocks: list[Tensor]) -> tuple[Tensor, None]:
-            weights = aggregator.gramian_weighting.stacked(ops.gramian(blocks, groups))
+            weights = aggregator.gramian_weighting.stacked(gramians(blocks, groups), group)
             return ops.combine(blocks, weights, groups), None
 
         return grouped
@@ -132,12 +153,14 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], tensors: list[Tensor
             return None
 
         def weighted(blocks: list[Tensor]) -> tuple[Tensor, Tensor]:
-            G = ops.gramian(blocks, [n])
+            G = gramians(blocks, [n])
             if isinstance(aggregator, GradVac):
                 aggregator._track_n(n)
-                weights = gw.stacked(G)[0]
-            else:
-                weights = gw(G[0])
+                weights = gw.stacked(G, group)[0]
+            elif isinstance(aggregator, PCGrad):
+                weights = gw.pcgrad(G[0], group)
+            else:  # torchjd's: every rank runs it on the same Gramian; the first rank's weights win
+                weights = _distributed.from_first_rank(gw(G[0]), group)
             return ops.combine(blocks, weights.unsqueeze(0), [n]), weights
 
         return weighted

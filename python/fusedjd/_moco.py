@@ -9,7 +9,8 @@ from torch import Tensor
 from torchjd import Stateful
 from torchjd.aggregation import Aggregator, Weighting
 
-from . import ops
+from . import _distributed, ops
+from ._distributed import ProcessGroup
 from ._gradvac import _hooked
 from ._state import _BufferState, _NonDifferentiable
 from ._validation import check_matrix, forwarded, in_unit_interval, non_negative
@@ -27,8 +28,10 @@ class _MoCoState(_BufferState):
     _state_names = ("_y", "_lam", "_step")
 
     def _configure(
-        self, beta: float, beta_sigma: float, gamma: float, gamma_sigma: float, rho: float, simplex: str
+        self, beta: float, beta_sigma: float, gamma: float, gamma_sigma: float, rho: float, simplex: str,
+        process_group: ProcessGroup | None = None,
     ) -> None:
+        self.process_group = process_group
         self.beta = beta
         self.beta_sigma = beta_sigma
         self.gamma = gamma
@@ -75,11 +78,17 @@ class _MoCoState(_BufferState):
         uniform ``λ`` and step 0."""
         self._clear_state()
 
-    def update(self, matrix: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    def update(self, matrix: Tensor | Sequence[Tensor], group: ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
         """One MoCo step on ``matrix`` (the Jacobian ``[m, n]``, or a list of its column blocks
         ``[m, n_b]``, as :func:`fusedjd.jac_to_grad` passes it): updates ``Y``, ``λ`` and the step
         count in place and returns ``(λ, λᵀ Y)``; NaN for both, state untouched, if ``matrix`` is
-        not finite."""
+        not finite.
+
+        With a process group (``group``, else :attr:`process_group`), ``matrix`` is this rank's
+        columns and ``Y`` is sharded like it: the Gramian of the updated ``Y`` is summed over the
+        ranks (one all-reduce of ``m²`` numbers) before the weight update, so ``λ`` and the step
+        count stay identical on every rank, and a non-finite shard anywhere refuses the step
+        everywhere. Without one, the step reads ``Y`` and ``J`` once for its Gramian."""
         if isinstance(matrix, Tensor):
             check_matrix(matrix)
             (m, n), first = matrix.shape, matrix
@@ -91,6 +100,11 @@ class _MoCoState(_BufferState):
             self._y = torch.zeros((m, n), dtype=first.dtype, device=first.device)
             self._lam = torch.full((m,), 1.0 / max(m, 1), dtype=ops.acc_dtype(first.dtype), device=first.device)
             self._step = torch.zeros((), dtype=torch.long, device=first.device)
+        group = group or self.process_group
+        gram = None
+        if group is not None:
+            local = ops.moco_gramian(matrix, self._y, self._step, self._beta, self._beta_sigma)
+            gram = _distributed.all_reduce_sum(local, group)
         return ops.moco_step(
             matrix,
             self._y,
@@ -102,6 +116,7 @@ class _MoCoState(_BufferState):
             self._gamma_sigma,
             self._rho,
             self._simplex == "projection",
+            gram,
         )
 
     @property
@@ -139,6 +154,9 @@ _MOCO_DOC = r"""
     :param gamma_sigma: Decay exponent of that step size.
     :param rho: Regularization added to the diagonal of :math:`Y Y^\top`.
     :param simplex: ``"softmax"`` or ``"projection"``.
+    :param process_group: Sharded aggregation (``docs/CONTRACT.md`` §5): the matrix is this rank's
+        columns of :math:`J`, ``Y`` is sharded like it, and only the :math:`m \times m` Gramian of
+        the updated ``Y`` is summed over the group.
 """
 
 
@@ -160,9 +178,11 @@ class MoCoWeighting(Weighting, _MoCoState, Stateful, _NonDifferentiable):
         gamma_sigma: float = 0.5,
         rho: float = 0.0,
         simplex: str = "softmax",
+        *,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        self._configure(beta, beta_sigma, gamma, gamma_sigma, rho, simplex)
+        self._configure(beta, beta_sigma, gamma, gamma_sigma, rho, simplex, process_group)
 
     def forward(self, matrix: Tensor, /) -> Tensor:
         return self.update(matrix)[0]
@@ -192,9 +212,12 @@ class MoCo(Aggregator, Stateful, _NonDifferentiable):
         gamma_sigma: float = 0.5,
         rho: float = 0.0,
         simplex: str = "softmax",
+        *,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        self.weighting = MoCoWeighting(beta, beta_sigma, gamma, gamma_sigma, rho, simplex)
+        self.weighting = MoCoWeighting(beta, beta_sigma, gamma, gamma_sigma, rho, simplex,
+                                       process_group=process_group)
 
     beta = forwarded("beta", to="weighting")
     beta_sigma = forwarded("beta_sigma", to="weighting")
@@ -202,6 +225,7 @@ class MoCo(Aggregator, Stateful, _NonDifferentiable):
     gamma_sigma = forwarded("gamma_sigma", to="weighting")
     rho = forwarded("rho", to="weighting")
     simplex = forwarded("simplex", to="weighting")
+    process_group = forwarded("process_group", to="weighting")
 
     @property
     def y(self) -> Tensor:

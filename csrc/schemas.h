@@ -43,7 +43,9 @@ inline void define_ops(torch::Library& m) {
   // non-finite J (or Gramian term) leaves Y, lam and step untouched and returns NaN for both
   // outputs. `step` is a 0-dim int64 tensor so that no host sync is ever needed.
   // `gram`: Y Y^T of the updated Y when the caller has it (sharded MoCo: the sum over the ranks of
-  // moco_gramian); without it the step computes it in its first pass, reading Y and J once.
+  // moco_gramian); without it the step computes it in its first pass, reading Y and J once. A
+  // given `gram` is trusted: J's finiteness then shows only through it (sharded MoCo's `gram`
+  // comes from the same J), so a non-finite J with a finite `gram` is written into Y.
   m.def(
       "moco_step(Tensor[] J, Tensor(a!) Y, Tensor(b!) lam, Tensor(c!) step, float beta, "
       "float beta_sigma, float gamma, float gamma_sigma, float rho, bool projection, Tensor? gram=None) "
@@ -51,7 +53,8 @@ inline void define_ops(torch::Library& m) {
 
   // MoCo's first pass alone: the Gramian [m, m] (float32; float64 for float64) of the Y the next
   // moco_step would store, Y + b (J - Y) with b from the step counter, rounded to Y's dtype as the
-  // step stores it; Y and step are not written.
+  // step stores it (on CUDA beyond 128 rows, 64 for float64: of the unrounded update, from the
+  // Gramian of [Y; J]); Y and step are not written.
   m.def("moco_gramian(Tensor[] J, Tensor Y, Tensor step, float beta, float beta_sigma) -> Tensor");
 }
 

@@ -32,6 +32,7 @@ OWNERS = {  # rank -> the blocks it holds; with 3 ranks, ranks 0 and 2 hold no c
     2: [[0, 3], [1, 2, 4]],
     3: [[0, 1], [2, 3], [4]],
 }
+SUBGROUP_OWNERS = [[0, 1, 2], [3, 4]]  # the blocks of global ranks 1 and 2 in the group [1, 2]
 STEPS = 10
 NAN_STEP = 6  # a NaN in a block of the last rank: every rank must refuse the step
 DEADLINE_S = 240
@@ -152,6 +153,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 results[("jac_to_grad", name, dtype)] = _run_jac_to_grad(name, make, blocks, dtype, nan, group, rank)
         if world == 2:
             results["train"] = _train([i for i in range(6) if i % world == rank], group)
+        if world == 3:  # a group that does not start at rank 0: ranks 1 and 2
+            sub = dist.new_group([1, 2], timeout=datetime.timedelta(seconds=60))
+            if rank in (1, 2):
+                for name in ("GradVac", "PCGrad", "UPGrad"):
+                    make, _, nan = _aggregators(sub)[name]
+                    mine = SUBGROUP_OWNERS[rank - 1]
+                    results[("subgroup", name)] = _run_jac_to_grad(name, make, mine, torch.float64, nan, sub, rank)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -253,6 +261,26 @@ def test_sharded_equals_single_process(sharded, name, api, dtype):
             for s in states:
                 assert torch.equal(s[key], states[0][key]), key
             assert rel_err(states[0][key], value) <= _tol(dtype), key
+
+
+@pytest.mark.parametrize("name", ["GradVac", "PCGrad", "UPGrad"])
+def test_a_group_that_does_not_start_at_rank_0(sharded, name):
+    """Ranks 1 and 2 of 3 aggregate in the group [1, 2]: the visit orders come from the group's
+    first rank (global rank 1), and the result is one process's with that rank's generator."""
+    world, results = sharded
+    if world != 3:
+        pytest.skip("the subgroup runs with 3 ranks")
+    make, _, nan = _aggregators(None)[name]
+    ref = _run_jac_to_grad(name, make, list(range(len(WIDTHS))), torch.float64, nan, None, rank=1)
+    per_rank = [results[r][("subgroup", name)] for r in (1, 2)]
+    for step in range(STEPS):
+        got = torch.cat([per_rank[0][step][1], per_rank[1][step][1]])  # blocks 0-2, then 3-4: global order
+        if nan and step == NAN_STEP:
+            assert torch.isnan(got).all()
+            continue
+        assert rel_err(got, ref[step][1]) <= 1e-12, step
+        assert torch.equal(per_rank[0][step][0], per_rank[1][step][0])
+    assert torch.equal(per_rank[0][STEPS], ref[STEPS])
 
 
 def test_training_with_parameters_split_over_two_ranks(sharded):

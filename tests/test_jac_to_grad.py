@@ -191,6 +191,16 @@ def test_accumulates_into_existing_grad_and_retain_jac(retain_jac):
                 assert torch.equal(t.jac, j)
 
 
+def test_a_tensor_listed_twice_accumulates_as_torchjds():
+    grads = []
+    for j2g in (fusedjd.jac_to_grad, torchjd_jac_to_grad):
+        p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        p.__setattr__("jac", torch.tensor([[1.0, 2.0, 0.0], [0.0, -1.0, 3.0]], dtype=torch.float64))
+        j2g([p, p], UPGrad(), retain_jac=True)
+        grads.append(p.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+
 def test_refusals_are_torchjds():
     model, heads = _setup("mlp", torch.float32)
     shared = _backward(model, heads, torch.Generator().manual_seed(0), torch.float32)
@@ -225,6 +235,7 @@ def test_half_jacobians(dtype):
     """fp16/bf16 .jac: the Gramian in float32, gradients written in the parameters' dtype."""
     ours, _ = _run(fusedjd.jac_to_grad, UPGrad, "mlp", dtype, steps=1)
     ref, _ = _run(torchjd_jac_to_grad, UPGrad, "mlp", torch.float64, steps=1)  # same init, rounded
+    assert ours[0][0].dtype == dtype  # torchjd's weights have the dtype of its (.jac-dtype) Gramian
     for a, b in zip(ours[0][1], ref[0][1]):
         assert a.dtype == dtype
         assert (a.double() - b).norm() <= 0.05 * b.norm() + 1e-3

@@ -72,9 +72,10 @@ WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int
   std::vector<int64_t> h(static_cast<size_t>(size), 0);
   int64_t* item_off = h.data();
   int64_t* group_item_off = item_off + (S + 1) + 5 * S;
-  for (int64_t s = 0; s < S; ++s) {
-    item_off[s + 1] = item_off[s] + (seg_end[s] - seg_col[s] + chunk - 1) / chunk;
-    for (int64_t g = seg_group[s] + 1; g <= k; ++g) group_item_off[g] = item_off[s + 1];
+  for (int64_t s = 0; s < S; ++s) item_off[s + 1] = item_off[s] + (seg_end[s] - seg_col[s] + chunk - 1) / chunk;
+  for (int64_t g = 0, s = 0; g < k; ++g) {  // the segments are in group order
+    while (s < S && seg_group[s] == g) ++s;
+    group_item_off[g + 1] = item_off[s];
   }
   std::copy(seg_group.begin(), seg_group.end(), h.begin() + (S + 1));
   std::copy(seg_block.begin(), seg_block.end(), h.begin() + (S + 1) + S);

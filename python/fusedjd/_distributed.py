@@ -32,7 +32,7 @@ def from_first_rank(t: Tensor, group: ProcessGroup | None) -> Tensor:
     shape; ``t`` itself when ``group`` is None or ``t`` is empty)."""
     if group is None or t.numel() == 0:
         return t
-    return funcol.broadcast(t, dist.get_global_rank(group, 0), group)
+    return funcol.broadcast(t, 0, group)  # (the functional broadcast's source is a rank in the group)
 
 
 def draw_perms(k: int, m: int, pcgrad: bool, device: torch.device, group: ProcessGroup | None) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator
 from torchjd.autojac import jac_to_grad as _torchjd_jac_to_grad
-from torchjd.autojac._accumulation import _check_expects_grad, is_tensor_with_jac
+from torchjd.autojac._accumulation import _check_expects_grad, accumulate_grads, is_tensor_with_jac
 from torchjd.autojac._utils import check_consistent_first_dimension
 
 from . import _distributed, ops
@@ -105,7 +105,11 @@ def jac_to_grad(
 
 
 def _accumulate(tensors: list[Tensor], grads: list[Tensor]) -> None:
-    """torchjd's accumulate_grads (``.grad += g``, or ``.grad = g``), the additions in one call."""
+    """torchjd's accumulate_grads (``.grad += g``, or ``.grad = g``), the additions in one call
+    (torchjd's own, one tensor after the other, when a tensor is listed twice)."""
+    if len({id(t) for t in tensors}) != len(tensors):
+        accumulate_grads(tensors, grads)
+        return
     old = [(t.grad, g) for t, g in zip(tensors, grads, strict=True) if t.grad is not None]
     if old:
         torch._foreach_add_([a for a, _ in old], [g for _, g in old])
@@ -161,6 +165,8 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], group: ProcessGroup 
                 weights = gw.pcgrad(G[0], group)
             else:  # torchjd's: every rank runs it on the same Gramian; the first rank's weights win
                 weights = _distributed.from_first_rank(gw(G[0]), group)
+                # returned in the dtype of the .jac tensors, as torchjd's (its Gramian has that dtype)
+                return ops.combine(blocks, weights.unsqueeze(0), [n]), weights.to(first.dtype)
             return ops.combine(blocks, weights.unsqueeze(0), [n]), weights
 
         return weighted

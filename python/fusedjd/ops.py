@@ -123,7 +123,7 @@ def moco_step(
         the caller has it: sharded MoCo passes the sum over the ranks of :func:`moco_gramian`.
         Without it the step computes it in its first pass.
     :returns: ``(weights, lamᵀ Y)``; both NaN, with the state untouched, when ``J`` (or ``gram``)
-        is not finite.
+        is not finite. A given ``gram`` is trusted: ``J``'s finiteness then shows only through it.
     """
     return torch.ops.fusedjd.moco_step.default(
         _blocks(J), Y, lam, step, float(beta), float(beta_sigma), float(gamma), float(gamma_sigma), float(rho),

@@ -104,13 +104,14 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         ``group``, else of :attr:`process_group`, when there is one). Used by
         :class:`~fusedjd.GroupedGradVac`; the targets reset when ``k``, ``m``, the dtype or the
         device changes."""
-        G = gramians.to(ops.acc_dtype(gramians.dtype))
+        acc = ops.acc_dtype(gramians.dtype)
+        G = gramians if gramians.dtype == acc else gramians.to(acc)
         k, m = G.shape[0], G.shape[1]
-        T = self._targets
+        T = self._buffers["_targets"]  # (direct: Module.__getattr__ costs a microsecond per call)
         if T.shape != G.shape or T.dtype != G.dtype or T.device != G.device:
-            self._targets = torch.zeros_like(G)
+            T = self._targets = torch.zeros_like(G)
         perms = _distributed.draw_perms(k, m, False, G.device, group or self.process_group)
-        return ops.gradvac_loop(G, perms, self._targets, self._beta, self._eps)
+        return ops.gradvac_loop(G, perms, T, self._beta, self._eps)
 
 
 class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
@@ -170,11 +171,11 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
         check_matrix(matrix)
         n = matrix.shape[1]
         self._track_n(n)
-        if _hooked(self.weighting, self.gramian_weighting):
-            weights = self.weighting(matrix).unsqueeze(0)
+        weighting, gw = self._modules["weighting"], self._modules["gramian_weighting"]
+        if _hooked(weighting, gw):
+            weights = weighting(matrix).unsqueeze(0)
         else:  # the same computation without the module calls: a few ops, no Python around them
-            group = self.gramian_weighting.process_group
-            weights = self.gramian_weighting.stacked(_distributed.all_reduce_sum(ops.gramian(matrix, [n]), group))
+            weights = gw.stacked(_distributed.all_reduce_sum(ops.gramian(matrix, [n]), gw.process_group))
         return ops.combine(matrix, weights, [n])
 
     def get_extra_state(self) -> Any:

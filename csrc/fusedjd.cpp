@@ -82,3 +82,6 @@ PYBIND11_MODULE(_C, m) {
 #endif
 
 TORCH_LIBRARY(fusedjd, m) { fusedjd::define_ops(m); }
+
+// `aggregate` is the other ops in sequence, whatever the backend.
+TORCH_LIBRARY_IMPL(fusedjd, CompositeExplicitAutograd, m) { fusedjd::register_aggregate(m, "fusedjd"); }

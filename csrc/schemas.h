@@ -3,7 +3,15 @@
 // its own namespace.
 #pragma once
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 namespace fusedjd {
 
@@ -51,11 +59,66 @@ inline void define_ops(torch::Library& m) {
       "float beta_sigma, float gamma, float gamma_sigma, float rho, bool projection, Tensor? gram=None) "
       "-> (Tensor, Tensor)");
 
+  // The whole GradVac (pcgrad = false; `targets` required) or PCGrad (pcgrad = true; no targets)
+  // aggregation in one call: draw_perms, gramian, the loop and combine, as the separate ops do
+  // them; returns (the combination [n], the weights [k, m]). The aggregators' single-process path.
+  m.def("aggregate(Tensor[] J, int[] group_sizes, Tensor(a!)? targets, float beta, float eps, bool pcgrad) "
+        "-> (Tensor, Tensor)",
+        {at::Tag::nondeterministic_seeded});
+
   // MoCo's first pass alone: the Gramian [m, m] (float32; float64 for float64) of the Y the next
   // moco_step would store, Y + b (J - Y) with b from the step counter, rounded to Y's dtype as the
   // step stores it (on CUDA beyond 128 rows, 64 for float64: of the unrounded update, from the
   // Gramian of [Y; J]); Y and step are not written.
   m.def("moco_gramian(Tensor[] J, Tensor Y, Tensor step, float beta, float beta_sigma) -> Tensor");
+}
+
+// The `aggregate` op for the library `ns` ("fusedjd", or the emulation's "fusedjd_simt"): the
+// other ops of that library, called through the dispatcher (so every backend's kernels serve it).
+inline void register_aggregate(torch::Library& m, const char* ns) {
+  struct Ops {
+    c10::TypedOperatorHandle<at::Tensor(at::TensorList, at::IntArrayRef)> gramian;
+    c10::TypedOperatorHandle<at::Tensor(int64_t, int64_t, bool, std::optional<at::Device>)> draw;
+    c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, double, double)> loop;
+    c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&)> pcgrad;
+    c10::TypedOperatorHandle<at::Tensor(at::TensorList, const at::Tensor&, at::IntArrayRef)> combine;
+  };
+  static std::vector<std::pair<std::string, Ops*>> found;  // per library, looked up on first use
+  const std::string lib(ns);
+  m.impl("aggregate", [lib](at::TensorList J, at::IntArrayRef group_sizes, const std::optional<at::Tensor>& targets,
+                            double beta, double eps, bool pcgrad) -> std::tuple<at::Tensor, at::Tensor> {
+    static std::mutex mu;
+    Ops* o = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      for (auto& [name, ops] : found)
+        if (name == lib) o = ops;
+      if (o == nullptr) {
+        auto& d = c10::Dispatcher::singleton();
+        o = new Ops{d.findSchemaOrThrow((lib + "::gramian").c_str(), "").typed<at::Tensor(at::TensorList, at::IntArrayRef)>(),
+                    d.findSchemaOrThrow("fusedjd::draw_perms", "")  // (one for every library: a CPU draw)
+                        .typed<at::Tensor(int64_t, int64_t, bool, std::optional<at::Device>)>(),
+                    d.findSchemaOrThrow((lib + "::gradvac_loop").c_str(), "")
+                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, double, double)>(),
+                    d.findSchemaOrThrow((lib + "::pcgrad_loop").c_str(), "")
+                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>(),
+                    d.findSchemaOrThrow((lib + "::combine").c_str(), "")
+                        .typed<at::Tensor(at::TensorList, const at::Tensor&, at::IntArrayRef)>()};
+        found.emplace_back(lib, o);
+      }
+    }
+    TORCH_CHECK(pcgrad || targets.has_value(), "fusedjd: `targets` is required for GradVac (pcgrad=False), got None");
+    const at::Tensor G = o->gramian.call(J, group_sizes);
+    const at::Tensor perms = o->draw.call(G.size(0), G.size(1), pcgrad, G.device());
+    at::Tensor W;
+    if (pcgrad) {
+      W = o->pcgrad.call(G, perms);
+    } else {
+      at::Tensor T = *targets;
+      W = o->loop.call(G, perms, T, beta, eps);
+    }
+    return {o->combine.call(J, W, group_sizes), W};
+  });
 }
 
 }  // namespace fusedjd

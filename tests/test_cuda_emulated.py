@@ -86,6 +86,8 @@ def _matrix(m, n, dtype, gen, kind="random"):
 def test_emulator_library_covers_every_cuda_op():
     for op in ["gramian", "combine", "gradvac_loop", "pcgrad_loop", "moco_step", "moco_gramian"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedjd_simt::{op}", "CPU"), op
+    for op in ["aggregate"]:  # the other ops in turn
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedjd_simt::{op}", "CompositeExplicitAutograd"), op
     assert simt_build.cuda_sources(), "no CUDA sources found"
 
 
@@ -430,4 +432,24 @@ def test_moco_gramian_and_given_gram(dtype, m):
         outs.append((w, out, Y1))
     for a, b in zip(*outs):
         assert rel_err(a, b) <= TOLERANCE["moco"][dtype]
+
+
+@pytest.mark.parametrize("pcgrad", [False, True])
+def test_aggregate_runs_the_emulated_kernels_in_turn(pcgrad):
+    gen = torch.Generator().manual_seed(12)
+    J = torch.randn(9, 2001, generator=gen)
+    blocks, sizes = [J[:, :501], J[:, 501:]], [1000, 1001]
+    T1 = None if pcgrad else torch.zeros(2, 9, 9)
+    T2 = None if pcgrad else torch.zeros(2, 9, 9)
+    torch.manual_seed(2)
+    out, W = EMU.aggregate(blocks, sizes, T1, 0.5, 1e-8, pcgrad)
+    torch.manual_seed(2)
+    G = EMU.gramian(blocks, sizes)
+    perms = ops.draw_perms(2, 9, pcgrad)
+    W2 = EMU.pcgrad_loop(G, perms) if pcgrad else EMU.gradvac_loop(G, perms, T2, 0.5, 1e-8)
+    assert torch.equal(W, W2) and torch.equal(out, EMU.combine(blocks, W2, sizes))
+    assert pcgrad or torch.equal(T1, T2)
+    Wr = (reference.pcgrad_loop(G.double(), perms) if pcgrad
+          else reference.gradvac_loop(G.double(), perms, torch.zeros(2, 9, 9, dtype=torch.float64), 0.5, 1e-8))
+    assert rel_err(W, Wr) <= 1e-6
 

@@ -258,6 +258,10 @@ def _op_samples(device):
         "moco-projection-f64": (moco, ([J[:, :30].double(), J[:, 30:].double()], r(4, 37).double(), torch.full((4,), 0.25, device=device).double(),
                                        torch.full((), 3, dtype=torch.long, device=device), 0.9, 0.0, 0.5, 0.0, 0.1,
                                        True)),
+        "aggregate-gradvac-list": (torch.ops.fusedjd.aggregate.default,
+                                   ([J[:, :9], J[:, 9:]], [10, 27], torch.zeros(2, 4, 4, device=device), 0.5, 1e-8,
+                                    False)),
+        "aggregate-pcgrad-f64": (torch.ops.fusedjd.aggregate.default, ([J.double()], [37], None, 0.0, 0.0, True)),
         "moco-given-gram": (moco, ([J[:, :9], J[:, 9:]], torch.zeros(4, 37, device=device),
                                    torch.full((4,), 0.25, device=device), zeros_step(), 0.5, 0.5, 0.1, 0.5, 0.0, False,
                                    (J @ J.T).contiguous())),
@@ -304,14 +308,16 @@ def test_opcheck(device, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gramian-two-groups", "gradvac-f32", "pcgrad-f32", "combine-two-groups",
                                   "moco-softmax", "gramian-list-group-spans-blocks", "combine-list-bf16",
-                                  "moco-projection-f64"])
+                                  "moco-projection-f64", "aggregate-gradvac-list"])
 def test_compile_each_op_fullgraph(name):
     op, args = _op_samples("cpu")[name]
     clone = lambda a: [x.clone() if isinstance(x, torch.Tensor) else x for x in a]  # noqa: E731
     eager_args, compiled_args = clone(args), clone(args)
     torch._dynamo.reset()
     fn = torch.compile(lambda *a: op(*a), fullgraph=True)
+    torch.manual_seed(0)  # (aggregate draws its visit orders)
     expected = op(*eager_args)
+    torch.manual_seed(0)
     got = fn(*compiled_args)
     for e, g in zip(expected if isinstance(expected, tuple) else (expected,),
                     got if isinstance(got, tuple) else (got,)):
@@ -459,6 +465,10 @@ def _bad_calls():
         "list-rows": (torch.ops.fusedjd.combine.default, ([J, J[:2]], torch.ones(1, 3), [20])),
         "list-rank": (torch.ops.fusedjd.gramian.default, ([J, J[0]], [20])),
         "moco-Y-list-width": (moco, ([J, J], torch.zeros(3, 10), torch.ones(3), step, *h)),
+        "aggregate-no-targets": (torch.ops.fusedjd.aggregate.default, ([J], [10], None, 0.5, 0.0, False)),
+        "aggregate-targets-shape": (torch.ops.fusedjd.aggregate.default,
+                                    ([J], [10], torch.zeros(1, 3, 2), 0.5, 0.0, False)),
+        "aggregate-sizes": (torch.ops.fusedjd.aggregate.default, ([J], [9], None, 0.0, 0.0, True)),
         "moco-gram-shape": (moco, ([J], torch.zeros(3, 10), torch.ones(3), step, *h, torch.zeros(3, 4))),
         "moco-gram-dtype": (moco, ([J], torch.zeros(3, 10), torch.ones(3), step, *h, torch.zeros(3, 3).double())),
         "moco-gramian-Y-shape": (torch.ops.fusedjd.moco_gramian.default, ([J], torch.zeros(3, 9), step, 0.5, 0.5)),
@@ -571,4 +581,28 @@ def test_moco_step_with_a_given_gramian(device, dtype):
     w, o = ops.moco_step(blocks, *states[1], *h, gram=bad)
     assert torch.isnan(w).all() and torch.isnan(o).all()
     assert all(torch.equal(a, b) for a, b in zip(states[1], saved))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("pcgrad", [False, True])
+def test_aggregate_is_the_ops_in_turn(device, dtype, pcgrad):
+    """ops.aggregate gives, bit for bit, what draw_perms, gramian, the loop and combine give in
+    turn, draws and targets included."""
+    gen = torch.Generator().manual_seed(9)
+    J = torch.randn(5, 3001, generator=gen).to(dtype).to(device)
+    blocks, sizes = [J[:, :1000], J[:, 1000:]], [700, 0, 2301]
+    acc = ops.acc_dtype(dtype)
+    T1 = None if pcgrad else torch.rand(3, 5, 5, generator=gen).to(acc).to(device)
+    T2 = None if pcgrad else T1.clone()
+    torch.manual_seed(4)
+    out, W = ops.aggregate(blocks, sizes, T1, 0.3, 1e-8, pcgrad)
+    after = torch.rand(1)
+    torch.manual_seed(4)
+    G = ops.gramian(blocks, sizes)
+    perms = ops.draw_perms(3, 5, pcgrad, device)
+    W2 = ops.pcgrad_loop(G, perms) if pcgrad else ops.gradvac_loop(G, perms, T2, 0.3, 1e-8)
+    assert torch.equal(W, W2) and torch.equal(out, ops.combine(blocks, W2, sizes))
+    assert pcgrad or torch.equal(T1, T2)
+    assert torch.equal(torch.rand(1), after)
 

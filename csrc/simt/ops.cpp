@@ -140,3 +140,5 @@ TORCH_LIBRARY(fusedjd_simt, m) {
   m.def("stats() -> Tensor", &stats);
   m.def("selftest(str name) -> Tensor", &selftest);
 }
+
+TORCH_LIBRARY_IMPL(fusedjd_simt, CompositeExplicitAutograd, m) { fusedjd::register_aggregate(m, "fusedjd_simt"); }

@@ -107,11 +107,24 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         acc = ops.acc_dtype(gramians.dtype)
         G = gramians if gramians.dtype == acc else gramians.to(acc)
         k, m = G.shape[0], G.shape[1]
-        T = self._buffers["_targets"]  # (direct: Module.__getattr__ costs a microsecond per call)
-        if T.shape != G.shape or T.dtype != G.dtype or T.device != G.device:
-            T = self._targets = torch.zeros_like(G)
+        T = self._targets_for(k, m, acc, G.device)
         perms = _distributed.draw_perms(k, m, False, G.device, group or self.process_group)
         return ops.gradvac_loop(G, perms, T, self._beta, self._eps)
+
+    def _targets_for(self, k: int, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The targets [k, m, m], reset to zeros when k, m, the dtype or the device changed."""
+        T = self._buffers["_targets"]  # (direct: Module.__getattr__ costs a microsecond per call)
+        if T.shape != (k, m, m) or T.dtype != dtype or T.device != device:
+            T = self._targets = torch.zeros((k, m, m), dtype=dtype, device=device)
+        return T
+
+    def aggregate(self, J: Tensor | list[Tensor], group_sizes: list[int]) -> tuple[Tensor, Tensor]:
+        """Gramians, weights and combination of ``J`` (a matrix or its column blocks) over its
+        column groups in one call (``ops.aggregate``); single process only. Returns
+        ``(combination [n], weights [k, m])``."""
+        first = J if isinstance(J, Tensor) else J[0]
+        T = self._targets_for(len(group_sizes), first.shape[0], ops.acc_dtype(first.dtype), first.device)
+        return ops.aggregate(J, group_sizes, T, self._beta, self._eps, False)
 
 
 class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
@@ -174,7 +187,9 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
         weighting, gw = self._modules["weighting"], self._modules["gramian_weighting"]
         if _hooked(weighting, gw):
             weights = weighting(matrix).unsqueeze(0)
-        else:  # the same computation without the module calls: a few ops, no Python around them
+        elif gw.process_group is None:  # the same computation in one op call, no module calls
+            return gw.aggregate(matrix, [n])[0]
+        else:
             weights = gw.stacked(_distributed.all_reduce_sum(ops.gramian(matrix, [n]), gw.process_group))
         return ops.combine(matrix, weights, [n])
 
@@ -242,8 +257,11 @@ class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
         check_matrix(matrix)
         sizes = self._group_sizes
         check_sizes_cover(sizes, matrix)
-        G = _distributed.all_reduce_sum(ops.gramian(matrix, sizes), self.process_group)
-        return ops.combine(matrix, self.gramian_weighting.stacked(G), sizes)
+        gw = self._modules["gramian_weighting"]
+        if gw.process_group is None:
+            return gw.aggregate(matrix, sizes)[0]
+        G = _distributed.all_reduce_sum(ops.gramian(matrix, sizes), gw.process_group)
+        return ops.combine(matrix, gw.stacked(G), sizes)
 
     def __repr__(self) -> str:
         return (
@@ -295,11 +313,14 @@ class PCGrad(GramianWeightedAggregator, _NonDifferentiable):
 
     def forward(self, matrix: Tensor, /) -> Tensor:
         check_matrix(matrix)
-        if _hooked(self.weighting, self.gramian_weighting):
-            weights = self.weighting(matrix)
+        weighting, gw = self._modules["weighting"], self._modules["gramian_weighting"]
+        if _hooked(weighting, gw):
+            weights = weighting(matrix)
+        elif gw.process_group is None:  # one op call
+            return ops.aggregate(matrix, [matrix.shape[1]], None, 0.0, 0.0, True)[0]
         else:
-            G = _distributed.all_reduce_sum(ops.gramian(matrix, [matrix.shape[1]]), self.process_group)
-            weights = self.gramian_weighting.pcgrad(G[0])
+            G = _distributed.all_reduce_sum(ops.gramian(matrix, [matrix.shape[1]]), gw.process_group)
+            weights = gw.pcgrad(G[0])
         return ops.combine(matrix, weights.unsqueeze(0), [matrix.shape[1]])
 
 

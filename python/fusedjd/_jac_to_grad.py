@@ -146,8 +146,10 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], group: ProcessGroup 
         _check_whole_tensors(groups, sizes, n)
 
         def grouped(blocks: list[Tensor]) -> tuple[Tensor, None]:
-            weights = aggregator.gramian_weighting.stacked(gramians(blocks, groups), group)
-            return ops.combine(blocks, weights, groups), None
+            gw = aggregator.gramian_weighting
+            if group is None:
+                return gw.aggregate(blocks, groups)[0], None
+            return ops.combine(blocks, gw.stacked(gramians(blocks, groups), group), groups), None
 
         return grouped
 
@@ -157,6 +159,13 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], group: ProcessGroup 
             return None
 
         def weighted(blocks: list[Tensor]) -> tuple[Tensor, Tensor]:
+            if group is None and isinstance(aggregator, (GradVac, PCGrad)):  # one op call
+                if isinstance(aggregator, GradVac):
+                    aggregator._track_n(n)
+                    out, weights = gw.aggregate(blocks, [n])
+                else:
+                    out, weights = ops.aggregate(blocks, [n], None, 0.0, 0.0, True)
+                return out, weights[0]
             G = gramians(blocks, [n])
             if isinstance(aggregator, GradVac):
                 aggregator._track_n(n)

@@ -17,6 +17,7 @@ from . import _C  # noqa: F401  (loads the library and its registrations)
 
 __all__ = [
     "acc_dtype",
+    "aggregate",
     "combine",
     "draw_perms",
     "gradvac_loop",
@@ -97,6 +98,24 @@ def combine(J: Tensor | Sequence[Tensor], weights: Tensor, group_sizes: Sequence
     :returns: Vector ``[n]`` with the dtype of ``J``.
     """
     return torch.ops.fusedjd.combine.default(_blocks(J), weights, list(group_sizes))
+
+
+def aggregate(
+    J: Tensor | Sequence[Tensor],
+    group_sizes: Sequence[int],
+    targets: Tensor | None,
+    beta: float,
+    eps: float,
+    pcgrad: bool,
+) -> tuple[Tensor, Tensor]:
+    """GradVac (``pcgrad=False``, with ``targets``) or PCGrad (``pcgrad=True``, ``targets=None``)
+    in one call: :func:`draw_perms`, :func:`gramian`, the loop and :func:`combine`, exactly as
+    calling them in turn does (the same draws from the default generator).
+
+    :returns: ``(combination [n], weights [k, m])``.
+    """
+    return torch.ops.fusedjd.aggregate.default(_blocks(J), list(group_sizes), targets, float(beta), float(eps),
+                                               bool(pcgrad))
 
 
 def moco_step(
@@ -307,6 +326,22 @@ def _(J, Y, lam, step, beta, beta_sigma, gamma, gamma_sigma, rho, projection, gr
         _check_dtype(gram, "gram", acc_dtype(J[0].dtype))
         _check_contiguous(gram, "gram")
     return lam.new_empty((m,)), Y.new_empty((n,))
+
+
+@torch.library.register_fake("fusedjd::aggregate")
+def _(J, group_sizes, targets, beta, eps, pcgrad):
+    torch._check(pcgrad or targets is not None,
+                 lambda: "fusedjd: `targets` is required for GradVac (pcgrad=False), got None")
+    m, n = _check_blocks(J)
+    _check_group_sizes(group_sizes, n)
+    k = len(group_sizes)
+    G = J[0].new_empty((k, m, m), dtype=acc_dtype(J[0].dtype))
+    perms = torch.empty((k, m, max(m - 1, 0)), dtype=torch.long, device=J[0].device)
+    if pcgrad:
+        _check_loop(G, perms)
+    else:  # the loop's checks (gradvac_loop's fake kernel)
+        torch.ops.fusedjd.gradvac_loop.default(G, perms, targets, beta, eps)
+    return J[0].new_empty((n,)), G.new_empty((k, m))
 
 
 @torch.library.register_fake("fusedjd::moco_gramian")

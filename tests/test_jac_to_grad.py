@@ -201,6 +201,16 @@ def test_a_tensor_listed_twice_accumulates_as_torchjds():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
 
 
+def test_an_empty_parameter_among_the_tensors():
+    """A tensor with no element (its .jac is [m, 0]) takes no column and gets an empty gradient."""
+    ps = [torch.zeros(2, 3, requires_grad=True), torch.zeros(0, requires_grad=True)]
+    ps[0].__setattr__("jac", torch.tensor([[1.0, 0, 0, 0, 2, 0], [0, 1.0, 0, 3, 0, 0]]).reshape(2, 2, 3))
+    ps[1].__setattr__("jac", torch.zeros(2, 0))
+    w = fusedjd.jac_to_grad(ps, UPGrad())
+    assert ps[1].grad.shape == (0,) and w.shape == (2,)
+    torch.testing.assert_close(ps[0].grad.reshape(-1), w @ torch.tensor([[1.0, 0, 0, 0, 2, 0], [0, 1.0, 0, 3, 0, 0]]))
+
+
 def test_refusals_are_torchjds():
     model, heads = _setup("mlp", torch.float32)
     shared = _backward(model, heads, torch.Generator().manual_seed(0), torch.float32)

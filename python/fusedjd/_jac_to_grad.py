@@ -94,7 +94,7 @@ def jac_to_grad(
         for t in tensors_:
             del t.jac
     m = jacobians[0].shape[0]
-    blocks = [j.reshape(m, -1) for j in jacobians]  # views of contiguous .jac tensors
+    blocks = [j.reshape(m, j.numel() // m) for j in jacobians]  # views of contiguous .jac tensors (m > 0 here)
     del jacobians
     gradient, weights = route(blocks)
     del blocks

@@ -25,6 +25,12 @@
               (x).device(), " but `" #y "` is on ", (y).device(),                 \
               "; all tensors must be on the same device")
 
+// `x` (called `name` in the message) must be on the device of the Jacobian's blocks B.
+#define FUSEDJD_CHECK_ON_J(x, name, B)                                            \
+  TORCH_CHECK((x).device() == (B).device, "fusedjd: `" name "` is on ",          \
+              (x).device(), " but `J` is on ", (B).device,                        \
+              "; all tensors must be on the same device")
+
 #define FUSEDJD_CHECK_DTYPE(x, dt)                                                \
   TORCH_CHECK((x).scalar_type() == (dt), "fusedjd: `" #x "` must have dtype ",   \
               (dt), ", got ", (x).scalar_type())
@@ -132,8 +138,7 @@ inline CombineArgs prepare_combine(at::TensorList J, const at::Tensor& weights, 
   a.B = check_blocks(J);
   FUSEDJD_CHECK_DIM(weights, 2);
   FUSEDJD_CHECK_FLOAT(weights);
-  TORCH_CHECK(weights.device() == a.B.device, "fusedjd: `weights` is on ", weights.device(), " but `J` is on ",
-              a.B.device, "; all tensors must be on the same device");
+  FUSEDJD_CHECK_ON_J(weights, "weights", a.B);
   a.off = group_offsets(group_sizes, a.B.n);
   const int64_t k = static_cast<int64_t>(group_sizes.size());
   TORCH_CHECK(weights.size(0) == k && weights.size(1) == a.B.m, "fusedjd: `weights` must have shape [k, m] = [", k,
@@ -160,15 +165,13 @@ inline void check_targets(const at::Tensor& G, const at::Tensor& targets) {
 // Checks of MoCo's J, Y and step (the moco_gramian op's arguments); returns J's blocks.
 inline Blocks check_moco_state(at::TensorList J, const at::Tensor& Y, const at::Tensor& step) {
   Blocks B = check_blocks(J);
-  TORCH_CHECK(Y.device() == B.device, "fusedjd: `Y` is on ", Y.device(), " but `J` is on ", B.device,
-              "; all tensors must be on the same device");
+  FUSEDJD_CHECK_ON_J(Y, "Y", B);
   TORCH_CHECK(Y.dim() == 2 && Y.size(0) == B.m && Y.size(1) == B.n, "fusedjd: `Y` must have shape [m, n] = [", B.m,
               ", ", B.n, "], got ", Y.sizes());
   TORCH_CHECK(Y.scalar_type() == B.dtype, "fusedjd: `Y` must have the dtype of `J` (", B.dtype, "), got ",
               Y.scalar_type());
   FUSEDJD_CHECK_CONTIGUOUS(Y);
-  TORCH_CHECK(step.device() == B.device, "fusedjd: `step` is on ", step.device(), " but `J` is on ", B.device,
-              "; all tensors must be on the same device");
+  FUSEDJD_CHECK_ON_J(step, "step", B);
   FUSEDJD_CHECK_DIM(step, 0);
   FUSEDJD_CHECK_DTYPE(step, at::kLong);
   return B;
@@ -178,16 +181,14 @@ inline Blocks check_moco_state(at::TensorList J, const at::Tensor& Y, const at::
 inline Blocks check_moco_args(at::TensorList J, const at::Tensor& Y, const at::Tensor& lam, const at::Tensor& step,
                               const c10::optional<at::Tensor>& gram) {
   Blocks B = check_moco_state(J, Y, step);
-  TORCH_CHECK(lam.device() == B.device, "fusedjd: `lam` is on ", lam.device(), " but `J` is on ", B.device,
-              "; all tensors must be on the same device");
+  FUSEDJD_CHECK_ON_J(lam, "lam", B);
   FUSEDJD_CHECK_DIM(lam, 1);
   TORCH_CHECK(lam.size(0) == B.m, "fusedjd: `lam` must have length m=", B.m, ", got ", lam.size(0));
   FUSEDJD_CHECK_DTYPE(lam, acc_dtype(B.dtype));
   FUSEDJD_CHECK_CONTIGUOUS(lam);
   if (gram.has_value()) {
     const at::Tensor& G = *gram;
-    TORCH_CHECK(G.device() == B.device, "fusedjd: `gram` is on ", G.device(), " but `J` is on ", B.device,
-                "; all tensors must be on the same device");
+    FUSEDJD_CHECK_ON_J(G, "gram", B);
     TORCH_CHECK(G.dim() == 2 && G.size(0) == B.m && G.size(1) == B.m, "fusedjd: `gram` must have shape [m, m] = [",
                 B.m, ", ", B.m, "], got ", G.sizes());
     TORCH_CHECK(G.scalar_type() == acc_dtype(B.dtype), "fusedjd: `gram` must have dtype ", acc_dtype(B.dtype),

@@ -186,12 +186,20 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
         self._track_n(n)
         weighting, gw = self._modules["weighting"], self._modules["gramian_weighting"]
         if _hooked(weighting, gw):
-            weights = weighting(matrix).unsqueeze(0)
-        elif gw.process_group is None:  # the same computation in one op call, no module calls
-            return gw.aggregate(matrix, [n])[0]
-        else:
-            weights = gw.stacked(_distributed.all_reduce_sum(ops.gramian(matrix, [n]), gw.process_group))
-        return ops.combine(matrix, weights, [n])
+            return ops.combine(matrix, weighting(matrix).unsqueeze(0), [n])
+        return self._aggregate(matrix, n, None)[0]
+
+    def _aggregate(self, J: Tensor | list[Tensor], n: int, group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+        """The aggregation of ``J`` (a matrix or its column blocks, n columns) without the module
+        calls: ``(combination [n], weights [1, m])``. One op call on one process; with a group
+        (``group``, else :attr:`process_group`), the Gramian summed over it."""
+        self._track_n(n)
+        gw = self._modules["gramian_weighting"]
+        group = group or gw.process_group
+        if group is None:
+            return gw.aggregate(J, [n])
+        W = gw.stacked(_distributed.all_reduce_sum(ops.gramian(J, [n]), group), group)
+        return ops.combine(J, W, [n]), W
 
     def get_extra_state(self) -> Any:
         return {"n": self._n}
@@ -257,11 +265,16 @@ class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
         check_matrix(matrix)
         sizes = self._group_sizes
         check_sizes_cover(sizes, matrix)
-        gw = self._modules["gramian_weighting"]
-        if gw.process_group is None:
-            return gw.aggregate(matrix, sizes)[0]
-        G = _distributed.all_reduce_sum(ops.gramian(matrix, sizes), gw.process_group)
-        return ops.combine(matrix, gw.stacked(G), sizes)
+        return self._aggregate(matrix, None)[0]
+
+    def _aggregate(self, J: Tensor | list[Tensor], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+        """As :meth:`GradVac._aggregate`, over the column groups: ``(combination, weights [k, m])``."""
+        gw, sizes = self._modules["gramian_weighting"], self._group_sizes
+        group = group or gw.process_group
+        if group is None:
+            return gw.aggregate(J, sizes)
+        W = gw.stacked(_distributed.all_reduce_sum(ops.gramian(J, sizes), group), group)
+        return ops.combine(J, W, sizes), W
 
     def __repr__(self) -> str:
         return (
@@ -314,14 +327,19 @@ class PCGrad(GramianWeightedAggregator, _NonDifferentiable):
     def forward(self, matrix: Tensor, /) -> Tensor:
         check_matrix(matrix)
         weighting, gw = self._modules["weighting"], self._modules["gramian_weighting"]
+        n = matrix.shape[1]
         if _hooked(weighting, gw):
-            weights = weighting(matrix)
-        elif gw.process_group is None:  # one op call
-            return ops.aggregate(matrix, [matrix.shape[1]], None, 0.0, 0.0, True)[0]
-        else:
-            G = _distributed.all_reduce_sum(ops.gramian(matrix, [matrix.shape[1]]), gw.process_group)
-            weights = gw.pcgrad(G[0])
-        return ops.combine(matrix, weights.unsqueeze(0), [matrix.shape[1]])
+            return ops.combine(matrix, weighting(matrix).unsqueeze(0), [n])
+        return self._aggregate(matrix, n, None)[0]
+
+    def _aggregate(self, J: Tensor | list[Tensor], n: int, group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+        """As :meth:`GradVac._aggregate`: ``(combination [n], weights [1, m])``."""
+        gw = self._modules["gramian_weighting"]
+        group = group or gw.process_group
+        if group is None:
+            return ops.aggregate(J, [n], None, 0.0, 0.0, True)
+        W = gw.pcgrad(_distributed.all_reduce_sum(ops.gramian(J, [n]), group)[0], group).unsqueeze(0)
+        return ops.combine(J, W, [n]), W
 
 
 __all__ = ["GradVac", "GradVacWeighting", "GroupedGradVac", "PCGrad", "PCGradWeighting"]

@@ -131,9 +131,6 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], group: ProcessGroup 
     sizes = [j[0].numel() for j in jacobians]
     n = sum(sizes)
 
-    def gramians(blocks: list[Tensor], groups: list[int]) -> Tensor:
-        return _distributed.all_reduce_sum(ops.gramian(blocks, groups), group)
-
     if isinstance(aggregator, MoCo):
         if _hooked(aggregator, aggregator.weighting):
             return None
@@ -142,41 +139,26 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], group: ProcessGroup 
     if isinstance(aggregator, GroupedGradVac):
         if _hooked(aggregator, aggregator.gramian_weighting):
             return None
-        groups = aggregator.group_sizes
-        _check_whole_tensors(groups, sizes, n)
-
-        def grouped(blocks: list[Tensor]) -> tuple[Tensor, None]:
-            gw = aggregator.gramian_weighting
-            if group is None:
-                return gw.aggregate(blocks, groups)[0], None
-            return ops.combine(blocks, gw.stacked(gramians(blocks, groups), group), groups), None
-
-        return grouped
+        _check_whole_tensors(aggregator.group_sizes, sizes, n)
+        return lambda blocks: (aggregator._aggregate(blocks, group)[0], None)
 
     if isinstance(aggregator, GramianWeightedAggregator):
         gw = aggregator.gramian_weighting
         if _hooked(aggregator, aggregator.weighting, gw):
             return None
+        if isinstance(aggregator, (GradVac, PCGrad)):
+            def fused(blocks: list[Tensor]) -> tuple[Tensor, Tensor]:
+                out, weights = aggregator._aggregate(blocks, n, group)
+                return out, weights[0]
+
+            return fused
 
         def weighted(blocks: list[Tensor]) -> tuple[Tensor, Tensor]:
-            if group is None and isinstance(aggregator, (GradVac, PCGrad)):  # one op call
-                if isinstance(aggregator, GradVac):
-                    aggregator._track_n(n)
-                    out, weights = gw.aggregate(blocks, [n])
-                else:
-                    out, weights = ops.aggregate(blocks, [n], None, 0.0, 0.0, True)
-                return out, weights[0]
-            G = gramians(blocks, [n])
-            if isinstance(aggregator, GradVac):
-                aggregator._track_n(n)
-                weights = gw.stacked(G, group)[0]
-            elif isinstance(aggregator, PCGrad):
-                weights = gw.pcgrad(G[0], group)
-            else:  # torchjd's: every rank runs it on the same Gramian; the first rank's weights win
-                weights = _distributed.from_first_rank(gw(G[0]), group)
-                # returned in the dtype of the .jac tensors, as torchjd's (its Gramian has that dtype)
-                return ops.combine(blocks, weights.unsqueeze(0), [n]), weights.to(first.dtype)
-            return ops.combine(blocks, weights.unsqueeze(0), [n]), weights
+            # torchjd's weighting: every rank runs it on the same Gramian; the first rank's weights win
+            G = _distributed.all_reduce_sum(ops.gramian(blocks, [n]), group)
+            weights = _distributed.from_first_rank(gw(G[0]), group)
+            # returned in the dtype of the .jac tensors, as torchjd's (its Gramian has that dtype)
+            return ops.combine(blocks, weights.unsqueeze(0), [n]), weights.to(first.dtype)
 
         return weighted
     return None

@@ -115,10 +115,32 @@ int64_t tile_cols(int64_t R, bool staged) {
   return std::clamp<int64_t>(w, std::max<int64_t>(L, 512), 2048);
 }
 
+// The memory streams (byte ranges) of the next tile, which the block pairs of the current tile
+// prefetch while they multiply: the next tile's reads from memory then overlap this tile's
+// multiply-adds, where the hardware prefetcher alone leaves the first block row of each tile
+// waiting on memory and the other rows on the multiply-adds, one after the other.
+struct Streams {
+  std::vector<const char*> ptr;
+  std::vector<int64_t> bytes;
+  int64_t count = 0;
+};
+
+// An empty asm that claims to change v in a register: the compiler must load v once and keep it.
+template <typename V>
+inline void in_register(V& a0, V& a1, V& a2, V& a3, V& b0, V& b1, V& b2, V& b3) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  asm("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(b0), "+v"(b1), "+v"(b2), "+v"(b3));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  asm("" : "+w"(a0), "+w"(a1), "+w"(a2), "+w"(a3), "+w"(b0), "+w"(b1), "+w"(b2), "+w"(b3));
+#endif
+}
+
 // Sums over nvec vectors of the pairs (xa[i], xb[j]) of a 4 x 4 block into out[i * 4 + j]
-// (float64). DIAG: xa == xb and only j >= i is needed.
+// (float64). DIAG: xa == xb and only j >= i is needed. Vector v also prefetches the v-th cache
+// line of pf0 and of pf1, for v < pf_lines.
 template <typename E, bool DIAG>
-inline void block_pairs(const E* const* xa, const E* const* xb, int64_t nvec, double* out) {
+inline void block_pairs(const E* const* xa, const E* const* xb, int64_t nvec, double* out, const char* pf0,
+                        const char* pf1, int64_t pf_lines) {
   using S = Simd<E>;
   using V = typename S::V;
   constexpr int L = S::L;
@@ -126,19 +148,19 @@ inline void block_pairs(const E* const* xa, const E* const* xb, int64_t nvec, do
   for (int i = 0; i < kBlock; ++i)
     for (int j = 0; j < kBlock; ++j) acc[i][j] = V{};
   for (int64_t v = 0; v < nvec; ++v) {
+    if (v < pf_lines) {
+      __builtin_prefetch(pf0 + v * 64, 0, 1);
+      __builtin_prefetch(pf1 + v * 64, 0, 1);
+    }
     V a[kBlock], b[kBlock];
+    // keep every loaded vector in a register: otherwise the compiler folds its load into each of
+    // the four multiply-adds that use it (20 loads for 16 multiply-adds, not 8), and the loads,
+    // not the multiply-adds, bound the loop
     for (int i = 0; i < kBlock; ++i) a[i] = S::load(xa[i] + v * L);
-    if constexpr (!DIAG)
-      for (int j = 0; j < kBlock; ++j) {
-        b[j] = S::load(xb[j] + v * L);
-        // keep b[j] in a register: otherwise the compiler folds its load into each of the four
-        // multiply-adds that use it, and the loads, not the multiply-adds, bound the loop
-#if defined(__GNUC__) && defined(__x86_64__)
-        asm("" : "+v"(b[j]));
-#elif defined(__GNUC__) && defined(__aarch64__)
-        asm("" : "+w"(b[j]));
-#endif
-      }
+    if constexpr (!DIAG) {
+      for (int j = 0; j < kBlock; ++j) b[j] = S::load(xb[j] + v * L);
+      in_register(a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]);
+    }
     for (int i = 0; i < kBlock; ++i)
       for (int j = DIAG ? i : 0; j < kBlock; ++j) {
         if constexpr (std::is_same_v<E, c10::BFloat16>) {
@@ -150,31 +172,43 @@ inline void block_pairs(const E* const* xa, const E* const* xb, int64_t nvec, do
         }
       }
   }
+  // each block's lanes summed in float64 by halving (vectorized; a fixed order)
+  constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(acc[0][0][0]));
   for (int i = 0; i < kBlock; ++i)
     for (int j = DIAG ? i : 0; j < kBlock; ++j) {
-      double s = 0.0;
-      for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(acc[i][j][0])); ++l) s += static_cast<double>(acc[i][j][l]);
-      out[i * kBlock + j] = s;
+      double s[kLanes];
+      for (int l = 0; l < kLanes; ++l) s[l] = static_cast<double>(acc[i][j][l]);
+      for (int w = kLanes / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) s[l] += s[l + w];
+      out[i * kBlock + j] = s[0];
     }
 }
 
 // upper[a * R + b] += sum over the tile of x[a][c] x[b][c], for a <= b. Each x[r] holds `len`
-// values, len a multiple of the lane count; rows beyond R read `zero`.
+// values, len a multiple of the lane count; rows beyond R read `zero`. The P block pairs
+// prefetch `next` (none when it has more than 2 P streams): pair p the streams
+// [p S / P, (p + 1) S / P), one cache line of each per vector.
 template <typename A>
-void tile_pairs(const A* const* x, int64_t R, int64_t len, const A* zero, double* upper) {
-  const int64_t nb = (R + kBlock - 1) / kBlock, nvec = len / Simd<A>::L;
+void tile_pairs(const A* const* x, int64_t R, int64_t len, const A* zero, double* upper, const Streams& next) {
+  const int64_t nb = (R + kBlock - 1) / kBlock, nvec = len / Simd<A>::L, P = nb * (nb + 1) / 2;
+  const int64_t S = next.count <= 2 * P ? next.count : 0;
   const A* xa[kBlock];
   const A* xb[kBlock];
   double blk[kBlock * kBlock];
-  for (int64_t bi = 0; bi < nb; ++bi) {
-    for (int i = 0; i < kBlock; ++i) xa[i] = bi * kBlock + i < R ? x[bi * kBlock + i] : zero;
-    for (int64_t bj = bi; bj < nb; ++bj) {
-      if (bj == bi) {
-        block_pairs<A, true>(xa, xa, nvec, blk);
-      } else {
-        for (int j = 0; j < kBlock; ++j) xb[j] = bj * kBlock + j < R ? x[bj * kBlock + j] : zero;
-        block_pairs<A, false>(xa, xb, nvec, blk);
-      }
+  // block column by block column: the tile's rows are first needed in order, as they were
+  // prefetched during the previous tile
+  for (int64_t bj = 0, p = 0; bj < nb; ++bj) {
+    for (int j = 0; j < kBlock; ++j) xb[j] = bj * kBlock + j < R ? x[bj * kBlock + j] : zero;
+    for (int64_t bi = 0; bi <= bj; ++bi, ++p) {
+      for (int i = 0; i < kBlock; ++i) xa[i] = bi * kBlock + i < R ? x[bi * kBlock + i] : zero;
+      const int64_t s0 = p * S / P, s1 = (p + 1) * S / P;
+      const char* pf0 = s1 > s0 ? next.ptr[s0] : nullptr;
+      const char* pf1 = s1 > s0 ? next.ptr[s1 - 1] : nullptr;
+      const int64_t lines = s1 > s0 ? (next.bytes[s0] + 63) / 64 : 0;
+      if (bj == bi)
+        block_pairs<A, true>(xa, xa, nvec, blk, pf0, pf1, lines);
+      else
+        block_pairs<A, false>(xa, xb, nvec, blk, pf0, pf1, lines);
       for (int i = 0; i < kBlock; ++i)
         for (int j = bj == bi ? i : 0; j < kBlock; ++j) {
           const int64_t a = bi * kBlock + i, b = bj * kBlock + j;
@@ -294,6 +328,16 @@ struct BlockRows {
     }
   }
 
+  // The memory the tile of the columns [c0, c0 + len) (inside block b) reads: R rows, added to
+  // `st` (which has room for them).
+  void streams(int64_t R, int64_t b, int64_t c0, int64_t len, Streams& st) const {
+    const T* first = base[b] + (c0 - off[b]);
+    for (int64_t r = 0; r < R; ++r, ++st.count) {
+      st.ptr[st.count] = reinterpret_cast<const char*>(first + r * ld[b]);
+      st.bytes[st.count] = len * static_cast<int64_t>(sizeof(T));
+    }
+  }
+
   // Points x[r] at the columns [c0, c0 + len) (inside block b) of row r as `padded` lane values
   // (len rounded up to the lane count): in place for float32/float64 when no padding is needed,
   // else converted into `stage` (row r at stage + r * stride) with zeros after len.
@@ -359,6 +403,9 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
     std::vector<A> stage(static_cast<size_t>(R * TW)), zero(static_cast<size_t>(TW), A(0));
     std::vector<const A*> x(static_cast<size_t>(R));
     std::vector<double> acc(static_cast<size_t>(RR));
+    Streams next;  // a row source reads at most 2 streams per row
+    next.ptr.resize(static_cast<size_t>(2 * R));
+    next.bytes.resize(static_cast<size_t>(2 * R));
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t c0 = t * chunk, c1 = std::min(n, c0 + chunk);
       for_each_segment(off, c0, c1, [&](int64_t g, int64_t s0, int64_t s1) {
@@ -367,7 +414,13 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
           for (int64_t p = q0; p < q1; p += TW) {
             const int64_t len = std::min(TW, q1 - p);
             const int64_t padded = src.tile(R, b, p, len, x.data(), stage.data(), TW);
-            tile_pairs<A>(x.data(), R, padded, zero.data(), acc.data());
+            // prefetch the next tile of this block (which may lie in the next chunk, most often
+            // this thread's) where the multiply-adds take about as long as the reads: more than
+            // 2 register blocks of rows
+            next.count = 0;
+            const int64_t ahead = std::min(TW, src.off[b + 1] - (p + len));
+            if (R > 2 * kBlock && ahead > 0) src.streams(R, b, p + len, ahead, next);
+            tile_pairs<A>(x.data(), R, padded, zero.data(), acc.data(), next);
           }
         });
         double* dst = out + g * RR;

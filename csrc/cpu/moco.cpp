@@ -38,6 +38,16 @@ struct UpdatedRows {
 
   UpdatedRows(const T* y_, const Blocks& B, at::opmath_type<T> b_) : y(y_), n(B.n), j(B), off(B.off), b(b_) {}
 
+  // The memory the tile of the columns [c0, c0 + len) (inside block blk) reads: a row of J and
+  // a row of Y per row, added to `st`.
+  void streams(int64_t R, int64_t blk, int64_t c0, int64_t len, Streams& st) const {
+    j.streams(R, blk, c0, len, st);
+    for (int64_t r = 0; r < R; ++r, ++st.count) {
+      st.ptr[st.count] = reinterpret_cast<const char*>(y + r * n + c0);
+      st.bytes[st.count] = len * static_cast<int64_t>(sizeof(T));
+    }
+  }
+
   int64_t tile(int64_t R, int64_t blk, int64_t c0, int64_t len, const A** x, A* stage, int64_t stride) const {
     constexpr int L = Simd<A>::L;
     const int64_t padded = (len + L - 1) / L * L;

@@ -137,10 +137,10 @@ inline void in_register(V& a0, V& a1, V& a2, V& a3, V& b0, V& b1, V& b2, V& b3) 
 
 // Sums over nvec vectors of the pairs (xa[i], xb[j]) of a 4 x 4 block into out[i * 4 + j]
 // (float64). DIAG: xa == xb and only j >= i is needed. Vector v also prefetches the v-th cache
-// line of pf0 and of pf1, for v < pf_lines.
-template <typename E, bool DIAG>
-inline void block_pairs(const E* const* xa, const E* const* xb, int64_t nvec, double* out, const char* pf0,
-                        const char* pf1, int64_t pf_lines) {
+// line of each of pf[0..NPF), for v < pf_lines.
+template <typename E, bool DIAG, int NPF>
+inline void block_pairs(const E* const* xa, const E* const* xb, int64_t nvec, double* out, const char* const* pf,
+                        int64_t pf_lines) {
   using S = Simd<E>;
   using V = typename S::V;
   constexpr int L = S::L;
@@ -149,8 +149,7 @@ inline void block_pairs(const E* const* xa, const E* const* xb, int64_t nvec, do
     for (int j = 0; j < kBlock; ++j) acc[i][j] = V{};
   for (int64_t v = 0; v < nvec; ++v) {
     if (v < pf_lines) {
-      __builtin_prefetch(pf0 + v * 64, 0, 1);
-      __builtin_prefetch(pf1 + v * 64, 0, 1);
+      for (int k = 0; k < NPF; ++k) __builtin_prefetch(pf[k] + v * 64, 0, 1);
     }
     V a[kBlock], b[kBlock];
     // keep every loaded vector in a register: otherwise the compiler folds its load into each of
@@ -186,12 +185,12 @@ inline void block_pairs(const E* const* xa, const E* const* xb, int64_t nvec, do
 
 // upper[a * R + b] += sum over the tile of x[a][c] x[b][c], for a <= b. Each x[r] holds `len`
 // values, len a multiple of the lane count; rows beyond R read `zero`. The P block pairs
-// prefetch `next` (none when it has more than 2 P streams): pair p the streams
+// prefetch the S streams of `next` (NPF per pair at most; none if S > NPF P): pair p the streams
 // [p S / P, (p + 1) S / P), one cache line of each per vector.
-template <typename A>
+template <typename A, int NPF>
 void tile_pairs(const A* const* x, int64_t R, int64_t len, const A* zero, double* upper, const Streams& next) {
   const int64_t nb = (R + kBlock - 1) / kBlock, nvec = len / Simd<A>::L, P = nb * (nb + 1) / 2;
-  const int64_t S = next.count <= 2 * P ? next.count : 0;
+  const int64_t S = next.count <= NPF * P ? next.count : 0;
   const A* xa[kBlock];
   const A* xb[kBlock];
   double blk[kBlock * kBlock];
@@ -202,13 +201,13 @@ void tile_pairs(const A* const* x, int64_t R, int64_t len, const A* zero, double
     for (int64_t bi = 0; bi <= bj; ++bi, ++p) {
       for (int i = 0; i < kBlock; ++i) xa[i] = bi * kBlock + i < R ? x[bi * kBlock + i] : zero;
       const int64_t s0 = p * S / P, s1 = (p + 1) * S / P;
-      const char* pf0 = s1 > s0 ? next.ptr[s0] : nullptr;
-      const char* pf1 = s1 > s0 ? next.ptr[s1 - 1] : nullptr;
+      const char* pf[NPF];  // the pair's streams, the last repeated
+      for (int k = 0; k < NPF; ++k) pf[k] = s1 > s0 ? next.ptr[std::min(s0 + k, s1 - 1)] : nullptr;
       const int64_t lines = s1 > s0 ? (next.bytes[s0] + 63) / 64 : 0;
       if (bj == bi)
-        block_pairs<A, true>(xa, xa, nvec, blk, pf0, pf1, lines);
+        block_pairs<A, true, NPF>(xa, xa, nvec, blk, pf, lines);
       else
-        block_pairs<A, false>(xa, xb, nvec, blk, pf0, pf1, lines);
+        block_pairs<A, false, NPF>(xa, xb, nvec, blk, pf, lines);
       for (int i = 0; i < kBlock; ++i)
         for (int j = bj == bi ? i : 0; j < kBlock; ++j) {
           const int64_t a = bi * kBlock + i, b = bj * kBlock + j;
@@ -396,6 +395,7 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
   // below 1/16 of the float32 rows they sum
   const int64_t chunk = std::max<int64_t>(kChunkCols, 64 * R);
   const int64_t tasks = (n + chunk - 1) / chunk, TW = tile_cols<A>(R, Src::kStaged);
+  const int64_t nb = (R + kBlock - 1) / kBlock, pairs = nb * (nb + 1) / 2;  // block pairs per tile
   // a group cut by a chunk border leaves a partial in its chunk's slot 0 (first segment) or 1
   std::vector<double> slots(static_cast<size_t>(tasks * 2 * RR), 0.0);
   std::vector<int64_t> tags(static_cast<size_t>(tasks * 2), -1);
@@ -411,16 +411,24 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
       for_each_segment(off, c0, c1, [&](int64_t g, int64_t s0, int64_t s1) {
         std::fill(acc.begin(), acc.end(), 0.0);
         for_each_segment(src.off, s0, s1, [&](int64_t b, int64_t q0, int64_t q1) {  // the block pieces
-          for (int64_t p = q0; p < q1; p += TW) {
-            const int64_t len = std::min(TW, q1 - p);
+          for (int64_t p = q0, len = 0; p < q1; p += len) {
+            // whole vectors read in place, then the ragged end of the piece (less than a vector,
+            // converted and padded in the staging tile) as a tile of its own
+            len = std::min(TW, q1 - p);
+            if (len > Simd<A>::L) len -= len % Simd<A>::L;
             const int64_t padded = src.tile(R, b, p, len, x.data(), stage.data(), TW);
             // prefetch the next tile of this block (which may lie in the next chunk, most often
-            // this thread's) where the multiply-adds take about as long as the reads: more than
-            // 2 register blocks of rows
+            // this thread's) while this one is multiplied; not for a single block of rows, whose
+            // few streams the hardware prefetcher follows better
             next.count = 0;
             const int64_t ahead = std::min(TW, src.off[b + 1] - (p + len));
-            if (R > 2 * kBlock && ahead > 0) src.streams(R, b, p + len, ahead, next);
-            tile_pairs<A>(x.data(), R, padded, zero.data(), acc.data(), next);
+            if (R > kBlock && ahead > 0) src.streams(R, b, p + len, ahead, next);
+            // 2 prefetches per vector where they cover the streams, else 4: each costs an issue
+            // slot (a pair with one stream prefetches it twice, which measured faster than once)
+            if (next.count <= 2 * pairs)
+              tile_pairs<A, 2>(x.data(), R, padded, zero.data(), acc.data(), next);
+            else
+              tile_pairs<A, 4>(x.data(), R, padded, zero.data(), acc.data(), next);
           }
         });
         double* dst = out + g * RR;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import sys
@@ -41,17 +42,25 @@ def median_time(fn: Callable[[], object], device: str, budget_s: float = 0.4, mi
 
 
 def stream_bandwidth(device: str) -> float:
-    """The memory floor's bandwidth, measured in this run (bytes per second): on a GPU the
-    device-to-device copy (bytes read + written), on the CPU a streaming read (a sum over a buffer
-    far larger than the caches, on torch's threads)."""
+    """The memory floor's bandwidth, measured now (bytes per second): on a GPU the device-to-device
+    copy (bytes read + written), on the CPU a streaming read (a sum over a buffer far larger than
+    the caches, on torch's threads)."""
+    if device == "cuda":
+        src, dst = _stream_buffers(device)
+        t = median_time(lambda: dst.copy_(src), device, budget_s=0.15)
+        return 2 * src.numel() * 4 / t
+    buf, _ = _stream_buffers(device)
+    t = median_time(lambda: buf.sum(), device, budget_s=0.15)
+    return buf.numel() * 4 / t
+
+
+@functools.cache
+def _stream_buffers(device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """1 GiB to copy on a GPU; 256 MiB to read on the CPU. Allocated once per run."""
     if device == "cuda":
         src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
-        dst = torch.empty_like(src)
-        t = median_time(lambda: dst.copy_(src), device, budget_s=0.5)
-        return 2 * src.numel() * 4 / t
-    buf = torch.empty(2**26, dtype=torch.float32).uniform_()  # 256 MiB
-    t = median_time(lambda: buf.sum(), device, budget_s=0.5)
-    return buf.numel() * 4 / t
+        return src, torch.empty_like(src)
+    return torch.empty(2**26, dtype=torch.float32).uniform_(), None
 
 
 def peak_bytes(fn: Callable[[], object], device: str) -> int:
@@ -113,7 +122,7 @@ class Table:
     def markdown(self) -> str:
         out = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |",
                "|" + "|".join(" --- " for _ in self.columns) + "|"]
-        out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        out += ["| " + " | ".join(map(str, r)) + " |" for r in self.rows]
         return "\n".join(out) + "\n"
 
 

@@ -6,8 +6,9 @@
 
 Every row checks fusedjd's result against the baseline (or fusedjd.reference) before it times
 anything; a row whose check fails is marked MISMATCH and the run exits non-zero. Times are
-medians (CUDA events on a GPU). On a GPU, GB/s and time / floor use the device-to-device copy
-bandwidth measured in the same run. The markdown tables are printed and written, with a
+medians (CUDA events on a GPU). time / floor divides by the time of moving the same bytes at
+the floor's bandwidth (a GPU's device-to-device copy, a CPU's streaming read), measured right
+before and right after that row is timed: on a shared machine the bandwidth moves within a run. The markdown tables are printed and written, with a
 speedup plot when matplotlib is installed, to bench/results/local/ (not tracked); --save writes
 them to bench/results/ instead, the snapshot the README shows.
 """
@@ -90,7 +91,6 @@ class Run:
     """What every section of one benchmark run shares."""
 
     device: str
-    bandwidth: float | None
     progress: Progress
     speedups: dict = field(default_factory=lambda: {"m": [], "n": []})
     mismatches: list[str] = field(default_factory=list)
@@ -102,8 +102,18 @@ class Run:
             return "MISMATCH"
         return "ok"
 
-    def floor(self, nbytes: int) -> float | None:
-        return nbytes / self.bandwidth if self.bandwidth else None
+    bandwidths: list[float] = field(default_factory=list)
+
+    def timed(self, fn, nbytes: int) -> tuple[float, str]:
+        """fn's median time and its time / floor: the time of moving nbytes at the floor's
+        bandwidth, measured right before and right after fn is timed (the better of the two). On a
+        shared machine the bandwidth other processes leave moves within a run; a floor measured
+        once would flatter some rows and wrong others."""
+        before = stream_bandwidth(self.device)
+        t = median_time(fn, self.device)
+        bandwidth = max(before, stream_bandwidth(self.device))
+        self.bandwidths.append(bandwidth)
+        return t, f"{t / (nbytes / bandwidth):.2f}"
 
 
 def seeded(fn, seed=0):
@@ -144,11 +154,11 @@ def bench_gramian(run: Run, cfg: list[GramCase]):
             base = lambda: [b @ b.T for b in J.split(sizes, dim=1)]  # noqa: E731
         tol = 10 * reference.TOLERANCE["gramian"][dtype]
         status = run.check(f"gramian m={m} n={n} {dtype} {name}", fused(), reference.gramian(J, sizes), tol)
-        tf, tb = median_time(fused, device), median_time(base, device)
         nbytes = J.element_size() * m * n
-        floor = run.floor(nbytes)
+        tf, ratio = run.timed(fused, nbytes)
+        tb = median_time(base, device)
         t.rows.append([str(m), nice_n(n), str(dtype).replace("torch.", ""), name, status, fmt_time(tf),
-                       f"{nbytes / tf / 1e9:.0f}", f"{tf / floor:.2f}" if floor else "—", fmt_time(tb), fmt_x(tb / tf)])
+                       f"{nbytes / tf / 1e9:.0f}", ratio, fmt_time(tb), fmt_x(tb / tf)])
         run.progress.step(f"gramian m={m} n={n}")
         del J
     return t
@@ -212,14 +222,13 @@ def bench_aggregators(run: Run, cfg: list[AggCase]):
             status = run.check(f"{kind} m={m} n={n}", seeded(lambda: ours_cls()(J))(), seeded(lambda: theirs_cls()(J))(), 1e-3)
             label = kind
             plain = median_time(lambda: (J @ J.T, w @ J), device)
-        tf = median_time(lambda: ours(J), device)
-        tt = median_time(theirs_call, device, budget_s=1.0, min_reps=2)
         nbytes = 2 * 4 * m * n  # two reads of J (GPU: the Gramian's read and the combine's read + write)
-        floor = run.floor(nbytes)
+        tf, ratio = run.timed(lambda: ours(J), nbytes)
+        tt = median_time(theirs_call, device, budget_s=1.0, min_reps=2)
         if kind == "GradVac":
             run.speedups["n"].append((m, n, tt / tf))
         t.rows.append([label, str(m), nice_n(n), status, fmt_time(tf), f"{nbytes / tf / 1e9:.0f}",
-                       f"{tf / floor:.2f}" if floor else "—", fmt_time(plain), fmt_time(tt), fmt_x(tt / tf)])
+                       ratio, fmt_time(plain), fmt_time(tt), fmt_x(tt / tf)])
         run.progress.step(f"{label} m={m} n={n}")
         del J
     return t
@@ -251,11 +260,11 @@ def bench_moco(run: Run, cfg: list[MocoCase]):
                 torch.cuda.synchronize()
                 peaks.append((torch.cuda.max_memory_allocated() - base) / (4 * m * n))
             mem = f"{peaks[0]:.2f} / {peaks[1]:.2f} × J"
-        tf, tp = median_time(lambda: ours(J), device), median_time(lambda: plain(J), device)
         nbytes = 5 * 4 * m * n
-        floor = run.floor(nbytes)
+        tf, ratio = run.timed(lambda: ours(J), nbytes)
+        tp = median_time(lambda: plain(J), device)
         t.rows.append([str(m), nice_n(n), status, fmt_time(tf), f"{nbytes / tf / 1e9:.0f}",
-                       f"{tf / floor:.2f}" if floor else "—", fmt_time(tp), fmt_x(tp / tf), mem])
+                       ratio, fmt_time(tp), fmt_x(tp / tf), mem])
         run.progress.step(f"MoCo m={m} n={n}")
         del J, ours, plain
     return t
@@ -516,7 +525,7 @@ def main() -> int:
         print(f"note: load average {load:.1f} is above the {os.cpu_count()} cores: timings will stall and spread",
               file=sys.stderr)
     gram, loops, agg, moco, train = configs(device, args.full)
-    run = Run(device, stream_bandwidth(device), Progress(len(gram) + 2 * len(loops) + len(agg) + len(moco) + TRAIN_ROWS))
+    run = Run(device, Progress(len(gram) + 2 * len(loops) + len(agg) + len(moco) + TRAIN_ROWS))
     tables = [
         bench_jac_to_grad(run, train),
         bench_gramian(run, gram),
@@ -533,10 +542,11 @@ def main() -> int:
         f"- torch {torch.__version__}, torchjd {importlib.metadata.version('torchjd')}, fusedjd {fusedjd.__version__}, "
         f"Python {platform.python_version()}",
         f"- command: `python bench/run.py {' '.join(sys.argv[1:])}`".rstrip(),
-        (f"- floor: device-to-device copy bandwidth (read + write), measured in this run: {run.bandwidth / 1e9:.0f} GB/s"
-         if device == "cuda" else
-         f"- floor: streaming read bandwidth (a sum over 256 MiB), measured in this run: {run.bandwidth / 1e9:.0f} GB/s; "
-         "time / floor = time / (bytes streamed / that bandwidth)"),
+        ("- floor: device-to-device copy bandwidth (read + write)" if device == "cuda" else
+         "- floor: streaming read bandwidth (a sum over 256 MiB)")
+        + ", measured right before and right after each row with a time / floor is timed (the better "
+        "of the two for that row): time / floor = time / (bytes streamed / that bandwidth); it ranged "
+        f"{min(run.bandwidths) / 1e9:.0f}–{max(run.bandwidths) / 1e9:.0f} GB/s over this run",
         f"- load average at start: {load:.1f} on {os.cpu_count()} cores"
         + (" (ABOVE the core count: timings stall and spread)" if busy else ""),
         "",

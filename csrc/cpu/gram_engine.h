@@ -3,14 +3,16 @@
 // column groups of any size and count) and MoCo's first pass (the Gramian of the updated Y, formed
 // tile by tile in cache from Y and J).
 //
-// - Columns are cut into fixed chunks of max(kChunkCols, 64 R) (independent of the thread count, so
-//   results do not depend on it); at::parallel_for spreads the chunks over the threads. A group that lies
-//   inside one chunk is finished there; a group cut by chunk borders gets one partial per chunk,
-//   summed afterwards in chunk order (deterministic).
+// - Columns are cut into fixed chunks of max(kChunkCols, 64 R), set by R and not by the thread
+//   count, so that results do not depend on it; at::parallel_for spreads the chunks over the
+//   threads. A group that lies inside one chunk is finished there; a group cut
+//   by chunk borders gets one partial per chunk, summed afterwards in chunk order (deterministic).
 // - Within a chunk, tiles of TW columns of every row are streamed once from memory: read in place
 //   (float32/float64 rows; bfloat16 where the CPU multiplies bfloat16 pairs; float16 where it
 //   widens them in registers), or converted into a per-thread staging buffer (the other half-type
 //   cases, the ragged tail, or rows computed on the fly such as MoCo's Y + b (J - Y)).
+// - While a tile is multiplied, its block pairs prefetch the next tile's rows (a few cache lines
+//   per vector): the next tile's memory reads overlap this tile's multiply-adds.
 // - On a tile, 4 x 4 blocks of row pairs over the upper triangle (diagonal blocks included) keep
 //   16 vector accumulators in registers (GCC/Clang vector extensions: AVX-512, AVX2 or SSE2/NEON,
 //   whichever the build targets), in float32 lanes for float32/16/bf16 (float64 for float64),

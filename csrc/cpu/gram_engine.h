@@ -420,17 +420,20 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
             if (len > Simd<A>::L) len -= len % Simd<A>::L;
             const int64_t padded = src.tile(R, b, p, len, x.data(), stage.data(), TW);
             // prefetch the next tile of this block (which may lie in the next chunk, most often
-            // this thread's) while this one is multiplied; not for a single block of rows, whose
-            // few streams the hardware prefetcher follows better
+            // this thread's) while this one is multiplied; not for a single block of rows read in
+            // place, whose few streams the hardware prefetcher follows better
             next.count = 0;
             const int64_t ahead = std::min(TW, src.off[b + 1] - (p + len));
-            if (R > kBlock && ahead > 0) src.streams(R, b, p + len, ahead, next);
-            // 2 prefetches per vector where they cover the streams, else 4: each costs an issue
-            // slot (a pair with one stream prefetches it twice, which measured faster than once)
+            if ((R > kBlock || Src::kStaged) && ahead > 0) src.streams(R, b, p + len, ahead, next);
+            // 2, 4 or 8 prefetches per vector, the fewest that cover the streams: each costs an
+            // issue slot (a pair with one stream prefetches it twice, which measured faster than
+            // once)
             if (next.count <= 2 * pairs)
               tile_pairs<A, 2>(x.data(), R, padded, zero.data(), acc.data(), next);
-            else
+            else if (next.count <= 4 * pairs)
               tile_pairs<A, 4>(x.data(), R, padded, zero.data(), acc.data(), next);
+            else
+              tile_pairs<A, 8>(x.data(), R, padded, zero.data(), acc.data(), next);
           }
         });
         double* dst = out + g * RR;

@@ -43,24 +43,23 @@ def median_time(fn: Callable[[], object], device: str, budget_s: float = 0.4, mi
 
 def stream_bandwidth(device: str) -> float:
     """The memory floor's bandwidth, measured now (bytes per second): on a GPU the device-to-device
-    copy (bytes read + written), on the CPU a streaming read (a sum over a buffer far larger than
-    the caches, on torch's threads)."""
+    copy of 1 GiB (bytes read + written), on the CPU a streaming read (a sum over 256 MiB, far
+    more than the caches, on torch's threads)."""
     if device == "cuda":
-        src, dst = _stream_buffers(device)
+        src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
+        dst = torch.empty_like(src)
         t = median_time(lambda: dst.copy_(src), device, budget_s=0.15)
         return 2 * src.numel() * 4 / t
-    buf, _ = _stream_buffers(device)
+    buf = _cpu_stream_buffer()
     t = median_time(lambda: buf.sum(), device, budget_s=0.15)
     return buf.numel() * 4 / t
 
 
 @functools.cache
-def _stream_buffers(device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """1 GiB to copy on a GPU; 256 MiB to read on the CPU. Allocated once per run."""
-    if device == "cuda":
-        src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
-        return src, torch.empty_like(src)
-    return torch.empty(2**26, dtype=torch.float32).uniform_(), None
+def _cpu_stream_buffer() -> torch.Tensor:
+    """Allocated once per run (on a GPU the copy's buffers are freed after each measurement, so
+    that the large rows keep the memory)."""
+    return torch.empty(2**26, dtype=torch.float32).uniform_()
 
 
 def peak_bytes(fn: Callable[[], object], device: str) -> int:

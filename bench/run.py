@@ -8,9 +8,10 @@ Every row checks fusedjd's result against the baseline (or fusedjd.reference) be
 anything; a row whose check fails is marked MISMATCH and the run exits non-zero. Times are
 medians (CUDA events on a GPU). time / floor divides by the time of moving the same bytes at
 the floor's bandwidth (a GPU's device-to-device copy, a CPU's streaming read), measured right
-before and right after that row is timed: on a shared machine the bandwidth moves within a run. The markdown tables are printed and written, with a
-speedup plot when matplotlib is installed, to bench/results/local/ (not tracked); --save writes
-them to bench/results/ instead, the snapshot the README shows.
+before and right after that row is timed: on a shared machine the bandwidth moves within a run.
+The markdown tables are printed and written, with a speedup plot when matplotlib is installed,
+to bench/results/local/ (not tracked); --save writes them to bench/results/ instead, the
+snapshot the README shows.
 """
 
 from __future__ import annotations

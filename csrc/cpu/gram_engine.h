@@ -12,7 +12,8 @@
 //   widens them in registers), or converted into a per-thread staging buffer (the other half-type
 //   cases, the ragged tail, or rows computed on the fly such as MoCo's Y + b (J - Y)).
 // - While a tile is multiplied, its block pairs prefetch the next tile's rows (a few cache lines
-//   per vector): the next tile's memory reads overlap this tile's multiply-adds.
+//   per vector): the next tile's memory reads overlap this tile's multiply-adds. (Not for a
+//   single block of rows read in place, whose few streams the hardware prefetcher follows.)
 // - On a tile, 4 x 4 blocks of row pairs over the upper triangle (diagonal blocks included) keep
 //   16 vector accumulators in registers (GCC/Clang vector extensions: AVX-512, AVX2 or SSE2/NEON,
 //   whichever the build targets), in float32 lanes for float32/16/bf16 (float64 for float64),
@@ -20,8 +21,8 @@
 //   bfloat16 rows on CPUs with AVX512-BF16 are multiplied in pairs by vdpbf16ps, which treats
 //   subnormal inputs and results as zero: a product below float32's normal range
 //   (|x y| < 1.2e-38) counts as 0 there, and as itself elsewhere.
-// Scratch per thread: a staging tile (R x TW elements) and one R x R float64 sum; per chunk: two
-// R x R float64 partials for the groups cut by its borders.
+// Scratch per thread: a staging tile (R x TW elements), one R x R float64 sum and the next tile's
+// 2 R stream addresses; per chunk: two R x R float64 partials for the groups cut by its borders.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -127,7 +128,8 @@ struct Streams {
   int64_t count = 0;
 };
 
-// An empty asm that claims to change v in a register: the compiler must load v once and keep it.
+// An empty asm that claims to change its operands in registers: the compiler must load each once
+// and keep it there.
 template <typename V>
 inline void in_register(V& a0, V& a1, V& a2, V& a3, V& b0, V& b1, V& b2, V& b3) {
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -154,9 +156,10 @@ inline void block_pairs(const E* const* xa, const E* const* xb, int64_t nvec, do
       for (int k = 0; k < NPF; ++k) __builtin_prefetch(pf[k] + v * 64, 0, 1);
     }
     V a[kBlock], b[kBlock];
-    // keep every loaded vector in a register: otherwise the compiler folds its load into each of
-    // the four multiply-adds that use it (20 loads for 16 multiply-adds, not 8), and the loads,
-    // not the multiply-adds, bound the loop
+    // off the diagonal, keep the 8 loaded vectors in registers: otherwise the compiler folds each
+    // load into the four multiply-adds that use it (20 loads for 16 multiply-adds, not 8), and the
+    // loads, not the multiply-adds, bound the loop. Measured against forcing only b: 6-13% faster
+    // with AVX2's 16 registers too (accumulators spill either way), 2-6% slower with SSE2.
     for (int i = 0; i < kBlock; ++i) a[i] = S::load(xa[i] + v * L);
     if constexpr (!DIAG) {
       for (int j = 0; j < kBlock; ++j) b[j] = S::load(xb[j] + v * L);
@@ -414,10 +417,10 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
         std::fill(acc.begin(), acc.end(), 0.0);
         for_each_segment(src.off, s0, s1, [&](int64_t b, int64_t q0, int64_t q1) {  // the block pieces
           for (int64_t p = q0, len = 0; p < q1; p += len) {
-            // whole vectors read in place, then the ragged end of the piece (less than a vector,
-            // converted and padded in the staging tile) as a tile of its own
+            // rows read in place: whole vectors in place, then the ragged end of the piece (less
+            // than a vector, converted and padded in the staging tile) as a tile of its own
             len = std::min(TW, q1 - p);
-            if (len > Simd<A>::L) len -= len % Simd<A>::L;
+            if (!Src::kStaged && len > Simd<A>::L) len -= len % Simd<A>::L;
             const int64_t padded = src.tile(R, b, p, len, x.data(), stage.data(), TW);
             // prefetch the next tile of this block (which may lie in the next chunk, most often
             // this thread's) while this one is multiplied; not for a single block of rows read in

@@ -439,6 +439,7 @@ def configs(device: str, full: bool):
         gram = [GramCase(m, n) for m in (2, 8, 32) for n in ns] + [GramCase(8, 0, grouping)]
         gram += [GramCase(8, 0, groups64)] + [GramCase(8, 4 * 10**6, g, dt) for dt in (torch.bfloat16, torch.float16)
                                              for g in (None, groups64)]
+        gram += [GramCase(32, 10**6, None, dt) for dt in (torch.bfloat16, torch.float16)]
         agg = [AggCase("GradVac", m, n) for m in (2, 8, 32) for n in ns]
         agg += [AggCase("PCGrad", 8, 10**6), AggCase("GroupedGradVac", 8, 0, grouping)]
         moco = [MocoCase(m, n) for m in (2, 8, 32) for n in ns]

@@ -252,14 +252,7 @@ def bench_moco(run: Run, cfg: list[MocoCase]):
         ours(J), plain(J)
         mem = "—"
         if device == "cuda":
-            peaks = []
-            for agg in (ours, plain):
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                agg(J)
-                torch.cuda.synchronize()
-                peaks.append((torch.cuda.max_memory_allocated() - base) / (4 * m * n))
+            peaks = [peak_bytes(lambda: agg(J), device) / (4 * m * n) for agg in (ours, plain)]
             mem = f"{peaks[0]:.2f} / {peaks[1]:.2f} × J"
         nbytes = 5 * 4 * m * n
         tf, ratio = run.timed(lambda: ours(J), nbytes)

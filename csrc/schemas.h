@@ -6,6 +6,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -83,30 +84,30 @@ inline void register_aggregate(torch::Library& m, const char* ns) {
     c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&)> pcgrad;
     c10::TypedOperatorHandle<at::Tensor(at::TensorList, const at::Tensor&, at::IntArrayRef)> combine;
   };
-  static std::vector<std::pair<std::string, Ops*>> found;  // per library, looked up on first use
+  // looked up on first use (the library's other ops may be registered after this one)
+  struct Lazy {
+    std::once_flag once;
+    std::optional<Ops> ops;
+  };
+  auto lazy = std::make_shared<Lazy>();
   const std::string lib(ns);
-  m.impl("aggregate", [lib](at::TensorList J, at::IntArrayRef group_sizes, const std::optional<at::Tensor>& targets,
-                            double beta, double eps, bool pcgrad) -> std::tuple<at::Tensor, at::Tensor> {
-    static std::mutex mu;
-    Ops* o = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      for (auto& [name, ops] : found)
-        if (name == lib) o = ops;
-      if (o == nullptr) {
-        auto& d = c10::Dispatcher::singleton();
-        o = new Ops{d.findSchemaOrThrow((lib + "::gramian").c_str(), "").typed<at::Tensor(at::TensorList, at::IntArrayRef)>(),
-                    d.findSchemaOrThrow("fusedjd::draw_perms", "")  // (one for every library: a CPU draw)
-                        .typed<at::Tensor(int64_t, int64_t, bool, std::optional<at::Device>)>(),
-                    d.findSchemaOrThrow((lib + "::gradvac_loop").c_str(), "")
-                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, double, double)>(),
-                    d.findSchemaOrThrow((lib + "::pcgrad_loop").c_str(), "")
-                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>(),
-                    d.findSchemaOrThrow((lib + "::combine").c_str(), "")
-                        .typed<at::Tensor(at::TensorList, const at::Tensor&, at::IntArrayRef)>()};
-        found.emplace_back(lib, o);
-      }
-    }
+  m.impl("aggregate", [lib, lazy](at::TensorList J, at::IntArrayRef group_sizes,
+                                  const std::optional<at::Tensor>& targets, double beta, double eps,
+                                  bool pcgrad) -> std::tuple<at::Tensor, at::Tensor> {
+    std::call_once(lazy->once, [&] {
+      auto& d = c10::Dispatcher::singleton();
+      lazy->ops = Ops{d.findSchemaOrThrow((lib + "::gramian").c_str(), "")
+                          .typed<at::Tensor(at::TensorList, at::IntArrayRef)>(),
+                      d.findSchemaOrThrow("fusedjd::draw_perms", "")  // (one for every library: a CPU draw)
+                          .typed<at::Tensor(int64_t, int64_t, bool, std::optional<at::Device>)>(),
+                      d.findSchemaOrThrow((lib + "::gradvac_loop").c_str(), "")
+                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, double, double)>(),
+                      d.findSchemaOrThrow((lib + "::pcgrad_loop").c_str(), "")
+                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>(),
+                      d.findSchemaOrThrow((lib + "::combine").c_str(), "")
+                          .typed<at::Tensor(at::TensorList, const at::Tensor&, at::IntArrayRef)>()};
+    });
+    const Ops* o = &*lazy->ops;
     TORCH_CHECK(pcgrad || targets.has_value(), "fusedjd: `targets` is required for GradVac (pcgrad=False), got None");
     const at::Tensor G = o->gramian.call(J, group_sizes);
     const at::Tensor perms = o->draw.call(G.size(0), G.size(1), pcgrad, G.device());

@@ -12,6 +12,8 @@ its graph; they wait for nothing but the data they move.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -25,6 +27,15 @@ ProcessGroup = dist.ProcessGroup
 def all_reduce_sum(t: Tensor, group: ProcessGroup | None) -> Tensor:
     """``t`` summed over the ranks of ``group`` (``t`` itself when ``group`` is None)."""
     return t if group is None else funcol.all_reduce(t, "sum", group)
+
+
+def sharded_aggregate(J: Tensor | list[Tensor], sizes: list[int], group: ProcessGroup | None,
+                      weigh: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """The aggregation of a shard ``J`` of the columns: its Gramians [k, m, m] summed over
+    ``group`` (none: this process's alone), weighed by ``weigh`` (to weights [k, m], the same on
+    every rank), and this shard's combination: ``(combination, weights)``."""
+    W = weigh(all_reduce_sum(ops.gramian(J, sizes), group))
+    return ops.combine(J, W, sizes), W
 
 
 def from_first_rank(t: Tensor, group: ProcessGroup | None) -> Tensor:

@@ -183,9 +183,9 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
     def forward(self, matrix: Tensor, /) -> Tensor:
         check_matrix(matrix)
         n = matrix.shape[1]
-        self._track_n(n)
         weighting, gw = self._modules["weighting"], self._modules["gramian_weighting"]
         if _hooked(weighting, gw):
+            self._track_n(n)
             return ops.combine(matrix, weighting(matrix).unsqueeze(0), [n])
         return self._aggregate(matrix, n, None)[0]
 
@@ -198,8 +198,7 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
         group = group or gw.process_group
         if group is None:
             return gw.aggregate(J, [n])
-        W = gw.stacked(_distributed.all_reduce_sum(ops.gramian(J, [n]), group), group)
-        return ops.combine(J, W, [n]), W
+        return _distributed.sharded_aggregate(J, [n], group, lambda G: gw.stacked(G, group))
 
     def get_extra_state(self) -> Any:
         return {"n": self._n}
@@ -273,8 +272,7 @@ class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
         group = group or gw.process_group
         if group is None:
             return gw.aggregate(J, sizes)
-        W = gw.stacked(_distributed.all_reduce_sum(ops.gramian(J, sizes), group), group)
-        return ops.combine(J, W, sizes), W
+        return _distributed.sharded_aggregate(J, sizes, group, lambda G: gw.stacked(G, group))
 
     def __repr__(self) -> str:
         return (
@@ -338,8 +336,7 @@ class PCGrad(GramianWeightedAggregator, _NonDifferentiable):
         group = group or gw.process_group
         if group is None:
             return ops.aggregate(J, [n], None, 0.0, 0.0, True)
-        W = gw.pcgrad(_distributed.all_reduce_sum(ops.gramian(J, [n]), group)[0], group).unsqueeze(0)
-        return ops.combine(J, W, [n]), W
+        return _distributed.sharded_aggregate(J, [n], group, lambda G: gw.pcgrad(G[0], group).unsqueeze(0))
 
 
 __all__ = ["GradVac", "GradVacWeighting", "GroupedGradVac", "PCGrad", "PCGradWeighting"]

@@ -9,9 +9,10 @@ from torch import Tensor
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator
 from torchjd.autojac import jac_to_grad as _torchjd_jac_to_grad
 from torchjd.autojac._accumulation import _check_expects_grad, accumulate_grads, is_tensor_with_jac
+from torchjd.autojac._jac_to_grad import _disunite_gradient, _free_jacs
 from torchjd.autojac._utils import check_consistent_first_dimension
 
-from . import _distributed, ops
+from . import _distributed
 from ._distributed import ProcessGroup
 from ._gradvac import GradVac, GroupedGradVac, PCGrad, _hooked
 from ._moco import MoCo
@@ -79,7 +80,9 @@ def jac_to_grad(
     check_consistent_first_dimension(jacobians, "tensors.jac")
 
     group = process_group if process_group is not None else getattr(aggregator, "process_group", None)
-    route = _route(aggregator, jacobians, group)
+    m = jacobians[0].shape[0]
+    sizes = [j.numel() // m for j in jacobians] if m else []  # the tensors' column counts
+    route = _route(aggregator, jacobians, sizes, group)
     if route is None:
         if group is not None:
             raise ValueError(
@@ -91,16 +94,12 @@ def jac_to_grad(
     for t in tensors_:  # the checks accumulate_grads makes, before anything is changed
         _check_expects_grad(t, field_name=".grad")
     if not retain_jac:
-        for t in tensors_:
-            del t.jac
-    m = jacobians[0].shape[0]
-    blocks = [j.reshape(m, j.numel() // m) for j in jacobians]  # views of contiguous .jac tensors (m > 0 here)
+        _free_jacs(tensors_)
+    blocks = [j.reshape(m, s) for j, s in zip(jacobians, sizes, strict=True)]  # views of contiguous .jac tensors
     del jacobians
     gradient, weights = route(blocks)
     del blocks
-    pieces = [g.view(t.shape).to(dtype=t.dtype) for g, t in zip(gradient.split([t.numel() for t in tensors_]),
-                                                                 tensors_, strict=True)]
-    _accumulate(tensors_, pieces)
+    _accumulate(tensors_, _disunite_gradient(gradient, tensors_))
     return weights
 
 
@@ -121,14 +120,14 @@ def _accumulate(tensors: list[Tensor], grads: list[Tensor]) -> None:
 _SHARDABLE = "fusedjd's GradVac, PCGrad, GroupedGradVac, MoCo or a torchjd GramianWeightedAggregator"
 
 
-def _route(aggregator: Aggregator, jacobians: list[Tensor], group: ProcessGroup | None) -> _Route | None:
-    """The fused path for this aggregator and these Jacobians (summing the Gramians over ``group``
-    when there is one), or None for torchjd's."""
+def _route(aggregator: Aggregator, jacobians: list[Tensor], sizes: list[int],
+           group: ProcessGroup | None) -> _Route | None:
+    """The fused path for this aggregator and these Jacobians (``sizes``: their column counts),
+    summing the Gramians over ``group`` when there is one, or None for torchjd's."""
     first = jacobians[0]
     if first.shape[0] == 0 or not first.is_floating_point() or any(
             j.dtype != first.dtype or j.device != first.device for j in jacobians):
         return None
-    sizes = [j[0].numel() for j in jacobians]
     n = sum(sizes)
 
     if isinstance(aggregator, MoCo):
@@ -155,10 +154,10 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], group: ProcessGroup 
 
         def weighted(blocks: list[Tensor]) -> tuple[Tensor, Tensor]:
             # torchjd's weighting: every rank runs it on the same Gramian; the first rank's weights win
-            G = _distributed.all_reduce_sum(ops.gramian(blocks, [n]), group)
-            weights = _distributed.from_first_rank(gw(G[0]), group)
+            out, W = _distributed.sharded_aggregate(
+                blocks, [n], group, lambda G: _distributed.from_first_rank(gw(G[0]), group).unsqueeze(0))
             # returned in the dtype of the .jac tensors, as torchjd's (its Gramian has that dtype)
-            return ops.combine(blocks, weights.unsqueeze(0), [n]), weights.to(first.dtype)
+            return out, W[0].to(first.dtype)
 
         return weighted
     return None

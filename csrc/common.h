@@ -41,6 +41,10 @@
 
 namespace fusedjd {
 
+// Whether a CUDA-graph capture is in progress on the current stream of `device` (false for a
+// non-CUDA device and in a build without CUDA kernels). Defined in csrc/fusedjd.cpp.
+bool cuda_capture_active(const at::Device& device);
+
 // Accumulation / state dtype for a given input dtype: float32 for float16,
 // bfloat16 and float32 inputs, float64 for float64 inputs.
 inline at::ScalarType acc_dtype(at::ScalarType t) {
@@ -123,13 +127,13 @@ inline void check_gradvac_hyper(double beta, double eps) {
   TORCH_CHECK(eps >= 0.0, "fusedjd: `eps` must be non-negative, got ", eps);
 }
 
-// The combine's preamble, one for both backends: the checks, the output, and the inputs in the
-// layout the kernels read (the blocks with unit column stride, the weights as contiguous
-// float64). When n or m is 0 the output is already complete and `done` is set.
+// The combine's preamble, one for both backends: the checks, the output, and the blocks in the
+// layout the kernels read (unit column stride); each backend takes the weights in the layout it
+// reads. When n or m is 0 the output is already complete and `done` is set.
 struct CombineArgs {
   Blocks B;
   std::vector<int64_t> off;  // group offsets, k + 1 entries
-  at::Tensor out, W;
+  at::Tensor out;
   bool done;
 };
 
@@ -149,7 +153,6 @@ inline CombineArgs prepare_combine(at::TensorList J, const at::Tensor& weights, 
     a.out.zero_();
     return a;
   }
-  a.W = weights.to(at::kDouble).contiguous();
   return a;
 }
 

@@ -276,7 +276,7 @@ def test_gradvac_and_pcgrad_loops(m, k, dtype):
 
 
 def test_loop_beyond_shared_memory_rows():
-    """m > 768: the chains keep their rows in global memory instead of shared memory."""
+    """m > 767: the chains keep their rows in global memory instead of shared memory."""
     m = 800
     gen = torch.Generator().manual_seed(800)
     A = torch.randn(1, m, 40, generator=gen, dtype=torch.float64)
@@ -453,3 +453,77 @@ def test_aggregate_runs_the_emulated_kernels_in_turn(pcgrad):
           else reference.gradvac_loop(G.double(), perms, torch.zeros(2, 9, 9, dtype=torch.float64), 0.5, 1e-8))
     assert rel_err(W, Wr) <= 1e-6
 
+
+
+# ---- launches, device fills and host-to-device copies per step ---------------------------------
+# What a step costs on a GPU beyond its bytes: each kernel launch, each fill or conversion ATen runs
+# on the device (a kernel too), each host-to-device copy. The emulator counts fusedjd's launches and
+# work-table copies; the profiler sees every ATen op the host functions call. On CUDA, only the ops
+# below launch no kernel (allocations and views); anything else inside a step is device work.
+_NO_KERNEL_OPS = {"aten::empty", "aten::empty_strided", "aten::as_strided", "aten::view", "aten::select",
+                  "aten::narrow", "aten::slice", "aten::alias", "aten::detach", "aten::lift_fresh",
+                  "aten::contiguous", "aten::to", "aten::resize_", "aten::expand", "aten::t", "aten::transpose"}
+
+
+def _step_costs(fn):
+    """(fusedjd kernel launches, other ATen device ops by name, work-table copies) of one fn() call,
+    after a warm-up call (steady state)."""
+    fn()
+    before = simt_build.stats()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    after = simt_build.stats()
+    device_ops = sorted({e.name for e in prof.events() if e.name.startswith("aten::")} - _NO_KERNEL_OPS)
+    return after["launches"] - before["launches"], device_ops, after["table_copies"] - before["table_copies"]
+
+
+@pytest.mark.parametrize("m, k", [(8, 1), (20, 3), (129, 1)])
+def test_gradvac_and_pcgrad_step_launches(m, k):
+    """A GradVac or PCGrad step (the aggregate op: Gramian, loop, combine) is at most 5 kernels, no
+    fill, no conversion, and no work-table copy once the tensors' layout has been seen (the visit
+    orders are the step's one host-to-device copy; draw_perms, a host draw, is not counted here).
+    Beyond 128 rows the Gramian is ATen's (matrix products, not counted as launches)."""
+    gen = torch.Generator().manual_seed(m)
+    n = 4099 * k
+    J = torch.randn(m, n, generator=gen)
+    blocks = [J[:, :1000], J[:, 1000:]]
+    sizes = [n // k] * (k - 1) + [n - (n // k) * (k - 1)]
+    T = torch.zeros(k, m, m)
+    for pcgrad in (False, True):
+        launches, device_ops, copies = _step_costs(
+            lambda: EMU.aggregate(blocks, sizes, None if pcgrad else T, 0.5, 1e-8, pcgrad))
+        if m <= 128:
+            assert launches <= 5 and device_ops == [], (launches, device_ops)
+        else:
+            assert launches <= 3, launches  # the loop (2) and the combine (1)
+        assert copies == 0
+
+
+@pytest.mark.parametrize("m", [8, 40])
+def test_moco_step_launches(m):
+    """A MoCo step is at most 4 kernels (two for the Gramian of the updated rows, the λ update, the
+    second pass), no fill, no work-table copy once the layout has been seen."""
+    gen = torch.Generator().manual_seed(m)
+    J = torch.randn(m, 5003, generator=gen)
+    Y = torch.zeros(m, 5003)
+    lam = torch.full((m,), 1.0 / m)
+    step = torch.zeros((), dtype=torch.long)
+    launches, device_ops, copies = _step_costs(
+        lambda: EMU.moco_step([J[:, :3], J[:, 3:]], Y, lam, step, 0.5, 0.5, 0.1, 0.5, 0.0, False))
+    assert launches <= 4 and device_ops == [] and copies == 0, (launches, device_ops, copies)
+
+
+def test_work_tables_are_copied_once_per_layout():
+    """A work table reaches the device once per layout and set of tensors: a second call on the
+    same tensors copies none, new tensors (new addresses) copy a new one."""
+    J = torch.randn(5, 3001)
+    W = torch.randn(2, 5)
+    EMU.combine([J], W, [1000, 2001])
+    before = simt_build.stats()["table_copies"]
+    EMU.combine([J], W, [1000, 2001])
+    assert simt_build.stats()["table_copies"] == before
+    EMU.combine([J], W, [2001, 1000])  # another grouping: another table
+    assert simt_build.stats()["table_copies"] == before + 1
+    J2 = torch.randn(5, 3001)
+    EMU.combine([J2], W, [2001, 1000])  # other addresses: another table
+    assert simt_build.stats()["table_copies"] == before + 2

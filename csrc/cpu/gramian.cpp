@@ -80,8 +80,9 @@ void combine_rows(const Blocks& B, const std::vector<int64_t>& off, const double
 at::Tensor combine_cpu(at::TensorList J, const at::Tensor& weights, at::IntArrayRef group_sizes) {
   const CombineArgs a = prepare_combine(J, weights, group_sizes);
   if (a.done) return a.out;
+  const at::Tensor W = weights.to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.B.dtype, "fusedjd_combine_cpu", [&] {
-    combine_rows(a.B, a.off, a.W.data_ptr<double>(), a.out.data_ptr<scalar_t>());
+    combine_rows(a.B, a.off, W.data_ptr<double>(), a.out.data_ptr<scalar_t>());
   });
   return a.out;
 }

@@ -16,13 +16,15 @@ constexpr int kCombineThreads = 256;
 
 // One block per work item (columns of one group inside one block of J): every column's weighted
 // row sum, with packed loads on the item's aligned middle when the rows allow them.
-template <typename T, typename opmath_t, int V>
+// W_t: the weights' dtype (float32 or float64, as the loops return them: read as they are, no
+// conversion kernel).
+template <typename T, typename opmath_t, int V, typename W_t>
 __global__ void __launch_bounds__(kCombineThreads)
-    combine_kernel(WorkTable tab, int64_t m, const double* W, bool packed, T* out) {
+    combine_kernel(WorkTable tab, int64_t m, const W_t* W, bool packed, T* out) {
   const Item it = locate_item(tab, blockIdx.x);
   const T* base = block_row<T>(tab, it.block, 0);
   const int64_t ld = tab.ld[it.block];
-  const double* w = W + it.group * m;
+  const W_t* w = W + it.group * m;
   T* o = out + (it.gcol - it.c0);  // o[c] is the output of the block's column c
   auto column = [&](int64_t c) {
     opmath_t acc = opmath_t(0);
@@ -53,14 +55,22 @@ at::Tensor combine_cuda(at::TensorList J, const at::Tensor& weights, at::IntArra
   const CombineArgs a = prepare_combine(J, weights, group_sizes);
   const DeviceGuard guard(a.B.device);
   if (a.done) return a.out;
+  // float32 and float64 weights are read as they are; float16/bfloat16 ones are widened first
+  const bool wide = weights.scalar_type() == at::kDouble;
+  const at::Tensor W = (wide ? weights : weights.to(at::kFloat)).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.B.dtype, "fusedjd_combine_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     constexpr int V = 16 / static_cast<int>(sizeof(scalar_t));
     at::Tensor table;
     const WorkTable tab = work_table(a.B, a.off, /*chunk=*/int64_t{4} * kCombineThreads * V, &table);
-    launch("combine_kernel", combine_kernel<scalar_t, opmath_t, V>, dim3(static_cast<unsigned>(tab.items)),
-           kCombineThreads, 0, tab, a.B.m, a.W.data_ptr<double>(), blocks_aligned16(a.B),
-           a.out.data_ptr<scalar_t>());
+    const dim3 grid(static_cast<unsigned>(tab.items));
+    const bool packed = blocks_aligned16(a.B);
+    if (wide)
+      launch("combine_kernel", combine_kernel<scalar_t, opmath_t, V, double>, grid, kCombineThreads, 0, tab, a.B.m,
+             W.data_ptr<double>(), packed, a.out.data_ptr<scalar_t>());
+    else
+      launch("combine_kernel", combine_kernel<scalar_t, opmath_t, V, float>, grid, kCombineThreads, 0, tab, a.B.m,
+             W.data_ptr<float>(), packed, a.out.data_ptr<scalar_t>());
   });
   return a.out;
 }

@@ -140,8 +140,13 @@ __device__ __forceinline__ const T* block_row(const WorkTable& t, int64_t block,
 
 // The work table of `B` over the column groups with offsets `group_off` (k + 1 entries) for work
 // items of `chunk` columns. `keep` receives the device tensor the table lives in: keep it until
-// the kernels reading it are queued. Built on the host, copied without a host sync (device.cu).
+// the kernels reading it are queued. Built on the host, copied without a host sync, and cached on
+// the device by content, so that steady-state calls copy nothing (device.cu).
 WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int64_t chunk, at::Tensor* keep);
+
+// Host-to-device copies of work tables made by this process so far (the emulated tests check that
+// repeated calls on the same tensors make none).
+int64_t work_table_copies();
 
 // Whether every block starts on a 16-byte boundary with a row stride of whole 16 bytes (packed loads).
 inline bool blocks_aligned16(const Blocks& B) {

@@ -1,9 +1,9 @@
 // Per-device facts (cached for the life of the process) and the work tables of the kernels.
-#include <map>
+#include <algorithm>
 #include <mutex>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
-#include <algorithm>
 
 #include "cuda_common.cuh"
 
@@ -24,6 +24,15 @@ int sm_count() {
 #endif
 }
 
+#if !defined(FUSEDJD_SIMT)
+bool capture_active(const at::Device& device) {
+  const c10::cuda::CUDAStream s = c10::cuda::getCurrentCUDAStream(device.index());
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(s.stream(), &status));
+  return status == cudaStreamCaptureStatusActive;
+}
+#endif
+
 namespace {
 
 // The stream a call runs on, and the id of the CUDA-graph capture in progress on it (0: none).
@@ -43,15 +52,71 @@ std::pair<uint64_t, unsigned long long> stream_and_capture() {
 
 // How a work table reaches the device without a host sync, and stays valid:
 //  - it is written into pinned host memory and copied by an asynchronous copy on the stream of
-//    the call, so stream order puts the write before every kernel of the call that reads it; the
-//    caching host allocator does not hand the pinned buffer out again before that copy has run;
-//  - eagerly, each call makes its own table (it holds the blocks' addresses, which change from
-//    call to call), and the caller keeps the device copy alive until its kernels are queued;
-//  - during a CUDA-graph capture the copy runs only when the graph replays, so the table and its
-//    pinned host copy must live as long as the graph: they are kept for the life of the process,
-//    keyed by the capture's id and the table's content (a replay that needs them finds them; a
-//    re-capture of the same call reuses them). Cost to know: a program that captures fusedjd ops
-//    over new tensors many times grows by one table per capture (tens of bytes per block).
+//    the call, so stream order puts the write before every kernel that reads it; the caching
+//    host allocator does not hand the pinned buffer out again before that copy has run;
+//  - the device copies are cached, keyed by the device, the stream and the table's content (the
+//    blocks' addresses included): a training loop that calls with the same layout, whose tensors
+//    the caching allocator places at the same addresses step after step, finds its table on the
+//    device and makes no host allocation and no copy. At most kEagerTables tables are kept; the
+//    oldest is dropped first (its device memory returns to the caching allocator, stream-ordered
+//    after the kernels already queued on that stream, the only stream that reads it);
+//  - during a CUDA-graph capture the copy runs only when the graph replays, so a table used by a
+//    capture, and the pinned host copy a captured copy reads, must live as long as the graph:
+//    they are kept for the life of the process. Cost to know: a program that captures fusedjd
+//    ops over new tensors many times grows by one table per capture (tens of bytes per block).
+namespace {
+
+constexpr size_t kEagerTables = 64;
+int64_t g_table_copies = 0;  // host-to-device copies of work tables made so far
+
+struct TableKey {
+  int device;
+  uint64_t stream;
+  std::vector<int64_t> content;
+  bool operator==(const TableKey& o) const {
+    return device == o.device && stream == o.stream && content == o.content;
+  }
+};
+
+struct TableKeyHash {
+  size_t operator()(const TableKey& k) const {
+    uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(k.device) ^ (k.stream * 0x9E3779B97F4A7C15ull);
+    for (const int64_t v : k.content) h = (h ^ static_cast<uint64_t>(v)) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+
+struct CachedTable {
+  at::Tensor device, host;  // host: defined only for a table first copied during a capture
+  bool permanent = false;   // used by a capture: never dropped
+  uint64_t last_use = 0;
+};
+
+std::mutex g_tables_mu;
+std::unordered_map<TableKey, CachedTable, TableKeyHash> g_tables;
+uint64_t g_table_clock = 0;
+size_t g_eager_tables = 0;
+
+// Drops the least recently used non-permanent table while more than kEagerTables are kept.
+void evict_tables() {
+  while (g_eager_tables > kEagerTables) {
+    auto oldest = g_tables.end();
+    for (auto it = g_tables.begin(); it != g_tables.end(); ++it)
+      if (!it->second.permanent && (oldest == g_tables.end() || it->second.last_use < oldest->second.last_use))
+        oldest = it;
+    if (oldest == g_tables.end()) return;
+    g_tables.erase(oldest);
+    --g_eager_tables;
+  }
+}
+
+}  // namespace
+
+int64_t work_table_copies() {
+  const std::lock_guard<std::mutex> lock(g_tables_mu);
+  return g_table_copies;
+}
+
 WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int64_t chunk, at::Tensor* keep) {
   const int64_t k = static_cast<int64_t>(group_off.size()) - 1, nb = static_cast<int64_t>(B.J.size());
   // segments: the non-empty intersections of groups and blocks, in column order
@@ -87,30 +152,35 @@ WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int
     ptr[b] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(B.J[b].data_ptr()));
     ptr[nb + b] = B.J[b].stride(0);
   }
+  const int64_t items = item_off[S];
 
   const auto [stream_id, capture_id] = stream_and_capture();
-  using Key = std::tuple<int, uint64_t, unsigned long long, std::vector<int64_t>>;
-  static std::mutex mu;
-  static std::map<Key, std::pair<at::Tensor, at::Tensor>> captured;  // (host, device), never evicted
-  std::unique_lock<std::mutex> lock(mu, std::defer_lock);
-  Key key;
-  if (capture_id != 0) {
-    lock.lock();
-    key = Key{B.device.index(), stream_id, capture_id, h};
-    auto it = captured.find(key);
-    if (it != captured.end()) *keep = it->second.second;
-  }
-  if (!keep->defined()) {
+  const std::lock_guard<std::mutex> lock(g_tables_mu);
+  TableKey key{static_cast<int>(B.device.index()), stream_id, std::move(h)};
+  auto it = g_tables.find(key);
+  if (it == g_tables.end()) {
     at::TensorOptions host_options = at::TensorOptions().dtype(at::kLong);
 #if !defined(FUSEDJD_SIMT)
     host_options = host_options.pinned_memory(true);  // an asynchronous copy a graph can capture
 #endif
     at::Tensor host = at::empty({size}, host_options);
-    std::copy(h.begin(), h.end(), host.data_ptr<int64_t>());
-    *keep = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(B.device));
-    keep->copy_(host, /*non_blocking=*/true);
-    if (capture_id != 0) captured.emplace(std::move(key), std::make_pair(host, *keep));
+    std::copy(key.content.begin(), key.content.end(), host.data_ptr<int64_t>());
+    CachedTable entry;
+    entry.device = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(B.device));
+    entry.device.copy_(host, /*non_blocking=*/true);
+    ++g_table_copies;
+    if (capture_id != 0) entry.host = host;  // a replay copies from it again
+    ++g_eager_tables;
+    it = g_tables.emplace(std::move(key), std::move(entry)).first;
   }
+  CachedTable& entry = it->second;
+  entry.last_use = ++g_table_clock;
+  if (capture_id != 0 && !entry.permanent) {
+    entry.permanent = true;
+    --g_eager_tables;
+  }
+  *keep = entry.device;
+  evict_tables();
   const int64_t* d = keep->data_ptr<int64_t>();
   WorkTable t;
   t.item_off = d;
@@ -124,7 +194,7 @@ WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int
   t.ld = t.ptr + nb;
   t.segments = S;
   t.chunk = chunk;
-  t.items = item_off[S];
+  t.items = items;
   return t;
 }
 

@@ -1,10 +1,11 @@
 // CUDA kernels of the GradVac family: the GradVac and PCGrad loops on k Gramians in one
 // launch. Each (group, row) chain is one warp; its steps run in order, the O(m) work of a
-// step (|p|^2, the update of <p, g_.>) is spread over the warp's lanes. A first kernel checks
-// that every Gramian is finite and every visit order valid: if not, no chain runs, no target is
-// written and the weights are NaN. The weights (column sums of the coefficient rows) are summed
-// in a fixed order. A chain's working rows live in shared memory up to m = kSmemMaxRows, in
-// global memory beyond (any m).
+// step (|p|^2, the update of <p, g_.>) is spread over the warp's lanes. A first kernel (one
+// block) checks that every Gramian is finite and every visit order valid: if not, no chain runs,
+// no target is written and the weights are NaN. The weights (column sums of the coefficient rows)
+// are summed in a fixed order by the last chain block to finish: two launches per loop, no fill.
+// A chain's working rows live in shared memory up to m = kSmemMaxRows, in global memory beyond
+// (any m).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -19,84 +20,103 @@ namespace fusedjd::cuda {
 namespace {
 
 constexpr int kChainsPerBlock = 4;
-constexpr int64_t kSmemMaxRows = 48 * 1024 / (2 * static_cast<int64_t>(sizeof(double)) * kChainsPerBlock);  // 768
+// 48 KiB of shared memory without the opt-in, less the kernel's static `last` flag: 767 rows
+constexpr int64_t kSmemMaxRows = (48 * 1024 - 16) / (2 * static_cast<int64_t>(sizeof(double)) * kChainsPerBlock);
+constexpr int kCheckThreads = 1024;
 
-// flags[0] |= some G entry is not finite; flags[1] |= some visit order names row i itself or a
-// row outside [0, m).
+// status[0] = some G entry is not finite; status[1] = some visit order names row i itself or a row
+// outside [0, m); status[2] = 0 (the chain blocks' arrival counter). One block: it writes the whole
+// status, so no fill has to run before it.
 template <typename S>
-__global__ void check_inputs_kernel(const S* G, int64_t count, const int64_t* perms, int64_t chains, int64_t m,
-                                    int* flags) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+__global__ void __launch_bounds__(kCheckThreads)
+    check_inputs_kernel(const S* G, int64_t count, const int64_t* perms, int64_t chains, int64_t m, int* status) {
+  __shared__ int bad[2];
+  if (threadIdx.x < 2) bad[threadIdx.x] = 0;
+  __syncthreads();
   const int64_t nperm = chains * (m - 1);
   const int64_t total = count > nperm ? count : nperm;
   bool bad_g = false, bad_p = false;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+  for (int64_t e = threadIdx.x; e < total; e += kCheckThreads) {
     if (e < count) bad_g |= !isfinite(static_cast<double>(G[e]));
     if (e < nperm) {
       const int64_t i = (e / (m - 1)) % m, j = perms[e];
       bad_p |= j < 0 || j >= m || j == i;
     }
   }
-  const bool any_g = __any_sync(0xffffffffu, bad_g), any_p = __any_sync(0xffffffffu, bad_p);
-  if (threadIdx.x % kWarp == 0) {
-    if (any_g) atomicOr(flags, 1);
-    if (any_p) atomicOr(flags + 1, 1);
+  if (bad_g) atomicOr(&bad[0], 1);
+  if (bad_p) atomicOr(&bad[1], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    status[0] = bad[0];
+    status[1] = bad[1];
+    status[2] = 0;
+  }
+}
+
+// The weights: column sums of the coefficient rows in a fixed order (NaN when the inputs were
+// refused), by the threads of one block.
+template <typename S>
+__device__ void column_sums(const double* coef, int64_t k, int64_t m, bool refused, S* weights) {
+  for (int64_t e = threadIdx.x; e < k * m; e += blockDim.x) {
+    const int64_t g = e / m, b = e % m;
+    double s = 0.0;
+    if (!refused)
+      for (int64_t i = 0; i < m; ++i) s += coef[(g * m + i) * m + b];
+    weights[e] = refused ? static_cast<S>(NAN) : static_cast<S>(s);
   }
 }
 
 // PCGRAD: PCGrad's rule, no targets. SMEM: the chain's rows C and C·G in shared memory (else in
-// global scratch).
+// global scratch). The last block to finish (counted in status[2]) writes the weights, so the loop
+// is two launches: check_inputs_kernel, then this one.
 template <typename S, bool PCGRAD, bool SMEM>
 __global__ void chain_kernel(const S* G, const int64_t* perms, S* targets, double* coef, double* scratch, int64_t k,
-                             int64_t m, double beta, double eps, const int* flags) {
+                             int64_t m, double beta, double eps, int* status, S* weights) {
   FUSEDJD_DYNAMIC_SMEM(double, smem);
+  __shared__ bool last;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t chain = static_cast<int64_t>(blockIdx.x) * kChainsPerBlock + warp;
-  if (chain >= k * m || flags[0] != 0 || flags[1] != 0) return;  // whole warps leave together
-  const int64_t g = chain / m, i = chain % m;
-  const S* Gg = G + g * m * m;
-  double* C = SMEM ? smem + static_cast<int64_t>(warp) * 2 * m : coef + chain * m;
-  double* cG = SMEM ? C + m : scratch + chain * m;
-  const int64_t* order = perms + chain * (m - 1);
-  const double floor = target_sine_floor<S>();
-  for (int64_t a = lane; a < m; a += kWarp) {
-    C[a] = (a == i) ? 1.0 : 0.0;
-    cG[a] = static_cast<double>(Gg[i * m + a]);
-  }
-  __syncwarp();
-  for (int64_t s = 0; s + 1 < m; ++s) {
-    const int64_t j = order[s];
-    double part = 0.0;
-    for (int64_t a = lane; a < m; a += kWarp) part += cG[a] * C[a];
-    const double norm_sq = warp_sum(part);
-    S* tgt = PCGRAD ? nullptr : targets + (g * m + i) * m + j;
-    const double t = PCGRAD ? 0.0 : static_cast<double>(*tgt);
-    double c = 0.0;
-    const double w = gradvac_pair<PCGRAD>(norm_sq, cG[j], static_cast<double>(Gg[j * m + j]), t, eps, floor, &c);
-    __syncwarp();  // every lane has read cG[j] before it changes
-    if (w != 0.0) {
-      for (int64_t a = lane; a < m; a += kWarp) cG[a] += w * static_cast<double>(Gg[j * m + a]);
-      if (lane == 0) C[j] += w;
+  const bool refused = status[0] != 0 || status[1] != 0;
+  if (chain < k * m && !refused) {  // the same for a whole warp
+    const int64_t g = chain / m, i = chain % m;
+    const S* Gg = G + g * m * m;
+    double* C = SMEM ? smem + static_cast<int64_t>(warp) * 2 * m : coef + chain * m;
+    double* cG = SMEM ? C + m : scratch + chain * m;
+    const int64_t* order = perms + chain * (m - 1);
+    const double floor = target_sine_floor<S>();
+    for (int64_t a = lane; a < m; a += kWarp) {
+      C[a] = (a == i) ? 1.0 : 0.0;
+      cG[a] = static_cast<double>(Gg[i * m + a]);
     }
-    if (!PCGRAD && lane == 0) *tgt = static_cast<S>((1.0 - beta) * t + beta * c);
     __syncwarp();
+    for (int64_t s = 0; s + 1 < m; ++s) {
+      const int64_t j = order[s];
+      double part = 0.0;
+      for (int64_t a = lane; a < m; a += kWarp) part += cG[a] * C[a];
+      const double norm_sq = warp_sum(part);
+      S* tgt = PCGRAD ? nullptr : targets + (g * m + i) * m + j;
+      const double t = PCGRAD ? 0.0 : static_cast<double>(*tgt);
+      double c = 0.0;
+      const double w = gradvac_pair<PCGRAD>(norm_sq, cG[j], static_cast<double>(Gg[j * m + j]), t, eps, floor, &c);
+      __syncwarp();  // every lane has read cG[j] before it changes
+      if (w != 0.0) {
+        for (int64_t a = lane; a < m; a += kWarp) cG[a] += w * static_cast<double>(Gg[j * m + a]);
+        if (lane == 0) C[j] += w;
+      }
+      if (!PCGRAD && lane == 0) *tgt = static_cast<S>((1.0 - beta) * t + beta * c);
+      __syncwarp();
+    }
+    if (SMEM)
+      for (int64_t a = lane; a < m; a += kWarp) coef[chain * m + a] = C[a];
   }
-  if (SMEM)
-    for (int64_t a = lane; a < m; a += kWarp) coef[chain * m + a] = C[a];
-}
-
-template <typename S>
-__global__ void column_sums_kernel(const double* coef, int64_t k, int64_t m, const int* flags, S* weights) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= k * m) return;
-  const int64_t g = e / m, b = e % m;
-  if (flags[0] != 0 || flags[1] != 0) {
-    weights[e] = static_cast<S>(NAN);
-    return;
-  }
-  double s = 0.0;
-  for (int64_t i = 0; i < m; ++i) s += coef[(g * m + i) * m + b];
-  weights[e] = static_cast<S>(s);
+  // the last block to arrive sums the coefficient rows of every chain
+  __threadfence();  // this block's coefficient rows are visible to the block that sums them
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(status + 2, 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  column_sums(coef, k, m, refused, weights);
 }
 
 template <bool PCGRAD>
@@ -109,25 +129,21 @@ at::Tensor loop_cuda(const at::Tensor& G_in, const at::Tensor& perms_in, at::Ten
   if (k == 0 || m == 0) return weights;
   const at::Tensor G = G_in.contiguous();
   const at::Tensor perms = perms_in.contiguous();
-  at::Tensor flags = at::zeros({2}, G.options().dtype(at::kInt));
+  at::Tensor status = at::empty({3}, G.options().dtype(at::kInt));  // written whole by check_inputs_kernel
   at::Tensor coef = at::empty({k * m * m}, G.options().dtype(at::kDouble));
   const bool smem_path = m <= kSmemMaxRows;
   at::Tensor scratch = smem_path ? coef : at::empty({k * m * m}, G.options().dtype(at::kDouble));
   const size_t smem = smem_path ? static_cast<size_t>(kChainsPerBlock) * 2 * m * sizeof(double) : 0;
   const int64_t chains = k * m;
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "fusedjd_gradvac_loop_cuda", [&] {
-    const int64_t count = k * m * m;
-    const int64_t fblocks = std::min<int64_t>((count + 255) / 256, 4 * static_cast<int64_t>(sm_count()));
-    launch("check_inputs_kernel", check_inputs_kernel<scalar_t>, dim3(static_cast<unsigned>(fblocks)), 256, 0,
-           G.data_ptr<scalar_t>(), count, perms.data_ptr<int64_t>(), chains, m, flags.data_ptr<int>());
+    launch("check_inputs_kernel", check_inputs_kernel<scalar_t>, dim3(1), kCheckThreads, 0, G.data_ptr<scalar_t>(),
+           k * m * m, perms.data_ptr<int64_t>(), chains, m, status.data_ptr<int>());
     const dim3 grid(static_cast<unsigned>((chains + kChainsPerBlock - 1) / kChainsPerBlock));
     scalar_t* tg = targets ? targets->data_ptr<scalar_t>() : nullptr;
     auto kernel = smem_path ? chain_kernel<scalar_t, PCGRAD, true> : chain_kernel<scalar_t, PCGRAD, false>;
     launch("chain_kernel", kernel, grid, kChainsPerBlock * kWarp, smem, G.data_ptr<scalar_t>(),
            perms.data_ptr<int64_t>(), tg, coef.data_ptr<double>(), scratch.data_ptr<double>(), k, m, beta, eps,
-           flags.data_ptr<int>());
-    launch("column_sums_kernel", column_sums_kernel<scalar_t>, dim3(static_cast<unsigned>((chains + 255) / 256)), 256,
-           0, coef.data_ptr<double>(), k, m, flags.data_ptr<int>(), weights.data_ptr<scalar_t>());
+           status.data_ptr<int>(), weights.data_ptr<scalar_t>());
   });
   return weights;
 }

@@ -273,8 +273,9 @@ at::Tensor gram_blocks_impl(const Blocks& B, const std::vector<int64_t>& group_o
   using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const int64_t k = static_cast<int64_t>(group_off.size()) - 1, rows = B.m, n = B.n;
   const auto acc_type = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
-  at::Tensor out = at::zeros({k, rows, rows}, at::TensorOptions().dtype(acc_type).device(B.device));
-  if (rows == 0 || n == 0) return out;
+  // every entry is written by gram_finalize_kernel (a group without columns sums no partial): no fill
+  at::Tensor out = at::empty({k, rows, rows}, at::TensorOptions().dtype(acc_type).device(B.device));
+  if (rows == 0 || n == 0) return out.zero_();
 
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   const int64_t target_items = 4 * static_cast<int64_t>(sm_count());
@@ -286,7 +287,7 @@ at::Tensor gram_blocks_impl(const Blocks& B, const std::vector<int64_t>& group_o
   p.tab = work_table(B, group_off, chunk, &table);
   p.upd = upd;
   p.n = n;
-  if (p.tab.items == 0) return out;
+  if (p.tab.items == 0) return out.zero_();
 
   // Diagonal tiles of BASE rows, off-diagonal tiles of BASE x 2*OFFB rows (two lanes per
   // column, BASE x OFFB sums each): float64 uses smaller tiles so that the register sums do not

@@ -8,6 +8,7 @@
 // module carrying the build information only.
 #include <torch/library.h>
 
+#include "common.h"
 #include "schemas.h"
 
 #ifdef FUSEDJD_PYTHON_MODULE  // set by setup.py; the CMake build is a plain C++ library
@@ -80,6 +81,17 @@ PYBIND11_MODULE(_C, m) {
       "Threads that ran a share of an at::parallel_for of `items` items inside this library.");
 }
 #endif
+
+namespace fusedjd {
+#ifdef FUSEDJD_WITH_CUDA
+namespace cuda {
+bool capture_active(const at::Device& device);  // csrc/cuda/device.cu
+}
+bool cuda_capture_active(const at::Device& device) { return device.is_cuda() && cuda::capture_active(device); }
+#else
+bool cuda_capture_active(const at::Device&) { return false; }
+#endif
+}  // namespace fusedjd
 
 TORCH_LIBRARY(fusedjd, m) { fusedjd::define_ops(m); }
 

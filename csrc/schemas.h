@@ -63,8 +63,10 @@ inline void define_ops(torch::Library& m) {
   // The whole GradVac (pcgrad = false; `targets` required) or PCGrad (pcgrad = true; no targets)
   // aggregation in one call: draw_perms, gramian, the loop and combine, as the separate ops do
   // them; returns (the combination [n], the weights [k, m]). The aggregators' single-process path.
-  m.def("aggregate(Tensor[] J, int[] group_sizes, Tensor(a!)? targets, float beta, float eps, bool pcgrad) "
-        "-> (Tensor, Tensor)",
+  // `perms`: visit orders [k, m, m-1] drawn by the caller (the classes' draws="device"), used
+  // instead of draw_perms.
+  m.def("aggregate(Tensor[] J, int[] group_sizes, Tensor(a!)? targets, float beta, float eps, bool pcgrad, "
+        "Tensor? perms=None) -> (Tensor, Tensor)",
         {at::Tag::nondeterministic_seeded});
 
   // MoCo's first pass alone: the Gramian [m, m] (float32; float64 for float64) of the Y the next
@@ -93,7 +95,8 @@ inline void register_aggregate(torch::Library& m, const char* ns) {
   const std::string lib(ns);
   m.impl("aggregate", [lib, lazy](at::TensorList J, at::IntArrayRef group_sizes,
                                   const std::optional<at::Tensor>& targets, double beta, double eps,
-                                  bool pcgrad) -> std::tuple<at::Tensor, at::Tensor> {
+                                  bool pcgrad, const std::optional<at::Tensor>& given_perms)
+                                      -> std::tuple<at::Tensor, at::Tensor> {
     std::call_once(lazy->once, [&] {
       auto& d = c10::Dispatcher::singleton();
       lazy->ops = Ops{d.findSchemaOrThrow((lib + "::gramian").c_str(), "")
@@ -110,7 +113,8 @@ inline void register_aggregate(torch::Library& m, const char* ns) {
     const Ops* o = &*lazy->ops;
     TORCH_CHECK(pcgrad || targets.has_value(), "fusedjd: `targets` is required for GradVac (pcgrad=False), got None");
     const at::Tensor G = o->gramian.call(J, group_sizes);
-    const at::Tensor perms = o->draw.call(G.size(0), G.size(1), pcgrad, G.device());
+    const at::Tensor perms =
+        given_perms.has_value() ? *given_perms : o->draw.call(G.size(0), G.size(1), pcgrad, G.device());
     at::Tensor W;
     if (pcgrad) {
       W = o->pcgrad.call(G, perms);

@@ -12,6 +12,7 @@ from torchjd.autojac import jac_to_grad, mtl_backward
 
 import fusedjd
 
+from fusedjd import ops
 from fusedjd.reference import rel_err
 
 from conftest import DEVICES
@@ -434,3 +435,32 @@ def test_hooks_on_the_weighting_still_run(make):
     assert len(seen) == 1 and seen[0].shape == (5,)
     assert torch.equal(plain, hooked)
     torch.testing.assert_close(seen[0] @ J, hooked)
+
+
+def test_device_draws_option():
+    """draws="device": validated, shown in repr (the default repr stays torchjd's), the same
+    aggregation with orders drawn on the device: the CPU generator is not consumed on CUDA, and on
+    the CPU the result equals the loop run on the orders that draw gave."""
+    for make in [lambda **kw: fusedjd.GradVac(**kw), lambda **kw: fusedjd.PCGrad(**kw),
+                 lambda **kw: fusedjd.GroupedGradVac([3, 5], **kw), lambda **kw: fusedjd.GradVacWeighting(**kw),
+                 lambda **kw: fusedjd.PCGradWeighting(**kw)]:
+        with pytest.raises(ValueError, match=r"Attribute `draws` must be one of \('torchjd', 'device'\). "
+                                             r"Found draws='gpu'."):
+            make(draws="gpu")
+        agg = make(draws="device")
+        assert agg.draws == "device" and "draws='device'" in repr(agg)
+        assert make().draws == "torchjd" and "draws" not in repr(make())
+        agg.draws = "torchjd"
+        assert agg.draws == "torchjd"
+    assert repr(fusedjd.PCGrad(draws="device")) == "PCGrad(draws='device')"
+    assert repr(fusedjd.GradVac(draws="device")) == "GradVac(beta=0.5, eps=1e-08, draws='device')"
+    gen = torch.Generator().manual_seed(5)
+    J = torch.randn(6, 40, generator=gen)
+    for agg, pcgrad in [(fusedjd.GradVac(draws="device"), False), (fusedjd.PCGrad(draws="device"), True)]:
+        torch.manual_seed(2)
+        out = agg(J)
+        torch.manual_seed(2)
+        perms = ops.draw_perms_device(1, 6, "cpu")
+        G = ops.gramian(J, [40])
+        W = ops.pcgrad_loop(G, perms) if pcgrad else ops.gradvac_loop(G, perms, torch.zeros(1, 6, 6), 0.5, 1e-8)
+        assert torch.equal(out, ops.combine(J, W, [40]))

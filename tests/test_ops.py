@@ -606,3 +606,52 @@ def test_aggregate_is_the_ops_in_turn(device, dtype, pcgrad):
     assert pcgrad or torch.equal(T1, T2)
     assert torch.equal(torch.rand(1), after)
 
+
+
+def test_device_mismatch_message_names_both_tensors():
+    """The device check's wording (the kernels' common.h FUSEDJD_CHECK_ON_J and the fake kernels'
+    _check_same_device): run here with a meta tensor, which the dispatcher sends to the fake kernel;
+    tests/test_cuda.py checks the CUDA kernel's own message on a GPU."""
+    J = torch.randn(3, 10)
+    with pytest.raises(RuntimeError, match=r"^fusedjd: `weights` is on meta but `J` is on cpu; all tensors must be "
+                                           r"on the same device$"):
+        ops.combine(J, torch.ones(1, 3, device="meta"), [10])
+    with pytest.raises(RuntimeError, match=r"`Y` is on meta but `J` is on cpu"):
+        ops.moco_step(J, torch.zeros(3, 10, device="meta"), torch.ones(3), torch.zeros((), dtype=torch.long),
+                      0.5, 0.5, 0.1, 0.5, 0.0, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k, m", [(1, 1), (1, 2), (3, 5), (2, 40)])
+def test_draw_perms_device_gives_orders_of_the_other_rows(device, k, m):
+    """draws="device": every order visits each other row exactly once, drawn from the device's own
+    generator (the CPU generator is left alone), and successive draws differ."""
+    cpu_state = torch.get_rng_state()
+    perms = ops.draw_perms_device(k, m, device)
+    if device == "cuda":
+        assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert perms.shape == (k, m, max(m - 1, 0)) and perms.dtype == torch.long and perms.device.type == device
+    P = perms.cpu()
+    for g in range(k):
+        for i in range(m):
+            assert sorted(P[g, i].tolist()) == [j for j in range(m) if j != i]
+    if m >= 5:
+        assert not torch.equal(ops.draw_perms_device(k, m, device).cpu(), P)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pcgrad", [False, True])
+def test_aggregate_takes_given_orders(device, pcgrad):
+    """ops.aggregate(..., perms=P) runs the loop with P and draws nothing."""
+    gen = torch.Generator().manual_seed(10)
+    J = torch.randn(4, 501, generator=gen).to(device)
+    P = ops.draw_perms_device(2, 4, device)
+    T1 = None if pcgrad else torch.zeros(2, 4, 4, device=device)
+    T2 = None if pcgrad else T1.clone()
+    rng = torch.get_rng_state()
+    out, W = ops.aggregate([J], [200, 301], T1, 0.5, 1e-8, pcgrad, P)
+    assert torch.equal(torch.get_rng_state(), rng)
+    G = ops.gramian(J, [200, 301])
+    W2 = ops.pcgrad_loop(G, P) if pcgrad else ops.gradvac_loop(G, P, T2, 0.5, 1e-8)
+    assert torch.equal(W, W2) and torch.equal(out, ops.combine(J, W2, [200, 301]))
+    assert pcgrad or torch.equal(T1, T2)

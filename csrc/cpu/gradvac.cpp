@@ -69,8 +69,16 @@ at::Tensor draw_perms_cpu(int64_t k, int64_t m, bool pcgrad) {
 
 // Draws on the CPU (the generator torchjd draws from), then moves the orders to `device`: through
 // pinned memory with a non-blocking copy for CUDA, so the caller's stream never waits on the host.
+// Under a CUDA-graph capture the draw and its copy would run once, at capture: every replay would
+// reuse the captured orders while the CPU generator stays put. Such a capture is refused.
 at::Tensor draw_perms(int64_t k, int64_t m, bool pcgrad, std::optional<at::Device> device) {
   TORCH_CHECK(k >= 0 && m >= 0, "fusedjd: draw_perms needs k >= 0 and m >= 0, got k=", k, ", m=", m);
+  TORCH_CHECK(!(device.has_value() && cuda_capture_active(*device)),
+              "fusedjd: the visit orders of GradVac and PCGrad are drawn on the host from the default CPU "
+              "generator (torchjd's draws), which a CUDA graph cannot replay: a captured step would reuse the "
+              "orders drawn at capture forever. To capture GradVac, PCGrad or GroupedGradVac (CUDA graphs, "
+              "torch.compile(mode=\"reduce-overhead\")), build them with draws=\"device\": orders drawn from the "
+              "CUDA generator, graph-safe, but not torchjd's stream of draws");
   at::Tensor out = draw_perms_cpu(k, m, pcgrad);
   if (!device.has_value() || device->is_cpu()) return out;
   if (device->is_cuda()) out = out.pin_memory();

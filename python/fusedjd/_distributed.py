@@ -46,13 +46,21 @@ def from_first_rank(t: Tensor, group: ProcessGroup | None) -> Tensor:
     return funcol.broadcast(t, 0, group)  # (the functional broadcast's source is a rank in the group)
 
 
-def draw_perms(k: int, m: int, pcgrad: bool, device: torch.device, group: ProcessGroup | None) -> Tensor:
-    """:func:`fusedjd.ops.draw_perms`, drawn on the first rank of ``group`` and broadcast: only that
-    rank's generator advances, exactly as a single process's would."""
-    if group is None:
+def draw_perms(k: int, m: int, pcgrad: bool, device: torch.device, group: ProcessGroup | None,
+               draws: str = "torchjd") -> Tensor:
+    """:func:`fusedjd.ops.draw_perms` (``draws="torchjd"``) or :func:`fusedjd.ops.draw_perms_device`
+    (``draws="device"``), drawn on the first rank of ``group`` and broadcast: only that rank's
+    generator advances, exactly as a single process's would."""
+
+    def draw() -> Tensor:
+        if draws == "device":
+            return ops.draw_perms_device(k, m, device)
         return ops.draw_perms(k, m, pcgrad=pcgrad, device=device)
+
+    if group is None:
+        return draw()
     if dist.get_rank(group) == 0:
-        perms = ops.draw_perms(k, m, pcgrad=pcgrad, device=device)
+        perms = draw()
     else:
         perms = torch.empty((k, m, max(m - 1, 0)), dtype=torch.long, device=device)
     return from_first_rank(perms, group)

@@ -19,6 +19,7 @@ from ._validation import (
     check_matrix,
     check_sizes_cover,
     check_square,
+    draws_mode,
     forwarded,
     in_unit_interval,
     non_negative,
@@ -30,6 +31,12 @@ def _hooked(*modules: nn.Module) -> bool:
     go through them, as torchjd's do; otherwise they call the ops directly."""
     return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks) or any(
         mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
+
+
+def _draws_repr(draws: str) -> str:
+    """``", draws='device'"`` in a repr when the visit orders are not torchjd's (empty otherwise, so
+    the default repr is torchjd's)."""
+    return "" if draws == "torchjd" else f", draws={draws!r}"
 
 
 class _WholeGramian:
@@ -74,25 +81,36 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
     :param process_group: With a ``torch.distributed`` group, the visit orders are drawn on its
         first rank and broadcast, so that every rank (given the same, already summed, Gramian)
         computes the same weights and targets.
+    :param draws: ``"torchjd"`` (default): the visit orders are drawn on the host from the default
+        CPU generator, exactly as torchjd draws them; a CUDA-graph capture of such a call is
+        refused (a graph would replay the captured orders forever). ``"device"``: drawn on the
+        Gramian's device from its generator (:func:`fusedjd.ops.draw_perms_device`), graph-safe
+        and free of host work, but not torchjd's stream of draws.
     """
 
     _state_names = ("_targets",)
     # torchjd 0.18's GradVacWeighting keeps one [m, m] target matrix in `_phi_t`
     _foreign_state = {"_phi_t": ("_targets", lambda phi: phi.to(ops.acc_dtype(phi.dtype)).unsqueeze(0))}
 
-    def __init__(self, beta: float = 0.5, eps: float = 1e-8, *, process_group: ProcessGroup | None = None) -> None:
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8, *, process_group: ProcessGroup | None = None,
+                 draws: str = "torchjd") -> None:
         super().__init__()
         self.beta = beta
         self.eps = eps
+        self.draws = draws
         self.process_group = process_group
         self._init_state()
 
     beta = in_unit_interval("beta")
     eps = non_negative("eps")
+    draws = draws_mode()
 
     def reset(self) -> None:
         """Clears the EMA targets so the next call starts from zero targets."""
         self._clear_state()
+
+    def __repr__(self) -> str:  # torchjd's "GradVacWeighting()", with the draws when not torchjd's
+        return f"{self.__class__.__name__}({_draws_repr(self.draws)[2:]})"
 
     def forward(self, gramian: Tensor, /) -> Tensor:
         check_square(gramian)
@@ -108,7 +126,7 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         G = gramians if gramians.dtype == acc else gramians.to(acc)
         k, m = G.shape[0], G.shape[1]
         T = self._targets_for(k, m, acc, G.device)
-        perms = _distributed.draw_perms(k, m, False, G.device, group or self.process_group)
+        perms = _distributed.draw_perms(k, m, False, G.device, group or self.process_group, self._draws)
         return ops.gradvac_loop(G, perms, T, self._beta, self._eps)
 
     def _targets_for(self, k: int, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -123,8 +141,10 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         column groups in one call (``ops.aggregate``); single process only. Returns
         ``(combination [n], weights [k, m])``."""
         first = J if isinstance(J, Tensor) else J[0]
-        T = self._targets_for(len(group_sizes), first.shape[0], ops.acc_dtype(first.dtype), first.device)
-        return ops.aggregate(J, group_sizes, T, self._beta, self._eps, False)
+        k, m = len(group_sizes), first.shape[0]
+        T = self._targets_for(k, m, ops.acc_dtype(first.dtype), first.device)
+        perms = ops.draw_perms_device(k, m, first.device) if self._draws == "device" else None
+        return ops.aggregate(J, group_sizes, T, self._beta, self._eps, False, perms)
 
 
 class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
@@ -155,17 +175,22 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
     :param process_group: Sharded aggregation (``docs/CONTRACT.md`` §5): the matrix is this rank's
         columns of the Jacobian, the Gramian is summed over the group, and the result is this
         rank's part of the aggregated gradient.
+    :param draws: Where the visit orders are drawn: ``"torchjd"`` (default, torchjd's draws on the
+        host; CUDA-graph capture refused) or ``"device"`` (graph-safe, another stream of draws);
+        see :class:`~fusedjd.GradVacWeighting`.
     """
 
     gramian_weighting: GradVacWeighting
 
-    def __init__(self, beta: float = 0.5, eps: float = 1e-8, *, process_group: ProcessGroup | None = None) -> None:
-        super().__init__(GradVacWeighting(beta=beta, eps=eps, process_group=process_group))
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8, *, process_group: ProcessGroup | None = None,
+                 draws: str = "torchjd") -> None:
+        super().__init__(GradVacWeighting(beta=beta, eps=eps, process_group=process_group, draws=draws))
         self.weighting = self.gramian_weighting << _WholeGramian(self.gramian_weighting)
         self._n: int | None = None
 
     beta = forwarded("beta", to="gramian_weighting")
     eps = forwarded("eps", to="gramian_weighting")
+    draws = forwarded("draws", to="gramian_weighting")
     process_group = forwarded("process_group", to="gramian_weighting")
 
     def reset(self) -> None:
@@ -215,7 +240,7 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
                                       unexpected_keys, error_msgs)
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(beta={self.beta!r}, eps={self.eps!r})"
+        return f"{self.__class__.__name__}(beta={self.beta!r}, eps={self.eps!r}{_draws_repr(self.draws)})"
 
 
 class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
@@ -235,12 +260,13 @@ class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
     :param eps: Small non-negative constant added to denominators.
     :param process_group: Sharded aggregation, as for :class:`~fusedjd.GradVac`: each group's
         Gramian is summed over the ranks.
+    :param draws: Where the visit orders are drawn, as for :class:`~fusedjd.GradVac`.
     """
 
     def __init__(self, group_sizes: Sequence[int], beta: float = 0.5, eps: float = 1e-8, *,
-                 process_group: ProcessGroup | None = None) -> None:
+                 process_group: ProcessGroup | None = None, draws: str = "torchjd") -> None:
         super().__init__()
-        self.gramian_weighting = GradVacWeighting(beta=beta, eps=eps, process_group=process_group)
+        self.gramian_weighting = GradVacWeighting(beta=beta, eps=eps, process_group=process_group, draws=draws)
         self.group_sizes = group_sizes
 
     @property
@@ -254,6 +280,7 @@ class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
 
     beta = forwarded("beta", to="gramian_weighting")
     eps = forwarded("eps", to="gramian_weighting")
+    draws = forwarded("draws", to="gramian_weighting")
     process_group = forwarded("process_group", to="gramian_weighting")
 
     def reset(self) -> None:
@@ -277,7 +304,7 @@ class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}(group_sizes={self._group_sizes!r}, beta={self.beta!r}, "
-            f"eps={self.eps!r})"
+            f"eps={self.eps!r}{_draws_repr(self.draws)})"
         )
 
 
@@ -286,11 +313,19 @@ class PCGradWeighting(Weighting, _NonDifferentiable):
     :class:`~torchjd.aggregation.Weighting` giving the weights of :class:`~fusedjd.PCGrad`,
     computed from the Gramian by a C++/CUDA kernel; equal to
     :class:`torchjd.aggregation.PCGradWeighting` under the same ``torch.manual_seed``.
+
+    :param draws: Where the visit orders are drawn, as for :class:`~fusedjd.GradVacWeighting`.
     """
 
-    def __init__(self, *, process_group: ProcessGroup | None = None) -> None:
+    def __init__(self, *, process_group: ProcessGroup | None = None, draws: str = "torchjd") -> None:
         super().__init__()
+        self.draws = draws
         self.process_group = process_group
+
+    draws = draws_mode()
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({_draws_repr(self.draws)[2:]})"
 
     def forward(self, gramian: Tensor, /) -> Tensor:
         check_square(gramian)
@@ -301,7 +336,7 @@ class PCGradWeighting(Weighting, _NonDifferentiable):
         draws them, on the first rank of ``group``, else of :attr:`process_group`, when there is
         one)."""
         G = gramian.to(ops.acc_dtype(gramian.dtype)).unsqueeze(0)
-        perms = _distributed.draw_perms(1, G.shape[1], True, G.device, group or self.process_group)
+        perms = _distributed.draw_perms(1, G.shape[1], True, G.device, group or self.process_group, self._draws)
         return ops.pcgrad_loop(G, perms)[0]
 
 
@@ -312,15 +347,20 @@ class PCGrad(GramianWeightedAggregator, _NonDifferentiable):
     replacement for :class:`torchjd.aggregation.PCGrad` on fused kernels.
 
     :param process_group: Sharded aggregation, as for :class:`~fusedjd.GradVac`.
+    :param draws: Where the visit orders are drawn, as for :class:`~fusedjd.GradVac`.
     """
 
     gramian_weighting: PCGradWeighting
 
-    def __init__(self, *, process_group: ProcessGroup | None = None) -> None:
-        super().__init__(PCGradWeighting(process_group=process_group))
+    def __init__(self, *, process_group: ProcessGroup | None = None, draws: str = "torchjd") -> None:
+        super().__init__(PCGradWeighting(process_group=process_group, draws=draws))
         self.weighting = self.gramian_weighting << _WholeGramian(self.gramian_weighting)
 
+    draws = forwarded("draws", to="gramian_weighting")
     process_group = forwarded("process_group", to="gramian_weighting")
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({_draws_repr(self.draws)[2:]})"
 
     def forward(self, matrix: Tensor, /) -> Tensor:
         check_matrix(matrix)
@@ -335,7 +375,9 @@ class PCGrad(GramianWeightedAggregator, _NonDifferentiable):
         gw = self._modules["gramian_weighting"]
         group = group or gw.process_group
         if group is None:
-            return ops.aggregate(J, [n], None, 0.0, 0.0, True)
+            first = J if isinstance(J, Tensor) else J[0]
+            perms = ops.draw_perms_device(1, first.shape[0], first.device) if gw._draws == "device" else None
+            return ops.aggregate(J, [n], None, 0.0, 0.0, True, perms)
         return _distributed.sharded_aggregate(J, [n], group, lambda G: gw.pcgrad(G[0], group).unsqueeze(0))
 
 

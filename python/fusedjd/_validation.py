@@ -45,6 +45,22 @@ def non_negative(name: str) -> property:
     return property(lambda self: getattr(self, "_" + name), setter)
 
 
+DRAWS = ("torchjd", "device")
+
+
+def draws_mode(name: str = "draws") -> property:
+    """The ``draws`` attribute of GradVac and PCGrad: ``"torchjd"`` (visit orders drawn on the host
+    from the default CPU generator, exactly as torchjd draws them) or ``"device"`` (drawn on the
+    Gramian's device, graph-safe; not torchjd's stream). ValueError naming it otherwise."""
+
+    def setter(self, value: str) -> None:
+        if not isinstance(value, str) or value not in DRAWS:
+            raise ValueError(f"Attribute `{name}` must be one of {DRAWS!r}. Found {name}={value!r}.")
+        setattr(self, "_" + name, value)
+
+    return property(lambda self: getattr(self, "_" + name), setter)
+
+
 def forwarded(name: str, to: str) -> property:
     """An attribute read from and written to the submodule ``to`` (which validates it)."""
     return property(lambda self: getattr(getattr(self, to), name),

@@ -20,6 +20,7 @@ __all__ = [
     "aggregate",
     "combine",
     "draw_perms",
+    "draw_perms_device",
     "gradvac_loop",
     "gramian",
     "has_cuda_kernels",
@@ -107,15 +108,31 @@ def aggregate(
     beta: float,
     eps: float,
     pcgrad: bool,
+    perms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """GradVac (``pcgrad=False``, with ``targets``) or PCGrad (``pcgrad=True``, ``targets=None``)
     in one call: :func:`draw_perms`, :func:`gramian`, the loop and :func:`combine`, exactly as
     calling them in turn does (the same draws from the default generator).
 
+    :param perms: Visit orders ``[k, m, m-1]`` drawn by the caller (e.g. :func:`draw_perms_device`),
+        used instead of :func:`draw_perms`.
     :returns: ``(combination [n], weights [k, m])``.
     """
     return torch.ops.fusedjd.aggregate.default(_blocks(J), list(group_sizes), targets, float(beta), float(eps),
-                                               bool(pcgrad))
+                                               bool(pcgrad), perms)
+
+
+def draw_perms_device(k: int, m: int, device: torch.device | str) -> Tensor:
+    """Visit orders ``[k, m, m-1]`` (int64) drawn on ``device`` from its default generator: each
+    row visits the other rows in a uniformly random order, as in torchjd, but from another stream
+    of draws (``torch.rand`` and ``argsort``), so results differ from torchjd's under the same seed.
+    Nothing touches the host: on CUDA it is graph-safe (each replay of a captured graph draws new
+    orders, as PyTorch's random ops do). What the classes' ``draws="device"`` calls; GradVac and
+    PCGrad take the same orders."""
+    if m <= 1:
+        return torch.empty((k, m, 0), dtype=torch.long, device=device)
+    order = torch.rand((k, m, m - 1), dtype=torch.float64, device=device).argsort(dim=-1)
+    return order + (order >= torch.arange(m, device=device).view(1, m, 1))
 
 
 def moco_step(
@@ -329,14 +346,15 @@ def _(J, Y, lam, step, beta, beta_sigma, gamma, gamma_sigma, rho, projection, gr
 
 
 @torch.library.register_fake("fusedjd::aggregate")
-def _(J, group_sizes, targets, beta, eps, pcgrad):
+def _(J, group_sizes, targets, beta, eps, pcgrad, perms=None):
     torch._check(pcgrad or targets is not None,
                  lambda: "fusedjd: `targets` is required for GradVac (pcgrad=False), got None")
     m, n = _check_blocks(J)
     _check_group_sizes(group_sizes, n)
     k = len(group_sizes)
     G = J[0].new_empty((k, m, m), dtype=acc_dtype(J[0].dtype))
-    perms = torch.empty((k, m, max(m - 1, 0)), dtype=torch.long, device=J[0].device)
+    if perms is None:
+        perms = torch.empty((k, m, max(m - 1, 0)), dtype=torch.long, device=J[0].device)
     if pcgrad:
         _check_loop(G, perms)
     else:  # the loop's checks (gradvac_loop's fake kernel)

@@ -11,7 +11,7 @@ import torch
 from torchjd import aggregation as ta
 
 import fusedjd
-from fusedjd import ops
+from fusedjd import ops, reference
 
 from fusedjd.reference import TOLERANCE, rel_err
 
@@ -274,9 +274,88 @@ def test_state_follows_to_and_resets_on_device_change():
 
 
 def test_mixed_devices_are_refused():
+    """The kernels' message (common.h's FUSEDJD_CHECK_ON_J), as the fake kernels word it
+    (tests/test_ops.py checks that wording on the CPU with a meta tensor)."""
     J = torch.randn(3, 10, device="cuda")
-    with pytest.raises(RuntimeError, match=r"`J` is on cuda:0 but `weights` is on cpu"):
+    with pytest.raises(RuntimeError, match=r"`weights` is on cpu but `J` is on cuda:0"):
         ops.combine(J, torch.ones(1, 3), [10])
-    with pytest.raises(RuntimeError, match=r"`J` is on cuda:0 but `Y` is on cpu"):
+    with pytest.raises(RuntimeError, match=r"`Y` is on cpu but `J` is on cuda:0"):
         ops.moco_step(J, torch.zeros(3, 10), torch.ones(3, device="cuda"), torch.zeros((), dtype=torch.long,
                       device="cuda"), 0.5, 0.5, 0.1, 0.5, 0.0, False)
+
+
+@pytest.mark.parametrize("make", [fusedjd.GradVac, fusedjd.PCGrad, lambda: fusedjd.GroupedGradVac([600, 400])])
+def test_capture_of_host_draws_is_refused(make):
+    """torchjd's draws are made on the host: a captured graph would replay the orders drawn at
+    capture forever, so the capture is refused, naming the way out."""
+    agg = make()
+    J = torch.randn(5, 1000, device="cuda")
+    agg(J)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        agg(J)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match='draws="device"'):
+        with torch.cuda.graph(graph):
+            agg(J)
+
+
+@pytest.mark.parametrize("kind", ["GradVac", "PCGrad", "GroupedGradVac"])
+def test_capture_with_device_draws_replays_new_orders(kind):
+    """draws="device": the orders come from the CUDA generator, registered with the graph, so each
+    replay draws new ones, as the eager calls after the same torch.cuda.manual_seed do."""
+    make = {"GradVac": lambda: fusedjd.GradVac(draws="device"), "PCGrad": lambda: fusedjd.PCGrad(draws="device"),
+            "GroupedGradVac": lambda: fusedjd.GroupedGradVac([700, 300], draws="device")}[kind]
+    gen = torch.Generator().manual_seed(3)
+    agg, twin = make(), make()
+    J = torch.randn(6, 1000, generator=gen).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        agg(J)
+    torch.cuda.current_stream().wait_stream(side)
+    twin.load_state_dict(agg.state_dict())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = agg(J)
+    twin_state = {k: v.clone() for k, v in twin.state_dict().items()}
+    agg.load_state_dict(twin_state)  # the capture ran no kernel: start both from the same state
+    xs = [torch.randn(6, 1000, generator=gen).cuda() for _ in range(3)]
+    torch.cuda.manual_seed(11)
+    got = []
+    for x in xs:
+        J.copy_(x)
+        graph.replay()
+        got.append(out.clone())
+    torch.cuda.manual_seed(11)
+    expected = [twin(x) for x in xs]
+    torch.cuda.synchronize()
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    torch.cuda.manual_seed(12)
+    J.copy_(xs[0])
+    graph.replay()
+    again = out.clone()
+    J.copy_(xs[0])
+    graph.replay()
+    assert not torch.equal(again, out) or kind == "PCGrad", "the replays reuse one visit order"
+
+
+def test_fallback_gramian_keeps_float32_accuracy_under_tf32():
+    """Beyond 128 rows the CUDA Gramian uses matrix products: with TF32 allowed
+    (set_float32_matmul_precision("high")) they run in float64, so the contract's 1e-5 holds."""
+    gen = torch.Generator().manual_seed(129)
+    J = torch.randn(129, 20001, generator=gen)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        G = ops.gramian(J.cuda(), [7001, 13000])
+        Y = torch.zeros(129, 20001, device="cuda")
+        step = torch.zeros((), dtype=torch.long, device="cuda")
+        M = ops.moco_gramian(J.cuda(), Y, step, 0.5, 0.5)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert rel_err(G, reference.gramian(J, [7001, 13000])) < TOLERANCE["gramian"][torch.float32]
+    assert rel_err(M, reference.gramian(0.5 * J.double(), [20001])[0]) < TOLERANCE["gramian"][torch.float32]

@@ -15,12 +15,12 @@ namespace {
 constexpr int kCombineThreads = 256;
 
 // One block per work item (columns of one group inside one block of J): every column's weighted
-// row sum, with packed loads on the item's aligned middle when the rows allow them.
+// row sum, with packed loads on the item's aligned middle when its block's rows allow them.
 // W_t: the weights' dtype (float32 or float64, as the loops return them: read as they are, no
 // conversion kernel).
 template <typename T, typename opmath_t, int V, typename W_t>
 __global__ void __launch_bounds__(kCombineThreads)
-    combine_kernel(WorkTable tab, int64_t m, const W_t* W, bool packed, T* out) {
+    combine_kernel(WorkTable tab, int64_t m, const W_t* W, T* out) {
   const Item it = locate_item(tab, blockIdx.x);
   const T* base = block_row<T>(tab, it.block, 0);
   const int64_t ld = tab.ld[it.block];
@@ -32,8 +32,8 @@ __global__ void __launch_bounds__(kCombineThreads)
     o[c] = static_cast<T>(acc);
   };
   const int64_t c0 = it.c0, c1 = it.c1, tid = threadIdx.x;
-  const int64_t ca = packed ? min(c1, (c0 + V - 1) / V * V) : c1;
-  const int64_t cb = packed ? max(ca, c1 / V * V) : c1;
+  int64_t ca = c1, cb = c1;
+  packed_split(tab.head[it.block], V, c0, c1, &ca, &cb);
   for (int64_t c = c0 + tid; c < ca; c += kCombineThreads) column(c);
   for (int64_t c = cb + tid; c < c1; c += kCombineThreads) column(c);
   for (int64_t c = ca + tid * V; c < cb; c += static_cast<int64_t>(kCombineThreads) * V) {
@@ -64,13 +64,12 @@ at::Tensor combine_cuda(at::TensorList J, const at::Tensor& weights, at::IntArra
     at::Tensor table;
     const WorkTable tab = work_table(a.B, a.off, /*chunk=*/int64_t{4} * kCombineThreads * V, &table);
     const dim3 grid(static_cast<unsigned>(tab.items));
-    const bool packed = blocks_aligned16(a.B);
     if (wide)
       launch("combine_kernel", combine_kernel<scalar_t, opmath_t, V, double>, grid, kCombineThreads, 0, tab, a.B.m,
-             W.data_ptr<double>(), packed, a.out.data_ptr<scalar_t>());
+             W.data_ptr<double>(), a.out.data_ptr<scalar_t>());
     else
       launch("combine_kernel", combine_kernel<scalar_t, opmath_t, V, float>, grid, kCombineThreads, 0, tab, a.B.m,
-             W.data_ptr<float>(), packed, a.out.data_ptr<scalar_t>());
+             W.data_ptr<float>(), a.out.data_ptr<scalar_t>());
   });
   return a.out;
 }

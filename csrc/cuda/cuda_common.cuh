@@ -108,6 +108,7 @@ struct WorkTable {
   const int64_t* group_item_off;  // k + 1: each group's first work item (a group's items are consecutive)
   const int64_t* ptr;             // nb: the blocks' addresses
   const int64_t* ld;              // nb: their row strides
+  const int64_t* head;            // nb: their packed-load heads (packed_head)
   int64_t segments, chunk, items;
 };
 
@@ -148,12 +149,29 @@ WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int
 // repeated calls on the same tensors make none).
 int64_t work_table_copies();
 
-// Whether every block starts on a 16-byte boundary with a row stride of whole 16 bytes (packed loads).
-inline bool blocks_aligned16(const Blocks& B) {
-  for (const at::Tensor& x : B.J)
-    if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0 || (x.stride(0) * static_cast<int64_t>(x.element_size())) % 16 != 0)
-      return false;
-  return true;
+// The first column of a block (counted in the block) at which every one of its rows is 16-byte
+// aligned, so that 16-byte packed loads can start there in every row; -1 when the rows do not
+// share an alignment (a row stride that is not a whole number of 16 bytes, with more than one
+// row). Decided per block: an odd-sized block (a bias in jac_to_grad) reads scalars while the
+// others take packed loads.
+inline int64_t packed_head(const at::Tensor& x) {
+  const int64_t es = static_cast<int64_t>(x.element_size());
+  const int64_t addr = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x.data_ptr()));
+  if (addr % es != 0 || (x.size(0) > 1 && (x.stride(0) * es) % 16 != 0)) return -1;
+  return ((16 - addr % 16) % 16) / es;
+}
+
+// Columns [c0, c1) of a block with packed-load head `head` split for packed loads of V: scalar
+// columns [c0, ca) and [cb, c1), packed columns [ca, cb) (ca = cb = c1 when head < 0).
+__device__ __forceinline__ void packed_split(int64_t head, int V, int64_t c0, int64_t c1, int64_t* ca, int64_t* cb) {
+  if (head < 0) {
+    *ca = *cb = c1;
+    return;
+  }
+  const int64_t first = c0 + (((head - c0) % V) + V) % V;
+  const int64_t a = first < c1 ? first : c1;
+  *ca = a;
+  *cb = a + (c1 - a) / V * V;
 }
 
 }  // namespace fusedjd::cuda

@@ -133,7 +133,7 @@ WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int
     c = e;
   }
   const int64_t S = static_cast<int64_t>(seg_group.size());
-  const int64_t size = (S + 1) + 5 * S + (k + 1) + 2 * nb;
+  const int64_t size = (S + 1) + 5 * S + (k + 1) + 3 * nb;
   std::vector<int64_t> h(static_cast<size_t>(size), 0);
   int64_t* item_off = h.data();
   int64_t* group_item_off = item_off + (S + 1) + 5 * S;
@@ -151,6 +151,7 @@ WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int
   for (int64_t b = 0; b < nb; ++b) {
     ptr[b] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(B.J[b].data_ptr()));
     ptr[nb + b] = B.J[b].stride(0);
+    ptr[2 * nb + b] = packed_head(B.J[b]);
   }
   const int64_t items = item_off[S];
 
@@ -192,6 +193,7 @@ WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int
   t.group_item_off = t.gcol + S;
   t.ptr = t.group_item_off + (k + 1);
   t.ld = t.ptr + nb;
+  t.head = t.ld + nb;
   t.segments = S;
   t.chunk = chunk;
   t.items = items;

@@ -3,8 +3,9 @@
 // The columns are split into work items (enough to fill the GPU; each inside one block of the
 // list and one column group: cuda_common.cuh's WorkTable); the row pairs into tiles.
 // One block takes one (item, tile): each thread keeps the tile's pair sums in registers while it
-// streams its columns (16-byte packed loads for small aligned diagonal tiles, scalar head and
-// tail), the block reduces them into the tile's slots of `partial`, and a second kernel sums the
+// streams its columns (16-byte packed loads for diagonal tiles of up to 8 rows in every block
+// whose rows share an alignment, from the block's first aligned column; scalar head and tail),
+// the block reduces them into the tile's slots of `partial`, and a second kernel sums the
 // partials of each group in a fixed order (deterministic). Blocks are numbered tile-fastest, so
 // the tiles over the same columns run side by side and a row's second read comes from L2.
 //
@@ -17,7 +18,8 @@
 // side by side, so DRAM should see about one read; that is not yet measured on a GPU):
 //   float32/16/bf16: m <= 16: 1;  17 <= m <= 32: 2;  m = 33: 3;  m = 64: 4;  m = 128: 8
 //   float64:         m <= 8: 1;   m = 16: 2;  m = 17: 2.53;  m = 24: 2.67;  m = 32: 3.5;  m = 64: 6.5
-// (float64 keeps 8-row diagonal tiles: a 16-row one would need 136 double sums per thread.)
+// (float64 keeps 8-row diagonal tiles: a 16-row one would need 136 double sums per thread; MoCo's
+// first pass, which forms each updated row value from Y and J, takes float64's tiles too.)
 // `partial` holds exactly the tiles' slots: sum over tiles of rows_a x rows_b, per work item.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -35,7 +37,7 @@ namespace {
 
 constexpr int kGramThreads = 256;
 constexpr int kGramWarps = kGramThreads / kWarp;
-constexpr int kMaxTiles = 64;  // covers up to 128 rows
+constexpr int kMaxTiles = 80;  // covers up to 128 rows in tiles of 8 (MoCo's first pass)
 
 // Rows [a0, a0 + na) x [b0, b0 + nb); its slots in `partial` start at slot0.
 struct Tile {
@@ -88,7 +90,7 @@ __device__ __forceinline__ T lane_class_sum(T v) {
 // same row of R.b).
 template <typename T, typename acc_t, int TA, int TB, bool DIAG, int V, int S = 1, bool UPD = false>
 __device__ __forceinline__ void tile_partial(const Rows& R, double rate_d, const Tile& tl, int64_t c0, int64_t c1,
-                                             int64_t items, int64_t item, acc_t* partial) {
+                                             int64_t head, int64_t items, int64_t item, acc_t* partial) {
   static_assert(S == 1 || (!DIAG && V == 1), "shared columns are for scalar off-diagonal tiles");
   static_assert(kWarp % S == 0 && kGramThreads % S == 0, "S must divide the warp");
   static_assert(!UPD || V == 1, "updated rows are read with scalar loads");
@@ -140,9 +142,9 @@ __device__ __forceinline__ void tile_partial(const Rows& R, double rate_d, const
 
   const int64_t tid = threadIdx.x / S;  // the block's column lane
   constexpr int64_t kLanes = kGramThreads / S;
-  if (V > 1) {  // diagonal tiles only (TA == TB), every row start 16-byte aligned
-    const int64_t ca = min(c1, (c0 + V - 1) / V * V);
-    const int64_t cb = max(ca, c1 / V * V);
+  if (V > 1) {  // diagonal tiles only (TA == TB); packed from the block's head on (scalar if none)
+    int64_t ca = c1, cb = c1;
+    packed_split(head, V, c0, c1, &ca, &cb);
     for (int64_t c = c0 + tid; c < ca; c += kGramThreads) scalar_column(c);
     for (int64_t c = cb + tid; c < c1; c += kGramThreads) scalar_column(c);
     for (int64_t c = ca + tid * V; c < cb; c += static_cast<int64_t>(kGramThreads) * V) {
@@ -204,11 +206,12 @@ __global__ void __launch_bounds__(kGramThreads)
   }
   if constexpr (TO > 0) {
     if (!tl.diag) {
-      tile_partial<T, acc_t, TD, TO, false, 1, 2, UPD>(R, rate, tl, it.c0, it.c1, tab.items, item, partial);
+      tile_partial<T, acc_t, TD, TO, false, 1, 2, UPD>(R, rate, tl, it.c0, it.c1, -1, tab.items, item, partial);
       return;
     }
   }
-  tile_partial<T, acc_t, TD, TD, true, VD, 1, UPD>(R, rate, tl, it.c0, it.c1, tab.items, item, partial);
+  tile_partial<T, acc_t, TD, TD, true, VD, 1, UPD>(R, rate, tl, it.c0, it.c1, VD > 1 ? tab.head[it.block] : -1,
+                                                   tab.items, item, partial);
 }
 
 // One warp per (group, a <= b): ordered sum of the group's partials, mirrored.
@@ -248,22 +251,26 @@ struct Plan {
   int ntiles;
 };
 
+// UPD (MoCo's updated rows) runs in tiles of at most 8 rows: a 16-row tile of updated rows
+// spills (ptxas: 80-96 bytes at 255 registers). 2-byte types take 8-byte packs in 8-row tiles
+// (16-byte ones spill 16 bytes in bfloat16).
 template <typename T, typename acc_t, int TD, int TO>
-void run_tiles(bool aligned, const Plan& p, acc_t* partial) {
-  constexpr int V = 16 / static_cast<int>(sizeof(T));
+void run_tiles(const Plan& p, acc_t* partial) {
+  constexpr int V = (TD == 8 && sizeof(T) == 2 ? 8 : 16) / static_cast<int>(sizeof(T));
   const dim3 grid(static_cast<unsigned>(p.tab.items * p.ntiles));
   auto go = [&](auto kernel) {
     launch("gram_partial_kernel", kernel, grid, kGramThreads, 0, p.tab, p.upd, p.n, p.tiles, p.ntiles, partial);
   };
-  if (p.upd.y != nullptr) {  // MoCo's updated rows: scalar loads
-    go(gram_partial_kernel<T, acc_t, TD, TO, 1, true>);
-    return;
-  }
-  if constexpr (TO == 0 && TD <= 8) {
-    if (aligned) {
-      go(gram_partial_kernel<T, acc_t, TD, TO, V, false>);
+  if constexpr (TD <= 8) {
+    if (p.upd.y != nullptr) {  // MoCo's updated rows: scalar loads
+      go(gram_partial_kernel<T, acc_t, TD, TO, 1, true>);
       return;
     }
+  }
+  TORCH_CHECK(p.upd.y == nullptr, "fusedjd: internal error: MoCo's first pass in tiles of ", TD, " rows");
+  if constexpr (TO == 0 && TD <= 8) {  // packed loads in the blocks whose rows allow them
+    go(gram_partial_kernel<T, acc_t, TD, TO, V, false>);
+    return;
   }
   go(gram_partial_kernel<T, acc_t, TD, TO, 1, false>);
 }
@@ -290,9 +297,10 @@ at::Tensor gram_blocks_impl(const Blocks& B, const std::vector<int64_t>& group_o
   if (p.tab.items == 0) return out.zero_();
 
   // Diagonal tiles of BASE rows, off-diagonal tiles of BASE x 2*OFFB rows (two lanes per
-  // column, BASE x OFFB sums each): float64 uses smaller tiles so that the register sums do not
-  // spill.
-  constexpr int BASE = std::is_same_v<T, double> ? 8 : 16;
+  // column, BASE x OFFB sums each): float64 and MoCo's updated rows use smaller tiles so that the
+  // register sums do not spill.
+  const bool small_tiles = std::is_same_v<T, double> || upd.y != nullptr;
+  const int BASE = small_tiles ? 8 : 16;
   constexpr int OFFB = 8;
   int slots = 0;
   auto add = [&](int a0, int b0, int na, int nb, bool diag) {
@@ -311,15 +319,12 @@ at::Tensor gram_blocks_impl(const Blocks& B, const std::vector<int64_t>& group_o
   }
   at::Tensor partial = at::empty({static_cast<int64_t>(slots) * p.tab.items}, at::TensorOptions().dtype(acc_type).device(B.device));
   acc_t* part = partial.data_ptr<acc_t>();
-  // packed loads need every row start aligned to 16 bytes
-  const bool aligned = blocks_aligned16(B);
-  if (rows <= 4) run_tiles<T, acc_t, 4, 0>(aligned, p, part);
-  else if (rows <= 8) run_tiles<T, acc_t, 8, 0>(aligned, p, part);
-  else if constexpr (BASE == 16) {
-    if (rows <= 16) run_tiles<T, acc_t, 16, 0>(aligned, p, part);
-    else run_tiles<T, acc_t, 16, OFFB>(aligned, p, part);
-  } else {
-    run_tiles<T, acc_t, BASE, OFFB>(aligned, p, part);
+  if (rows <= 4) run_tiles<T, acc_t, 4, 0>(p, part);
+  else if (rows <= 8) run_tiles<T, acc_t, 8, 0>(p, part);
+  else if (small_tiles) run_tiles<T, acc_t, 8, OFFB>(p, part);
+  else if constexpr (!std::is_same_v<T, double>) {
+    if (rows <= 16) run_tiles<T, acc_t, 16, 0>(p, part);
+    else run_tiles<T, acc_t, 16, OFFB>(p, part);
   }
   const int64_t warps = k * rows * (rows + 1) / 2;
   const int64_t blocks = (warps * kWarp + kGramThreads - 1) / kGramThreads;

@@ -4,8 +4,9 @@
 //           2 stores them; for m beyond the engine's tiles, the Gramian of the stacked rows
 //           [Y; J] by blas_gram (no m x n temporary either), folded into the m x m one. Skipped
 //           when the caller gives the Gramian; moco_gramian is this pass alone;
-//   step:   one thread reads the device step counter, computes the step sizes, the
-//           weight update and the skip decision (math.h), and updates lam and step;
+//   step:   one warp reads the device step counter, computes the step sizes, the weight
+//           update (its O(m^2) product over the lanes) and the skip decision (math.h), and
+//           updates lam and step;
 //   pass 2: Y <- Y + b (J - Y) in place and out = lam^T Y, or NaN and no write when the
 //           step was refused (non-finite J).
 // Peak memory: J + Y + O(m^2 + n).
@@ -25,27 +26,58 @@ namespace fusedjd::cuda {
 namespace {
 
 // scratch (float64): [lam_old m | lam_new m | tmp 2m | b | ok]; `gram` the (m x m) Gramian of the
-// updated rows.
+// updated rows. One warp: each lane takes rows r = lane, lane + 32, ... of (M + rho I) lam, each
+// summed over s in order as math.h's moco_lambda_step sums it (so the result is the CPU's, bit for
+// bit); lane 0 then applies the softmax or the simplex projection (O(m), and the projection's
+// O(m^2) sort only with simplex="projection").
 template <typename acc_t, typename lam_t>
-__global__ void moco_update_kernel(const acc_t* gram, int64_t m, lam_t* lam, int64_t* step, double beta,
-                                   double beta_sigma, double gamma, double gamma_sigma, double rho, bool projection,
-                                   double* scratch, lam_t* weights) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+__global__ void __launch_bounds__(kWarp)
+    moco_update_kernel(const acc_t* gram, int64_t m, lam_t* lam, int64_t* step, double beta, double beta_sigma,
+                       double gamma, double gamma_sigma, double rho, bool projection, double* scratch,
+                       lam_t* weights) {
+  const int lane = threadIdx.x;
   double* lam_old = scratch;
   double* lam_new = scratch + m;
   double* tmp = scratch + 2 * m;
   const int64_t k = *step + 1;
   double b = 0.0, c = 0.0;
   moco_rates(k, beta, beta_sigma, gamma, gamma_sigma, &b, &c);
-  for (int64_t r = 0; r < m; ++r) lam_old[r] = static_cast<double>(lam[r]);
-  const bool ok = moco_lambda_update(gram, lam_old, lam_new, m, c, rho, projection, tmp);
-  for (int64_t r = 0; r < m; ++r) {
+  for (int64_t r = lane; r < m; r += kWarp) lam_old[r] = static_cast<double>(lam[r]);
+  __syncwarp();
+  bool bad = false;
+  for (int64_t r = lane; r < m; r += kWarp) {
+    double acc = rho * lam_old[r];
+    for (int64_t s = 0; s < m; ++s) {
+      const double v = static_cast<double>(gram[r * m + s]);
+      bad |= !isfinite(v);
+      acc += v * lam_old[s];
+    }
+    lam_new[r] = lam_old[r] - c * acc;
+  }
+  bad = __any_sync(0xffffffffu, bad);
+  __syncwarp();
+  int ok = 0;
+  if (lane == 0 && !bad) {
+    if (projection) {
+      project_simplex(lam_new, tmp, m);
+    } else {
+      softmax_inplace(lam_new, m);
+    }
+    ok = 1;
+    for (int64_t r = 0; r < m; ++r)
+      if (!isfinite(lam_new[r])) ok = 0;
+  }
+  ok = __shfl_sync(0xffffffffu, ok, 0);
+  __syncwarp();
+  for (int64_t r = lane; r < m; r += kWarp) {
     if (ok) lam[r] = static_cast<lam_t>(lam_new[r]);
     weights[r] = ok ? static_cast<lam_t>(lam_new[r]) : static_cast<lam_t>(NAN);
   }
-  if (ok) *step = k;
-  scratch[4 * m] = b;
-  scratch[4 * m + 1] = ok ? 1.0 : 0.0;
+  if (lane == 0) {
+    if (ok) *step = k;
+    scratch[4 * m] = b;
+    scratch[4 * m + 1] = ok ? 1.0 : 0.0;
+  }
 }
 
 // The (m x m) Gramian of the updated rows from the (2m x 2m) Gramian of [Y; J], with b from the
@@ -87,9 +119,10 @@ constexpr int kPass2Threads = 256;
 // One block per work item (columns of one block of J): Y <- Y + b (J - Y) and out = lam^T Y.
 template <typename T, typename opmath_t>
 __global__ void __launch_bounds__(kPass2Threads)
-    moco_pass2_kernel(WorkTable tab, T* Y, int64_t m, int64_t n, const double* scratch, T* out) {
+    moco_pass2_kernel(WorkTable tab, T* __restrict__ Y, int64_t m, int64_t n, const double* __restrict__ scratch,
+                      T* __restrict__ out) {
   const Item it = locate_item(tab, blockIdx.x);
-  const T* J = block_row<T>(tab, it.block, 0);
+  const T* __restrict__ J = block_row<T>(tab, it.block, 0);
   const int64_t ldj = tab.ld[it.block];
   const double* lam_new = scratch + m;
   const bool ok = scratch[4 * m + 1] != 0.0;
@@ -101,6 +134,8 @@ __global__ void __launch_bounds__(kPass2Threads)
       continue;
     }
     opmath_t acc = opmath_t(0);
+    // __restrict__: the loads of the next rows may be issued before this row's store
+#pragma unroll 4
     for (int64_t r = 0; r < m; ++r) {
       const T ynew = moco_row_update(Y[r * n + g], J[r * ldj + c], b);
       Y[r * n + g] = ynew;
@@ -134,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor> moco_step_cuda(at::TensorList J, at::Tensor& 
   const at::Tensor gram = given.has_value() ? *given : updated_gram(B, Y, step, beta, beta_sigma);
   at::Tensor scratch = at::empty({4 * m + 2}, Y.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(acc, "fusedjd_moco_update_cuda", [&] {
-    launch("moco_update_kernel", moco_update_kernel<scalar_t, scalar_t>, dim3(1), dim3(1), 0, gram.data_ptr<scalar_t>(), m,
+    launch("moco_update_kernel", moco_update_kernel<scalar_t, scalar_t>, dim3(1), dim3(kWarp), 0,
+           gram.data_ptr<scalar_t>(), m,
            lam.data_ptr<scalar_t>(),
            step.data_ptr<int64_t>(), beta, beta_sigma, gamma, gamma_sigma, rho, projection,
            scratch.data_ptr<double>(), weights.data_ptr<scalar_t>());

@@ -3,7 +3,9 @@
 CUDA kernels are compiled when torch was built with CUDA (``torch.version.cuda``)
 and a CUDA toolkit is found; no visible GPU is needed. ``FUSEDJD_CUDA=0`` or
 ``=1`` overrides the detection. ``TORCH_CUDA_ARCH_LIST`` is respected (Hopper:
-``9.0``). ``FUSEDJD_PORTABLE=1`` drops ``-march=native`` from the CPU flags.
+``9.0``); unset, the visible GPUs' archs are built, or ``8.0;9.0+PTX`` when no GPU is visible
+(Ampere, Hopper, and PTX that newer GPUs compile when they load it). ``FUSEDJD_PORTABLE=1``
+drops ``-march=native`` from the CPU flags.
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the
 torch already installed.
@@ -17,6 +19,7 @@ from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible
 
 
 def _want_cuda() -> bool:
@@ -40,9 +43,12 @@ def _extension():
     if os.environ.get("FUSEDJD_PORTABLE", "0") in ("", "0"):
         cxx.append("-march=native")
     if _want_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # no GPU to take the arch from: Ampere and Hopper cubins, plus PTX that newer GPUs compile
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
         sources = cpu_sources + sorted(glob.glob("csrc/cuda/*.cu"))
         # the archs nvcc will be given (what TORCH_CUDA_ARCH_LIST or the visible GPUs select)
-        archs = ",".join(sorted(set(re.findall(r"code=(sm_\d+a?)", " ".join(cpp_extension._get_cuda_arch_flags())))))
+        archs = ",".join(sorted(set(re.findall(r"code=((?:sm|compute)_\d+a?)", " ".join(cpp_extension._get_cuda_arch_flags())))))
         cuda_defines = ["-DFUSEDJD_WITH_CUDA", f'-DFUSEDJD_CUDA_ARCHS="{archs}"']
         cxx += cuda_defines
         nvcc = ["-O3", "-std=c++17", "-lineinfo"] + defines + cuda_defines

@@ -73,9 +73,9 @@ def configure(order: int = FORWARD, seed: int = 0, sm_count: int = 132) -> None:
 
 
 def stats() -> dict[str, int]:
-    launches, blocks, threads, switches, table_copies = torch.ops.fusedjd_simt.stats().tolist()
+    launches, blocks, threads, switches, table_writes = torch.ops.fusedjd_simt.stats().tolist()
     return {"launches": launches, "blocks": blocks, "threads": threads, "switches": switches,
-            "table_copies": table_copies}
+            "table_writes": table_writes}
 
 
 if __name__ == "__main__":

@@ -141,13 +141,14 @@ __device__ __forceinline__ const T* block_row(const WorkTable& t, int64_t block,
 
 // The work table of `B` over the column groups with offsets `group_off` (k + 1 entries) for work
 // items of `chunk` columns. `keep` receives the device tensor the table lives in: keep it until
-// the kernels reading it are queued. Built on the host, copied without a host sync, and cached on
-// the device by content, so that steady-state calls copy nothing (device.cu).
+// the kernels reading it are queued. Built on the host, written to the device by a kernel that
+// carries it in its parameters (no pinned memory, no copy: capture-safe), and cached on the device
+// by content, so that steady-state calls write nothing (device.cu).
 WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int64_t chunk, at::Tensor* keep);
 
-// Host-to-device copies of work tables made by this process so far (the emulated tests check that
-// repeated calls on the same tensors make none).
-int64_t work_table_copies();
+// Work tables written to the device by this process so far (the emulated tests check that repeated
+// calls on the same tensors write none).
+int64_t work_table_writes();
 
 // The first column of a block (counted in the block) at which every one of its rows is 16-byte
 // aligned, so that 16-byte packed loads can start there in every row; -1 when the rows do not

@@ -51,23 +51,32 @@ std::pair<uint64_t, unsigned long long> stream_and_capture() {
 }  // namespace
 
 // How a work table reaches the device without a host sync, and stays valid:
-//  - it is written into pinned host memory and copied by an asynchronous copy on the stream of
-//    the call, so stream order puts the write before every kernel that reads it; the caching
-//    host allocator does not hand the pinned buffer out again before that copy has run;
+//  - its values travel as the parameters of a small kernel that writes them into device memory
+//    (write_table_kernel, 480 values a launch): no pinned host buffer, no copy, nothing a CUDA
+//    graph cannot capture (a captured launch keeps its parameters: each replay writes the same
+//    table), and stream order puts the write before every kernel of the call that reads it;
 //  - the device copies are cached, keyed by the device, the stream and the table's content (the
 //    blocks' addresses included): a training loop that calls with the same layout, whose tensors
 //    the caching allocator places at the same addresses step after step, finds its table on the
-//    device and makes no host allocation and no copy. At most kEagerTables tables are kept; the
-//    oldest is dropped first (its device memory returns to the caching allocator, stream-ordered
-//    after the kernels already queued on that stream, the only stream that reads it);
-//  - during a CUDA-graph capture the copy runs only when the graph replays, so a table used by a
-//    capture, and the pinned host copy a captured copy reads, must live as long as the graph:
-//    they are kept for the life of the process. Cost to know: a program that captures fusedjd
-//    ops over new tensors many times grows by one table per capture (tens of bytes per block).
+//    device and launches nothing for it. At most kEagerTables tables are kept; the oldest is
+//    dropped first (its device memory returns to the caching allocator, stream-ordered after the
+//    kernels already queued on that stream, the only stream that reads it);
+//  - a table used by a CUDA-graph capture must live as long as the graph: it is kept for the life
+//    of the process. Cost to know: a program that captures fusedjd ops over new tensors many
+//    times grows by one table per capture (tens of bytes per block).
+constexpr int kTablePiece = 480;  // 3840 bytes: with the other parameters, under the 4 KiB limit
+struct TablePiece {
+  int64_t v[kTablePiece];
+};
+
+__global__ void write_table_kernel(TablePiece piece, int64_t count, int64_t* dst) {
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) dst[i] = piece.v[i];
+}
+
 namespace {
 
 constexpr size_t kEagerTables = 64;
-int64_t g_table_copies = 0;  // host-to-device copies of work tables made so far
+int64_t g_table_writes = 0;  // work tables written to the device so far
 
 struct TableKey {
   int device;
@@ -87,7 +96,7 @@ struct TableKeyHash {
 };
 
 struct CachedTable {
-  at::Tensor device, host;  // host: defined only for a table first copied during a capture
+  at::Tensor device;
   bool permanent = false;   // used by a capture: never dropped
   uint64_t last_use = 0;
 };
@@ -112,9 +121,9 @@ void evict_tables() {
 
 }  // namespace
 
-int64_t work_table_copies() {
+int64_t work_table_writes() {
   const std::lock_guard<std::mutex> lock(g_tables_mu);
-  return g_table_copies;
+  return g_table_writes;
 }
 
 WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int64_t chunk, at::Tensor* keep) {
@@ -160,17 +169,16 @@ WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int
   TableKey key{static_cast<int>(B.device.index()), stream_id, std::move(h)};
   auto it = g_tables.find(key);
   if (it == g_tables.end()) {
-    at::TensorOptions host_options = at::TensorOptions().dtype(at::kLong);
-#if !defined(FUSEDJD_SIMT)
-    host_options = host_options.pinned_memory(true);  // an asynchronous copy a graph can capture
-#endif
-    at::Tensor host = at::empty({size}, host_options);
-    std::copy(key.content.begin(), key.content.end(), host.data_ptr<int64_t>());
     CachedTable entry;
     entry.device = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(B.device));
-    entry.device.copy_(host, /*non_blocking=*/true);
-    ++g_table_copies;
-    if (capture_id != 0) entry.host = host;  // a replay copies from it again
+    int64_t* dst = entry.device.data_ptr<int64_t>();
+    for (int64_t pos = 0; pos < size; pos += kTablePiece) {
+      TablePiece piece;
+      const int64_t count = std::min<int64_t>(kTablePiece, size - pos);
+      std::copy(key.content.begin() + pos, key.content.begin() + pos + count, piece.v);
+      launch("write_table_kernel", write_table_kernel, dim3(1), dim3(128), 0, piece, count, dst + pos);
+    }
+    ++g_table_writes;
     ++g_eager_tables;
     it = g_tables.emplace(std::move(key), std::move(entry)).first;
   }

@@ -22,11 +22,11 @@ void configure(int64_t order, int64_t seed, int64_t sm_count) {
   simt::config().launch_index = 0;
 }
 
-// [launches, blocks, threads, fiber switches, work-table copies] since the library was loaded.
+// [launches, blocks, threads, fiber switches, work-table writes] since the library was loaded.
 at::Tensor stats() {
   const simt::Stats& s = simt::stats();
   return at::tensor(std::vector<int64_t>{s.launches, s.blocks, s.threads, s.switches,
-                                         fusedjd::cuda::work_table_copies()});
+                                         fusedjd::cuda::work_table_writes()});
 }
 
 // ---- self-tests: small kernels, each breaking (or keeping) one rule ------------------------

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../common.h"
 #include "cuda_common.cuh"
@@ -55,9 +56,10 @@ at::Tensor combine_cuda(at::TensorList J, const at::Tensor& weights, at::IntArra
   const CombineArgs a = prepare_combine(J, weights, group_sizes);
   const DeviceGuard guard(a.B.device);
   if (a.done) return a.out;
-  // float32 and float64 weights are read as they are; float16/bfloat16 ones are widened first
-  const bool wide = weights.scalar_type() == at::kDouble;
-  const at::Tensor W = (wide ? weights : weights.to(at::kFloat)).contiguous();
+  // float32 and float64 weights are read as they are (float64 J: float64 weights, as its loops
+  // return them; a float32-weights variant of the float64 kernel spills); others are widened first
+  const bool wide = weights.scalar_type() == at::kDouble || a.B.dtype == at::kDouble;
+  const at::Tensor W = weights.to(wide ? at::kDouble : at::kFloat).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.B.dtype, "fusedjd_combine_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     constexpr int V = 16 / static_cast<int>(sizeof(scalar_t));
@@ -67,7 +69,7 @@ at::Tensor combine_cuda(at::TensorList J, const at::Tensor& weights, at::IntArra
     if (wide)
       launch("combine_kernel", combine_kernel<scalar_t, opmath_t, V, double>, grid, kCombineThreads, 0, tab, a.B.m,
              W.data_ptr<double>(), a.out.data_ptr<scalar_t>());
-    else
+    else if constexpr (!std::is_same_v<scalar_t, double>)
       launch("combine_kernel", combine_kernel<scalar_t, opmath_t, V, float>, grid, kCombineThreads, 0, tab, a.B.m,
              W.data_ptr<float>(), a.out.data_ptr<scalar_t>());
   });

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Compiles every CUDA source for sm_90 (compile only, no GPU and no CUDA torch needed):
 # a CUDA compile error, or a kernel that spills registers, fails CI even on a machine without a
-# GPU. Skips, saying so, when
-# nvcc is absent. Uses the installed torch's headers.
+# GPU. Skips, saying so, when nvcc is absent. Uses the installed torch's headers.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}

@@ -3,9 +3,9 @@
 // The columns are split into work items (enough to fill the GPU; each inside one block of the
 // list and one column group: cuda_common.cuh's WorkTable); the row pairs into tiles.
 // One block takes one (item, tile): each thread keeps the tile's pair sums in registers while it
-// streams its columns (16-byte packed loads for diagonal tiles of up to 8 rows in every block
-// whose rows share an alignment, from the block's first aligned column; scalar head and tail),
-// the block reduces them into the tile's slots of `partial`, and a second kernel sums the
+// streams its columns (packed loads on the diagonal tiles in every block whose rows share an
+// alignment, from the block's first aligned column: 16 bytes a row up to 8 rows (8 for 2-byte
+// types at 8 rows), 8 bytes a row at 16 rows; scalar head and tail), the block reduces them into the tile's slots of `partial`, and a second kernel sums the
 // partials of each group in a fixed order (deterministic). Blocks are numbered tile-fastest, so
 // the tiles over the same columns run side by side and a row's second read comes from L2.
 //
@@ -252,11 +252,16 @@ struct Plan {
 };
 
 // UPD (MoCo's updated rows) runs in tiles of at most 8 rows: a 16-row tile of updated rows
-// spills (ptxas: 80-96 bytes at 255 registers). 2-byte types take 8-byte packs in 8-row tiles
-// (16-byte ones spill 16 bytes in bfloat16).
+// spills (ptxas: 80-96 bytes at 255 registers). Packs, and what ptxas (nvcc 13.0, sm_90) reports:
+//   4 rows:  16-byte packs, 48-60 registers: 4 blocks of 256 threads per SM, 64 B in flight per
+//            thread: 64 KB per SM;
+//   8 rows:  16-byte packs (8-byte for 2-byte types: 16-byte ones spill 16 bytes in bfloat16),
+//            112-128 registers: 2 blocks per SM, 64-128 B per thread: 32-64 KB per SM;
+//   16 rows: 8-byte packs, 216-248 registers: 1 block per SM, 128 B per thread: 32 KB per SM
+//            (scalar loads, as before: 16 KB, about 3 TB/s by Little's law at ~700 ns).
 template <typename T, typename acc_t, int TD, int TO>
 void run_tiles(const Plan& p, acc_t* partial) {
-  constexpr int V = (TD == 8 && sizeof(T) == 2 ? 8 : 16) / static_cast<int>(sizeof(T));
+  constexpr int V = (TD == 16 || (TD == 8 && sizeof(T) == 2) ? 8 : 16) / static_cast<int>(sizeof(T));
   const dim3 grid(static_cast<unsigned>(p.tab.items * p.ntiles));
   auto go = [&](auto kernel) {
     launch("gram_partial_kernel", kernel, grid, kGramThreads, 0, p.tab, p.upd, p.n, p.tiles, p.ntiles, partial);
@@ -268,7 +273,7 @@ void run_tiles(const Plan& p, acc_t* partial) {
     }
   }
   TORCH_CHECK(p.upd.y == nullptr, "fusedjd: internal error: MoCo's first pass in tiles of ", TD, " rows");
-  if constexpr (TO == 0 && TD <= 8) {  // packed loads in the blocks whose rows allow them
+  if constexpr (TO == 0) {  // packed loads in the blocks whose rows allow them
     go(gram_partial_kernel<T, acc_t, TD, TO, V, false>);
     return;
   }

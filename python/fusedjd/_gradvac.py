@@ -7,30 +7,24 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
 from torchjd import Stateful
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, Weighting
 
 from . import _distributed, ops
 from ._distributed import ProcessGroup
+from ._fused import _Fused
 from ._state import _BufferState, _NonDifferentiable
 from ._validation import (
     check_group_sizes,
     check_matrix,
     check_sizes_cover,
     check_square,
+    check_whole_tensors,
     draws_mode,
     forwarded,
     in_unit_interval,
     non_negative,
 )
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether calling these modules would run hooks (theirs or global ones): the aggregators then
-    go through them, as torchjd's do; otherwise they call the ops directly."""
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks) or any(
-        mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
 
 
 def _draws_repr(draws: str) -> str:
@@ -114,19 +108,18 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
 
     def forward(self, gramian: Tensor, /) -> Tensor:
         check_square(gramian)
-        return self.stacked(gramian.unsqueeze(0))[0]
+        return self.stacked(gramian.unsqueeze(0), self.process_group)[0]
 
-    def stacked(self, gramians: Tensor, group: ProcessGroup | None = None) -> Tensor:
+    def stacked(self, gramians: Tensor, group: ProcessGroup | None) -> Tensor:
         """Weights ``[k, m]`` for a stack of Gramians ``[k, m, m]`` (one per column group), each
         group with its own targets and visit orders, drawn group by group (on the first rank of
-        ``group``, else of :attr:`process_group`, when there is one). Used by
-        :class:`~fusedjd.GroupedGradVac`; the targets reset when ``k``, ``m``, the dtype or the
-        device changes."""
+        ``group`` when there is one). Used by :class:`~fusedjd.GroupedGradVac`; the targets reset
+        when ``k``, ``m``, the dtype or the device changes."""
         acc = ops.acc_dtype(gramians.dtype)
         G = gramians if gramians.dtype == acc else gramians.to(acc)
         k, m = G.shape[0], G.shape[1]
         T = self._targets_for(k, m, acc, G.device)
-        perms = _distributed.draw_perms(k, m, False, G.device, group or self.process_group, self._draws)
+        perms = _distributed.draw_perms(k, m, False, G.device, group, self._draws)
         return ops.gradvac_loop(G, perms, T, self._beta, self._eps)
 
     def _targets_for(self, k: int, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -136,18 +129,20 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
             T = self._targets = torch.zeros((k, m, m), dtype=dtype, device=device)
         return T
 
-    def aggregate(self, J: Tensor | list[Tensor], group_sizes: list[int]) -> tuple[Tensor, Tensor]:
-        """Gramians, weights and combination of ``J`` (a matrix or its column blocks) over its
-        column groups in one call (``ops.aggregate``); single process only. Returns
-        ``(combination [n], weights [k, m])``."""
-        first = J if isinstance(J, Tensor) else J[0]
+    def aggregate(self, J: list[Tensor], group_sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+        """Gramians, weights and combination of ``J`` (its column blocks) over its column groups:
+        ``(combination [n], weights [k, m])``. On one process, one call (``ops.aggregate``); with
+        ``group``, this rank's columns, the Gramians summed over the group."""
+        if group is not None:
+            return _distributed.sharded_aggregate(J, group_sizes, group, lambda G: self.stacked(G, group))
+        first = J[0]
         k, m = len(group_sizes), first.shape[0]
         T = self._targets_for(k, m, ops.acc_dtype(first.dtype), first.device)
         perms = ops.draw_perms_device(k, m, first.device) if self._draws == "device" else None
         return ops.aggregate(J, group_sizes, T, self._beta, self._eps, False, perms)
 
 
-class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
+class GradVac(_Fused, GramianWeightedAggregator, Stateful, _NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.GramianWeightedAggregator`
     implementing Gradient Vaccine (GradVac) from `Gradient Vaccine: Investigating and Improving
@@ -205,25 +200,20 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
                 self.gramian_weighting.reset()
             self._n = n
 
-    def forward(self, matrix: Tensor, /) -> Tensor:
-        check_matrix(matrix)
-        n = matrix.shape[1]
-        weighting, gw = self._modules["weighting"], self._modules["gramian_weighting"]
-        if _hooked(weighting, gw):
-            self._track_n(n)
-            return ops.combine(matrix, weighting(matrix).unsqueeze(0), [n])
-        return self._aggregate(matrix, n, None)[0]
+    def _hook_modules(self) -> tuple[nn.Module, ...]:
+        return self._modules["weighting"], self._modules["gramian_weighting"]
 
-    def _aggregate(self, J: Tensor | list[Tensor], n: int, group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
-        """The aggregation of ``J`` (a matrix or its column blocks, n columns) without the module
-        calls: ``(combination [n], weights [1, m])``. One op call on one process; with a group
-        (``group``, else :attr:`process_group`), the Gramian summed over it."""
+    def _hooked_forward(self, matrix: Tensor) -> Tensor:
+        n = matrix.shape[1]
         self._track_n(n)
-        gw = self._modules["gramian_weighting"]
-        group = group or gw.process_group
-        if group is None:
-            return gw.aggregate(J, [n])
-        return _distributed.sharded_aggregate(J, [n], group, lambda G: gw.stacked(G, group))
+        return ops.combine(matrix, self._modules["weighting"](matrix).unsqueeze(0), [n])
+
+    _returns_weights = True
+
+    def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+        n = sum(sizes)
+        self._track_n(n)
+        return self._modules["gramian_weighting"].aggregate(blocks, [n], group)
 
     def get_extra_state(self) -> Any:
         return {"n": self._n}
@@ -243,7 +233,7 @@ class GradVac(GramianWeightedAggregator, Stateful, _NonDifferentiable):
         return f"{self.__class__.__name__}(beta={self.beta!r}, eps={self.eps!r}{_draws_repr(self.draws)})"
 
 
-class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
+class GroupedGradVac(_Fused, Aggregator, Stateful, _NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Aggregator` applying GradVac
     independently to consecutive column groups of the Jacobian (the paper's ``whole_model``,
@@ -287,19 +277,19 @@ class GroupedGradVac(Aggregator, Stateful, _NonDifferentiable):
         """Clears the EMA targets of every group."""
         self.gramian_weighting.reset()
 
-    def forward(self, matrix: Tensor, /) -> Tensor:
-        check_matrix(matrix)
-        sizes = self._group_sizes
-        check_sizes_cover(sizes, matrix)
-        return self._aggregate(matrix, None)[0]
+    _hooks_in_forward = False  # (hooks on gramian_weighting are not run by forward)
 
-    def _aggregate(self, J: Tensor | list[Tensor], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
-        """As :meth:`GradVac._aggregate`, over the column groups: ``(combination, weights [k, m])``."""
-        gw, sizes = self._modules["gramian_weighting"], self._group_sizes
-        group = group or gw.process_group
-        if group is None:
-            return gw.aggregate(J, sizes)
-        return _distributed.sharded_aggregate(J, sizes, group, lambda G: gw.stacked(G, group))
+    def _hook_modules(self) -> tuple[nn.Module, ...]:
+        return (self._modules["gramian_weighting"],)
+
+    def _check_matrix_columns(self, matrix: Tensor) -> None:
+        check_sizes_cover(self._group_sizes, matrix)
+
+    def _check_tensor_columns(self, sizes: list[int]) -> None:
+        check_whole_tensors(self._group_sizes, sizes)
+
+    def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, None]:
+        return self._modules["gramian_weighting"].aggregate(blocks, self._group_sizes, group)[0], None
 
     def __repr__(self) -> str:
         return (
@@ -329,18 +319,26 @@ class PCGradWeighting(Weighting, _NonDifferentiable):
 
     def forward(self, gramian: Tensor, /) -> Tensor:
         check_square(gramian)
-        return self.pcgrad(gramian)
+        return self.pcgrad(gramian, self.process_group)
 
-    def pcgrad(self, gramian: Tensor, group: ProcessGroup | None = None) -> Tensor:
-        """The PCGrad weights ``[m]`` of a checked Gramian ``[m, m]`` (visit orders drawn as torchjd
-        draws them, on the first rank of ``group``, else of :attr:`process_group`, when there is
-        one)."""
+    def pcgrad(self, gramian: Tensor, group: ProcessGroup | None) -> Tensor:
+        """The PCGrad weights ``[m]`` of a checked Gramian ``[m, m]`` (visit orders drawn on the
+        first rank of ``group`` when there is one)."""
         G = gramian.to(ops.acc_dtype(gramian.dtype)).unsqueeze(0)
-        perms = _distributed.draw_perms(1, G.shape[1], True, G.device, group or self.process_group, self._draws)
+        perms = _distributed.draw_perms(1, G.shape[1], True, G.device, group, self._draws)
         return ops.pcgrad_loop(G, perms)[0]
 
+    def aggregate(self, J: list[Tensor], n: int, group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+        """The PCGrad combination of ``J`` (its column blocks, ``n`` columns) and its weights
+        ``[1, m]``: one call (``ops.aggregate``) on one process; with ``group``, this rank's
+        columns, the Gramian summed over the group."""
+        if group is not None:
+            return _distributed.sharded_aggregate(J, [n], group, lambda G: self.pcgrad(G[0], group).unsqueeze(0))
+        perms = ops.draw_perms_device(1, J[0].shape[0], J[0].device) if self._draws == "device" else None
+        return ops.aggregate(J, [n], None, 0.0, 0.0, True, perms)
 
-class PCGrad(GramianWeightedAggregator, _NonDifferentiable):
+
+class PCGrad(_Fused, GramianWeightedAggregator, _NonDifferentiable):
     """
     :class:`~torchjd.aggregation.GramianWeightedAggregator` as defined in Algorithm 1 of
     `Gradient Surgery for Multi-Task Learning <https://arxiv.org/pdf/2001.06782.pdf>`_, a drop-in
@@ -362,23 +360,16 @@ class PCGrad(GramianWeightedAggregator, _NonDifferentiable):
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({_draws_repr(self.draws)[2:]})"
 
-    def forward(self, matrix: Tensor, /) -> Tensor:
-        check_matrix(matrix)
-        weighting, gw = self._modules["weighting"], self._modules["gramian_weighting"]
-        n = matrix.shape[1]
-        if _hooked(weighting, gw):
-            return ops.combine(matrix, weighting(matrix).unsqueeze(0), [n])
-        return self._aggregate(matrix, n, None)[0]
+    def _hook_modules(self) -> tuple[nn.Module, ...]:
+        return self._modules["weighting"], self._modules["gramian_weighting"]
 
-    def _aggregate(self, J: Tensor | list[Tensor], n: int, group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
-        """As :meth:`GradVac._aggregate`: ``(combination [n], weights [1, m])``."""
-        gw = self._modules["gramian_weighting"]
-        group = group or gw.process_group
-        if group is None:
-            first = J if isinstance(J, Tensor) else J[0]
-            perms = ops.draw_perms_device(1, first.shape[0], first.device) if gw._draws == "device" else None
-            return ops.aggregate(J, [n], None, 0.0, 0.0, True, perms)
-        return _distributed.sharded_aggregate(J, [n], group, lambda G: gw.pcgrad(G[0], group).unsqueeze(0))
+    def _hooked_forward(self, matrix: Tensor) -> Tensor:
+        return ops.combine(matrix, self._modules["weighting"](matrix).unsqueeze(0), [matrix.shape[1]])
+
+    _returns_weights = True
+
+    def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+        return self._modules["gramian_weighting"].aggregate(blocks, sum(sizes), group)
 
 
 __all__ = ["GradVac", "GradVacWeighting", "GroupedGradVac", "PCGrad", "PCGradWeighting"]

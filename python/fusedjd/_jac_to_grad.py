@@ -14,8 +14,7 @@ from torchjd.autojac._utils import check_consistent_first_dimension
 
 from . import _distributed
 from ._distributed import ProcessGroup
-from ._gradvac import GradVac, GroupedGradVac, PCGrad, _hooked
-from ._moco import MoCo
+from ._fused import _Fused, _hooked
 
 # The fused path of one aggregator: from the list of Jacobian blocks [m, n_b] to (the combined
 # gradient [n], the weights jac_to_grad returns).
@@ -130,27 +129,21 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], sizes: list[int],
         return None
     n = sum(sizes)
 
-    if isinstance(aggregator, MoCo):
-        if _hooked(aggregator, aggregator.weighting):
+    if isinstance(aggregator, _Fused):  # fusedjd's: its one route
+        if aggregator._jac_to_grad_hooked():
             return None
-        return lambda blocks: (aggregator.weighting.update(blocks, group)[1], None)
+        aggregator._check_tensor_columns(sizes)
 
-    if isinstance(aggregator, GroupedGradVac):
-        if _hooked(aggregator, aggregator.gramian_weighting):
-            return None
-        _check_whole_tensors(aggregator.group_sizes, sizes, n)
-        return lambda blocks: (aggregator._aggregate(blocks, group)[0], None)
+        def fused(blocks: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+            out, W = aggregator._fused(blocks, sizes, group)
+            return out, (W[0] if aggregator._returns_weights else None)
 
-    if isinstance(aggregator, GramianWeightedAggregator):
+        return fused
+
+    if isinstance(aggregator, GramianWeightedAggregator):  # torchjd's: the sharded Gramian path
         gw = aggregator.gramian_weighting
         if _hooked(aggregator, aggregator.weighting, gw):
             return None
-        if isinstance(aggregator, (GradVac, PCGrad)):
-            def fused(blocks: list[Tensor]) -> tuple[Tensor, Tensor]:
-                out, weights = aggregator._aggregate(blocks, n, group)
-                return out, weights[0]
-
-            return fused
 
         def weighted(blocks: list[Tensor]) -> tuple[Tensor, Tensor]:
             # torchjd's weighting: every rank runs it on the same Gramian; the first rank's weights win
@@ -161,25 +154,3 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], sizes: list[int],
 
         return weighted
     return None
-
-
-def _check_whole_tensors(groups: list[int], sizes: list[int], n: int) -> None:
-    """GroupedGradVac's groups (column counts) must end where tensors end."""
-    if sum(groups) != n:
-        raise ValueError(
-            f"GroupedGradVac's `group_sizes` must sum to the number of Jacobian columns n={n} of the "
-            f"tensors given to jac_to_grad, got sum {sum(groups)} for group_sizes={groups}."
-        )
-    ends, total = set(), 0
-    for s in sizes:
-        total += s
-        ends.add(total)
-    total = 0
-    for g, s in enumerate(groups):
-        total += s
-        if total not in ends and total != 0:
-            raise ValueError(
-                f"GroupedGradVac's group {g} (group_sizes={groups}) ends at column {total}, inside a tensor "
-                f"(the tensors end at columns {sorted(ends)}): in jac_to_grad every group must be whole "
-                "tensors, in the order of `tensors`. fusedjd.groups builds such groupings."
-            )

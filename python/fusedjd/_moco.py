@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchjd import Stateful
 from torchjd.aggregation import Aggregator, Weighting
 
 from . import _distributed, ops
 from ._distributed import ProcessGroup
-from ._gradvac import _hooked
+from ._fused import _Fused
 from ._state import _BufferState, _NonDifferentiable
 from ._validation import check_matrix, forwarded, in_unit_interval, non_negative
 
@@ -78,14 +78,13 @@ class _MoCoState(_BufferState):
         uniform ``λ`` and step 0."""
         self._clear_state()
 
-    def update(self, matrix: Tensor | Sequence[Tensor], group: ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
+    def update(self, matrix: Tensor | Sequence[Tensor], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
         """One MoCo step on ``matrix`` (the Jacobian ``[m, n]``, or a list of its column blocks
         ``[m, n_b]``, as :func:`fusedjd.jac_to_grad` passes it): updates ``Y``, ``λ`` and the step
         count in place and returns ``(λ, λᵀ Y)``; NaN for both, state untouched, if ``matrix`` is
         not finite.
 
-        With a process group (``group``, else :attr:`process_group`), ``matrix`` is this rank's
-        columns and ``Y`` is sharded like it: the Gramian of the updated ``Y`` is summed over the
+        With a process group ``group``, ``matrix`` is this rank's columns and ``Y`` is sharded like it: the Gramian of the updated ``Y`` is summed over the
         ranks (one all-reduce of ``m²`` numbers) before the weight update, so ``λ`` and the step
         count stay identical on every rank, and a non-finite shard anywhere refuses the step
         everywhere. Without one, the step reads ``Y`` and ``J`` once for its Gramian."""
@@ -100,7 +99,6 @@ class _MoCoState(_BufferState):
             self._y = torch.zeros((m, n), dtype=first.dtype, device=first.device)
             self._lam = torch.full((m,), 1.0 / max(m, 1), dtype=ops.acc_dtype(first.dtype), device=first.device)
             self._step = torch.zeros((), dtype=torch.long, device=first.device)
-        group = group or self.process_group
         gram = None
         if group is not None:
             local = ops.moco_gramian(matrix, self._y, self._step, self._beta, self._beta_sigma)
@@ -185,11 +183,11 @@ class MoCoWeighting(Weighting, _MoCoState, Stateful, _NonDifferentiable):
         self._configure(beta, beta_sigma, gamma, gamma_sigma, rho, simplex, process_group)
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        return self.update(matrix)[0]
+        return self.update(matrix, self.process_group)[0]
 
 
 
-class MoCo(Aggregator, Stateful, _NonDifferentiable):
+class MoCo(_Fused, Aggregator, Stateful, _NonDifferentiable):
     __doc__ = (
         r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Aggregator` returning
@@ -241,23 +239,18 @@ class MoCo(Aggregator, Stateful, _NonDifferentiable):
         """Clears ``Y``, ``λ`` and the step count."""
         self.weighting.reset()
 
-    def forward(self, matrix: Tensor, /) -> Tensor:
-        w = self.weighting
-        if _hooked(w):
-            # through the module call, so its hooks run (as for torchjd's aggregators); λᵀ Y then
-            # costs one more read of Y
-            lam = w(matrix)
-            return (lam.to(w.y.dtype) @ w.y) if matrix.shape[0] > 0 else matrix.new_zeros(matrix.shape[1])
-        return w.update(matrix)[1]
+    def _hook_modules(self) -> tuple[nn.Module, ...]:
+        return (self._modules["weighting"],)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):  # noqa: D401 - torch hook
-        # fusedjd 0.1 kept the state on MoCo itself: move it to its weighting
-        for name in _MoCoState._state_names:
-            if prefix + name in state_dict and prefix + "weighting." + name not in state_dict:
-                state_dict[prefix + "weighting." + name] = state_dict.pop(prefix + name)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    def _hooked_forward(self, matrix: Tensor) -> Tensor:
+        # through the module call, so its hooks run (as for torchjd's aggregators); λᵀ Y then costs
+        # one more read of Y
+        w = self._modules["weighting"]
+        lam = w(matrix)
+        return (lam.to(w.y.dtype) @ w.y) if matrix.shape[0] > 0 else matrix.new_zeros(matrix.shape[1])
+
+    def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, None]:
+        return self._modules["weighting"].update(blocks, group)[1], None
 
     def __repr__(self) -> str:
         return _repr(self, self.weighting.hyper_parameters)

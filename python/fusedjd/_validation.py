@@ -62,9 +62,11 @@ def draws_mode(name: str = "draws") -> property:
 
 
 def forwarded(name: str, to: str) -> property:
-    """An attribute read from and written to the submodule ``to`` (which validates it)."""
-    return property(lambda self: getattr(getattr(self, to), name),
-                    lambda self, value: setattr(getattr(self, to), name, value))
+    """An attribute read from and written to the submodule ``to`` (which validates it). The
+    submodule is read from ``_modules`` directly: ``Module.__getattr__`` costs about a microsecond,
+    and the aggregators read ``process_group`` this way on every call."""
+    return property(lambda self: getattr(self._modules[to], name),
+                    lambda self, value: setattr(self._modules[to], name, value))
 
 
 def check_floating(t: Tensor, name: str) -> None:
@@ -111,3 +113,27 @@ def check_sizes_cover(sizes: Sequence[int], matrix: Tensor) -> None:
             f"Attribute `group_sizes` must sum to the number of columns of `matrix` "
             f"({matrix.shape[1]}). Found sum(group_sizes)={sum(sizes)} for {len(sizes)} groups."
         )
+
+
+def check_whole_tensors(groups: list[int], sizes: list[int]) -> None:
+    """GroupedGradVac's groups (column counts) must end where jac_to_grad's tensors (column counts
+    ``sizes``) end; ValueError naming the group otherwise."""
+    n = sum(sizes)
+    if sum(groups) != n:
+        raise ValueError(
+            f"GroupedGradVac's `group_sizes` must sum to the number of Jacobian columns n={n} of the "
+            f"tensors given to jac_to_grad, got sum {sum(groups)} for group_sizes={groups}."
+        )
+    ends, total = set(), 0
+    for s in sizes:
+        total += s
+        ends.add(total)
+    total = 0
+    for g, s in enumerate(groups):
+        total += s
+        if total not in ends and total != 0:
+            raise ValueError(
+                f"GroupedGradVac's group {g} (group_sizes={groups}) ends at column {total}, inside a tensor "
+                f"(the tensors end at columns {sorted(ends)}): in jac_to_grad every group must be whole "
+                "tensors, in the order of `tensors`. fusedjd.groups builds such groupings."
+            )

@@ -1,0 +1,74 @@
+"""The one route every fusedjd aggregator takes, from the Jacobian to the kernels.
+
+An aggregator implements :meth:`_Fused._fused`: its whole aggregation of a Jacobian given as a
+list of column blocks (one matrix, or the ``.jac`` tensors of :func:`fusedjd.jac_to_grad`), with
+the process group already resolved. ``forward`` (written here, once) and ``jac_to_grad`` both call
+it; the sharded path is the same call with a group. Only when hooks are registered on the
+aggregator's submodules does ``forward`` go through them instead (``_hooked_forward``), as torchjd's
+aggregators do, so that the hooks run.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+from ._distributed import ProcessGroup
+from ._validation import check_matrix
+
+
+class _Fused(nn.Module):
+    """Base of fusedjd's aggregators (placed before torchjd's base, whose ``forward`` it replaces)."""
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        check_matrix(matrix)
+        self._check_matrix_columns(matrix)
+        if self._submodules_hooked():
+            return self._hooked_forward(matrix)
+        return self._fused([matrix], [matrix.shape[1]], self.process_group)[0]
+
+    # whether jac_to_grad returns the weights ([m]: GradVac, PCGrad) or None (torchjd's answer for
+    # aggregators that are not one weighting of the rows: GroupedGradVac, MoCo)
+    _returns_weights = False
+
+    def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, Tensor | None]:
+        """The aggregation of the matrix ``[blocks[0] blocks[1] ...]`` (``sizes``: the blocks' column
+        counts), its Gramians summed over ``group`` when there is one: ``(the combination [n], the
+        weights [k, m] or None)``."""
+        raise NotImplementedError
+
+    def _hooked_forward(self, matrix: Tensor) -> Tensor:
+        """``forward`` through the submodules' calls, so that their hooks run."""
+        raise NotImplementedError
+
+    def _hook_modules(self) -> tuple[nn.Module, ...]:
+        """The submodules whose hooks the aggregation must run."""
+        return ()
+
+    def _check_matrix_columns(self, matrix: Tensor) -> None:
+        """Checks of ``forward``'s matrix beyond its rank and dtype (GroupedGradVac: its groups)."""
+
+    def _check_tensor_columns(self, sizes: list[int]) -> None:
+        """Checks of jac_to_grad's column counts (GroupedGradVac: its groups are whole tensors)."""
+
+    # whether forward runs the submodules' hooks (GroupedGradVac's forward has no module composition
+    # to run them through; jac_to_grad still leaves its hooked calls to torchjd)
+    _hooks_in_forward = True
+
+    def _submodules_hooked(self) -> bool:
+        return self._hooks_in_forward and _hooked(*self._hook_modules())
+
+    def _jac_to_grad_hooked(self) -> bool:
+        """Whether jac_to_grad, which calls no module, would skip hooks: they go to torchjd's."""
+        return _hooked(self, *self._hook_modules())
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run hooks (theirs or global ones). (A loop, not any():
+    this runs on every call.)"""
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    for mod in modules:
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return True
+    return False

@@ -1,5 +1,6 @@
-"""Shared pieces of the fusedjd tests: the device parameter and the input generators. The
-references every kernel is checked against are shipped: :mod:`fusedjd.reference`."""
+"""Shared pieces of the fusedjd tests: the device parameter and the input generators (group
+sizes, matrices) every test file draws from. The references every kernel is checked against are
+shipped: :mod:`fusedjd.reference`."""
 
 from __future__ import annotations
 
@@ -16,3 +17,22 @@ _NO_GPU = "no CUDA GPU present (the CUDA kernels still run, emulated, in test_cu
 requires_cuda = pytest.mark.skipif(not GPU, reason=_NO_GPU)
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
+
+def group_sizes(n: int, k: int, gen: torch.Generator) -> list[int]:
+    """k random non-negative consecutive group sizes summing to n (some may be 0)."""
+    if k == 1:
+        return [n]
+    cuts = sorted(torch.randint(0, n + 1, (k - 1,), generator=gen).tolist())
+    return [b - a for a, b in zip([0] + cuts, cuts + [n])]
+
+
+def matrix(m: int, n: int, dtype: torch.dtype, gen: torch.Generator, kind: str = "random") -> torch.Tensor:
+    """An m x n matrix in ``dtype``: ``"random"`` (normal entries), ``"collinear"`` (rows along one
+    direction, both signs, one zero row) or ``"scaled"`` (normal entries times 1e3)."""
+    J = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    if kind == "collinear" and m > 1:
+        J = torch.randn(m, 1, generator=gen, dtype=torch.float64) * J[:1]
+        J[m // 2] = 0.0
+    if kind == "scaled":
+        J = J * 1e3
+    return J.to(dtype)

@@ -15,7 +15,7 @@ from fusedjd import ops, reference
 
 from fusedjd.reference import TOLERANCE, rel_err
 
-from conftest import requires_cuda
+from conftest import group_sizes, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -38,11 +38,6 @@ def test_draw_perms_on_the_gpu_without_a_host_sync():
     assert got.device.type == "cuda" and torch.equal(got.cpu(), expected)
 
 
-def _sizes(n, k, gen):
-    cuts = sorted(torch.randint(0, n + 1, (k - 1,), generator=gen).tolist())
-    return [b - a for a, b in zip([0] + cuts, cuts + [n])]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 999, 1), (2, 4097, 3), (3, 1001, 1), (8, 100003, 5),
                                    (16, 33333, 1), (17, 5001, 2), (32, 20001, 4), (64, 3001, 1), (130, 501, 2),
@@ -50,7 +45,7 @@ def _sizes(n, k, gen):
 def test_gramian_and_combine_equal_cpu(dtype, m, n, k):
     gen = torch.Generator().manual_seed(m + n + k)
     J = torch.randn(m, n, generator=gen).to(dtype)
-    sizes = _sizes(n, k, gen)
+    sizes = group_sizes(n, k, gen)
     G_cpu, G_gpu = ops.gramian(J, sizes), ops.gramian(J.cuda(), sizes)
     assert rel_err(G_gpu, G_cpu) < TOLERANCE["combine"][dtype]
     W = torch.randn(k, m, generator=gen)

@@ -224,9 +224,8 @@ def test_refusals_are_torchjds():
     bad = torch.zeros(2, requires_grad=True)
     bad.__setattr__("jac", torch.zeros(4, 2))  # m = 4 against 3
     for j2g in (fusedjd.jac_to_grad, torchjd_jac_to_grad):
-        with pytest.raises(ValueError) as err:
+        with pytest.raises(ValueError, match=r"^All Jacobians in `tensors\.jac` should have the same number of rows\.$"):
             j2g([*shared, bad], fusedjd.GradVac())
-        assert "first dimension" in str(err.value) or "tensors.jac" in str(err.value), err.value
 
 
 def test_hooks_go_through_torchjd_and_run():

@@ -13,17 +13,9 @@ from fusedjd import ops
 from fusedjd import reference
 from fusedjd.reference import TOLERANCE, rel_err
 
-from conftest import DEVICES
+from conftest import DEVICES, group_sizes
 
 SHAPES = [(1, 1), (1, 17), (2, 1), (3, 5), (5, 33), (8, 1001), (16, 257), (7, 70001), (32, 129)]
-
-
-def _split(n: int, k: int, gen: torch.Generator) -> list[int]:
-    """k random non-negative group sizes summing to n (some may be 0)."""
-    if k == 1:
-        return [n]
-    cuts = sorted(torch.randint(0, n + 1, (k - 1,), generator=gen).tolist())
-    return [b - a for a, b in zip([0] + cuts, cuts + [n])]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -33,7 +25,7 @@ def _split(n: int, k: int, gen: torch.Generator) -> list[int]:
 def test_gramian_matches_float64(device, dtype, m, n, k):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     J = torch.randn(m, n, generator=gen).to(dtype)
-    sizes = _split(n, k, gen)
+    sizes = group_sizes(n, k, gen)
     G = ops.gramian(J.to(device), sizes)
     assert G.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert G.shape == (k, m, m)
@@ -46,7 +38,7 @@ def test_gramian_many_small_groups_and_views(device):
     gen = torch.Generator().manual_seed(7)
     base = torch.randn(9, 3 * 5003 + 1, generator=gen, dtype=torch.float64)
     J = base[1:, 1::3]  # misaligned, strided view: 8 x 5001
-    sizes = _split(J.shape[1], 1000, gen)
+    sizes = group_sizes(J.shape[1], 1000, gen)
     G = ops.gramian(J.to(device), sizes)
     assert rel_err(G, reference.gramian(J, sizes)) < 1e-12
     Jt = torch.randn(5003, 6, generator=gen, dtype=torch.float64).T  # column stride != 1
@@ -74,15 +66,11 @@ def test_gramian_special_inputs(device):
 def test_combine_matches_float64(device, dtype, m, n):
     gen = torch.Generator().manual_seed(m + n)
     J = torch.randn(m, n, generator=gen).to(dtype)
-    sizes = _split(n, 4, gen)
+    sizes = group_sizes(n, 4, gen)
     W = torch.randn(4, m, generator=gen)
     out = ops.combine(J.to(device), W.to(device), sizes)
     assert out.dtype == dtype and out.shape == (n,)
-    ref, start = [], 0
-    for g, s in enumerate(sizes):
-        ref.append(W[g].double() @ J[:, start : start + s].double())
-        start += s
-    assert rel_err(out, torch.cat(ref)) < TOLERANCE["combine"][dtype]
+    assert rel_err(out, reference.combine(J, W, sizes)) < TOLERANCE["combine"][dtype]
 
 
 @pytest.mark.parametrize("device", DEVICES)

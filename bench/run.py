@@ -2,7 +2,8 @@
 
     python bench/run.py               # default set, a few minutes on a 2-core CPU
     python bench/run.py --full        # the full grid
-    python bench/run.py --device cuda # force the GPU
+    python bench/run.py --device cuda # the GPU grid (bench/gpu_grid.py), about 4 minutes on an H200
+    python bench/run.py --tiny        # the GPU grid's code on a tiny grid, on the CPU (a dry run)
 
 Every row checks fusedjd's result against the baseline (or fusedjd.reference) before it times
 anything; a row whose check fails is marked MISMATCH and the run exits non-zero. Times are
@@ -31,6 +32,7 @@ from torchjd.autogram import Engine
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 import fusedjd
+import gpu_grid  # bench/gpu_grid.py
 from common import (Progress, Table, fmt_mib, fmt_time, fmt_x, median_time, peak_bytes,  # bench/ is sys.path[0]
                     stream_bandwidth, sync)
 from fusedjd import reference
@@ -417,32 +419,40 @@ def bench_training(run: Run, cfg: TrainCase):
 
 
 def configs(device: str, full: bool):
-    gpu = device == "cuda"
+    """The CPU grid (the GPU's is bench/gpu_grid.py)."""
     grouping = per_parameter_sizes()
-    if gpu:
-        ns = [10**6, 10**7, 10**8]
-        gram = [GramCase(m, n) for m in (2, 8, 32) for n in ns] + [GramCase(8, 0, grouping), GramCase(32, 0, grouping)]
-        agg = [AggCase("GradVac", m, n) for m in (2, 8, 32) for n in ns[: 3 if full else 2]]
-        agg += [AggCase("PCGrad", 8, 10**7), AggCase("GroupedGradVac", 8, 0, grouping)]
-        moco = [MocoCase(m, n) for m in (2, 8, 32) for n in ns[: 3 if full else 2]]
-        train = TrainCase(512, 1024, 8, 256)
-    else:
-        ns = [10**5, 10**6, 4 * 10**6] + ([10**7] if full else [])
-        groups64 = ("64 groups", [4 * 10**6 // 64] * 64)
-        gram = [GramCase(m, n) for m in (2, 8, 32) for n in ns] + [GramCase(8, 0, grouping)]
-        gram += [GramCase(8, 0, groups64)] + [GramCase(8, 4 * 10**6, g, dt) for dt in (torch.bfloat16, torch.float16)
-                                             for g in (None, groups64)]
-        gram += [GramCase(32, 10**6, None, dt) for dt in (torch.bfloat16, torch.float16)]
-        agg = [AggCase("GradVac", m, n) for m in (2, 8, 32) for n in ns]
-        agg += [AggCase("PCGrad", 8, 10**6), AggCase("GroupedGradVac", 8, 0, grouping)]
-        moco = [MocoCase(m, n) for m in (2, 8, 32) for n in ns]
-        train = TrainCase(256, 512, 8, 128)
+    ns = [10**5, 10**6, 4 * 10**6] + ([10**7] if full else [])
+    groups64 = ("64 groups", [4 * 10**6 // 64] * 64)
+    gram = [GramCase(m, n) for m in (2, 8, 32) for n in ns] + [GramCase(8, 0, grouping)]
+    gram += [GramCase(8, 0, groups64)] + [GramCase(8, 4 * 10**6, g, dt) for dt in (torch.bfloat16, torch.float16)
+                                         for g in (None, groups64)]
+    gram += [GramCase(32, 10**6, None, dt) for dt in (torch.bfloat16, torch.float16)]
+    agg = [AggCase("GradVac", m, n) for m in (2, 8, 32) for n in ns]
+    agg += [AggCase("PCGrad", 8, 10**6), AggCase("GroupedGradVac", 8, 0, grouping)]
+    moco = [MocoCase(m, n) for m in (2, 8, 32) for n in ns]
+    train = TrainCase(256, 512, 8, 128)
     loops = [LoopCase(m, True) for m in ((2, 4, 8, 16, 32) if full else (2, 8, 32))]
     loops += [LoopCase(64, full), LoopCase(256, False)]
     return gram, loops, agg, moco, train
 
 
 TRAIN_ROWS = 5 + 3  # the rows of bench_training and bench_jac_to_grad
+
+
+def gpu_extras(device: str, tiny: bool):
+    """The CPU benchmark's tables that the GPU run adds after its grid, while time is left: the
+    (title, table maker) pairs, and the list their checks' mismatches go to."""
+    if tiny:
+        loops, train = [LoopCase(2, True), LoopCase(8, True)], TrainCase(32, 64, 3, 16)
+    else:
+        loops = [LoopCase(m, True) for m in (2, 8, 32)] + [LoopCase(64, False), LoopCase(256, False)]
+        train = TrainCase(512, 1024, 8, 256)
+    run = Run(device, Progress(2 * len(loops) + TRAIN_ROWS))
+    return [
+        ("GradVac / PCGrad loop on the Gramian", lambda: bench_loops(run, loops)),
+        ("Training step with jac_to_grad", lambda: bench_jac_to_grad(run, train)),
+        ("Training step through torchjd's jac_to_grad", lambda: bench_training(run, train)),
+    ], run.mismatches
 
 
 def plot(speedups, path, device_name):
@@ -500,8 +510,15 @@ def main() -> int:
     ap.add_argument("--save", action="store_true",
                     help="write to bench/results/<device>.md (the committed snapshot) instead of bench/results/local/")
     ap.add_argument("--out", default=None, help="results file (overrides the two above)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the GPU grid's code on a tiny grid (n = 1e4), on the CPU unless --device cuda")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="GPU grid: seconds for the whole run (default 240; 60 with --tiny)")
+    ap.add_argument("--torchjd-max-s", type=float, default=1.0,
+                    help="GPU grid: torchjd's GradVac is timed only where a call is expected to take less")
     args = ap.parse_args()
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    auto = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    device = args.device if args.device != "auto" else auto
     if device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("--device cuda: no CUDA device is available")
@@ -514,6 +531,10 @@ def main() -> int:
         tag = "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device == "cuda" or args.tiny:
+        folder = os.path.join(HERE, "results") if args.save else os.path.join(HERE, "results", "local")
+        out = args.out or os.path.join(folder, f"{tag if device == 'cuda' else 'cpu'}{'-tiny' if args.tiny else ''}.md")
+        return gpu_grid.main(args, device, *gpu_extras(device, args.tiny), out)
     load = os.getloadavg()[0]
     busy = load > (os.cpu_count() or 1)
     if busy:

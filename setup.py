@@ -32,7 +32,7 @@ def _want_cuda() -> bool:
 
 
 def _extension():
-    cpu_sources = ["csrc/fusedjd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cpu_sources = ["csrc/fusedjd.cpp"] + sorted(glob.glob("csrc/composite/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     import torch
 
     defines = ["-DFUSEDJD_PYTHON_MODULE", f'-DFUSEDJD_TORCH_VERSION="{torch.__version__}"']

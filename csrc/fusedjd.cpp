@@ -1,10 +1,10 @@
-// The fusedjd operator schemas and the Python module init.
+// The fusedjd operator library (TORCH_LIBRARY: the schemas of schemas.h) and the Python module.
 //
-// Ops are registered with TORCH_LIBRARY and called as torch.ops.fusedjd.*, so
-// torch.compile traces them without graph breaks. Kernels live in
-// csrc/cpu/<family>.cpp (TORCH_LIBRARY_IMPL(fusedjd, CPU)) and
-// csrc/cuda/<family>.cu (TORCH_LIBRARY_IMPL(fusedjd, CUDA)); fake kernels are
-// registered from Python (python/fusedjd/ops.py). The Python module `fusedjd._C` is a pybind11
+// Ops are registered with TORCH_LIBRARY and called as torch.ops.fusedjd.*, so torch.compile
+// traces them without graph breaks. Each op's kernels are named after it: csrc/cpu/<op>.cpp
+// (TORCH_LIBRARY_IMPL(fusedjd, CPU)), csrc/cuda/<op>.cu (TORCH_LIBRARY_IMPL(fusedjd, CUDA)), and
+// csrc/composite/<op>.cpp for the ops one kernel serves on every backend (draw_perms, aggregate);
+// the fake kernels are registered from Python (python/fusedjd/_fake.py). The Python module `fusedjd._C` is a pybind11
 // module carrying the build information only.
 #include <torch/library.h>
 
@@ -12,10 +12,8 @@
 #include "schemas.h"
 
 #ifdef FUSEDJD_PYTHON_MODULE  // set by setup.py; the CMake build is a plain C++ library
-#include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 
-#include <atomic>
 
 #ifndef FUSEDJD_TORCH_VERSION
 #define FUSEDJD_TORCH_VERSION "unknown"
@@ -67,25 +65,13 @@ PYBIND11_MODULE(_C, m) {
       },
       "How this library was built: CUDA kernels (bool), the CUDA archs they were compiled for, "
       "the torch version built against, the CPU SIMD level, OpenMP.");
-  m.def(
-      "parallel_threads_used",
-      [](int64_t items) {
-        // at::parallel_for compiled here, as in every kernel of this library: how many threads
-        // took a share (1 when the library was built without OpenMP, whatever torch's setting).
-        std::atomic<uint64_t> seen{0};
-        at::parallel_for(0, items, 1, [&](int64_t, int64_t) {
-          seen.fetch_or(uint64_t{1} << (at::get_thread_num() % 64));
-        });
-        return __builtin_popcountll(seen.load());
-      },
-      "Threads that ran a share of an at::parallel_for of `items` items inside this library.");
 }
 #endif
 
 namespace fusedjd {
 #ifdef FUSEDJD_WITH_CUDA
 namespace cuda {
-bool capture_active(const at::Device& device);  // csrc/cuda/device.cu
+bool capture_active(const at::Device& device);  // csrc/cuda/work_table.cu
 }
 bool cuda_capture_active(const at::Device& device) { return device.is_cuda() && cuda::capture_active(device); }
 #else
@@ -94,6 +80,3 @@ bool cuda_capture_active(const at::Device&) { return false; }
 }  // namespace fusedjd
 
 TORCH_LIBRARY(fusedjd, m) { fusedjd::define_ops(m); }
-
-// `aggregate` is the other ops in sequence, whatever the backend.
-TORCH_LIBRARY_IMPL(fusedjd, CompositeExplicitAutograd, m) { fusedjd::register_aggregate(m, "fusedjd"); }

@@ -1,18 +1,9 @@
 // The fusedjd operator schemas, shared by the extension (csrc/fusedjd.cpp) and the test-only
-// SIMT emulation build of the CUDA sources (csrc/simt), which registers the same ops under
-// its own namespace.
+// SIMT emulation build of the CUDA sources (tests/simt), which registers the same ops under its
+// own namespace.
 #pragma once
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
-
-#include <memory>
-#include <mutex>
-#include <optional>
-#include <string>
-#include <tuple>
-#include <utility>
-#include <vector>
 
 namespace fusedjd {
 
@@ -74,56 +65,6 @@ inline void define_ops(torch::Library& m) {
   // step stores it (on CUDA beyond 128 rows, 64 for float64: of the unrounded update, from the
   // Gramian of [Y; J]); Y and step are not written.
   m.def("moco_gramian(Tensor[] J, Tensor Y, Tensor step, float beta, float beta_sigma) -> Tensor");
-}
-
-// The `aggregate` op for the library `ns` ("fusedjd", or the emulation's "fusedjd_simt"): the
-// other ops of that library, called through the dispatcher (so every backend's kernels serve it).
-inline void register_aggregate(torch::Library& m, const char* ns) {
-  struct Ops {
-    c10::TypedOperatorHandle<at::Tensor(at::TensorList, at::IntArrayRef)> gramian;
-    c10::TypedOperatorHandle<at::Tensor(int64_t, int64_t, bool, std::optional<at::Device>)> draw;
-    c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, double, double)> loop;
-    c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&)> pcgrad;
-    c10::TypedOperatorHandle<at::Tensor(at::TensorList, const at::Tensor&, at::IntArrayRef)> combine;
-  };
-  // looked up on first use (the library's other ops may be registered after this one)
-  struct Lazy {
-    std::once_flag once;
-    std::optional<Ops> ops;
-  };
-  auto lazy = std::make_shared<Lazy>();
-  const std::string lib(ns);
-  m.impl("aggregate", [lib, lazy](at::TensorList J, at::IntArrayRef group_sizes,
-                                  const std::optional<at::Tensor>& targets, double beta, double eps,
-                                  bool pcgrad, const std::optional<at::Tensor>& given_perms)
-                                      -> std::tuple<at::Tensor, at::Tensor> {
-    std::call_once(lazy->once, [&] {
-      auto& d = c10::Dispatcher::singleton();
-      lazy->ops = Ops{d.findSchemaOrThrow((lib + "::gramian").c_str(), "")
-                          .typed<at::Tensor(at::TensorList, at::IntArrayRef)>(),
-                      d.findSchemaOrThrow("fusedjd::draw_perms", "")  // (one for every library: a CPU draw)
-                          .typed<at::Tensor(int64_t, int64_t, bool, std::optional<at::Device>)>(),
-                      d.findSchemaOrThrow((lib + "::gradvac_loop").c_str(), "")
-                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, double, double)>(),
-                      d.findSchemaOrThrow((lib + "::pcgrad_loop").c_str(), "")
-                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>(),
-                      d.findSchemaOrThrow((lib + "::combine").c_str(), "")
-                          .typed<at::Tensor(at::TensorList, const at::Tensor&, at::IntArrayRef)>()};
-    });
-    const Ops* o = &*lazy->ops;
-    TORCH_CHECK(pcgrad || targets.has_value(), "fusedjd: `targets` is required for GradVac (pcgrad=False), got None");
-    const at::Tensor G = o->gramian.call(J, group_sizes);
-    const at::Tensor perms =
-        given_perms.has_value() ? *given_perms : o->draw.call(G.size(0), G.size(1), pcgrad, G.device());
-    at::Tensor W;
-    if (pcgrad) {
-      W = o->pcgrad.call(G, perms);
-    } else {
-      at::Tensor T = *targets;
-      W = o->loop.call(G, perms, T, beta, eps);
-    }
-    return {o->combine.call(J, W, group_sizes), W};
-  });
 }
 
 }  // namespace fusedjd

@@ -27,7 +27,7 @@ if [ ! -f "$SO" ] || [ -n "$(find csrc scripts/test_asan.sh -newer "$SO" -type f
   OBJ=$(mktemp -d)
   trap 'rm -rf "$OBJ"' EXIT
   pids=()
-  for src in csrc/fusedjd.cpp csrc/cpu/*.cpp; do
+  for src in csrc/fusedjd.cpp csrc/composite/*.cpp csrc/cpu/*.cpp; do
     g++ "${FLAGS[@]}" $INCLUDES -c "$src" -o "$OBJ/$(basename "$src").o" & pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p"; done

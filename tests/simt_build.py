@@ -1,6 +1,7 @@
 """Test-only build of the CUDA sources for the CPU: every ``csrc/cuda/*.cu`` compiled as plain C++
-against the SIMT emulator (``csrc/simt``), registered as ``torch.ops.fusedjd_simt.*`` on CPU
-tensors. Never installed for users.
+against the SIMT emulator (``tests/simt``), registered as ``torch.ops.fusedjd_simt.*`` on CPU
+tensors, with the composite aggregate op (``csrc/composite/aggregate.cpp``) registered for that
+namespace. Never installed for users.
 
 ``load()`` builds once (cached by ninja under ``build/fusedjd_simt``) and loads the library into
 this process; ``python tests/simt_build.py`` does that ahead of a test run. With ``--asan`` (or
@@ -18,6 +19,7 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
+SIMT = ROOT / "tests" / "simt"  # the emulator and the emulation library's own ops
 ASAN = os.environ.get("FUSEDJD_SIMT_ASAN", "0") not in ("", "0")
 
 _loaded: set[str] = set()
@@ -45,13 +47,16 @@ def load(asan: bool = ASAN, verbose: bool = False) -> None:
         return
     build_dir = ROOT / "build" / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    flags = ["-O2", "-std=c++17", "-DFUSEDJD_SIMT"]
+    # csrc/ and the emulator on the include path: the CUDA sources reach simt.h, the emulation's
+    # ops.cpp the schemas and the composite op
+    flags = ["-O2", "-std=c++17", "-DFUSEDJD_SIMT", f"-I{ROOT / 'csrc'}", f"-I{SIMT}"]
     ldflags: list[str] = []
     if asan:
         san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
         flags = ["-O1", "-g"] + flags[1:] + san
         ldflags = san
-    sources = [ROOT / "csrc" / "simt" / "simt.cpp", ROOT / "csrc" / "simt" / "ops.cpp", _unity_source(build_dir)]
+    sources = [SIMT / "simt.cpp", SIMT / "ops.cpp", ROOT / "csrc" / "composite" / "aggregate.cpp",
+               _unity_source(build_dir)]
     cpp_extension.load(
         name=name,
         sources=[str(s) for s in sources],

@@ -136,7 +136,7 @@ def test_no_host_sync_in_forward(make):
 
 def test_work_table_made_inside_capture_then_eager():
     """A work table made inside a CUDA-graph capture is written only at replay: it must outlive
-    the capture, and a later eager call must make its own (device.cu, work_table)."""
+    the capture, and a later eager call must make its own (work_table.cu)."""
     gen = torch.Generator().manual_seed(21)
     J = torch.randn(8, 50001, generator=gen).cuda()
     sizes = [12347, 0, 37654]  # a grouping no other test uses
@@ -154,7 +154,7 @@ def test_work_table_made_inside_capture_then_eager():
 
 def test_work_table_on_one_stream_then_another():
     """A table written by an asynchronous copy on one stream is never read from another stream
-    that did not wait for it (device.cu, work_table)."""
+    that did not wait for it (work_table.cu)."""
     gen = torch.Generator().manual_seed(22)
     J = torch.randn(8, 50001, generator=gen).cuda()
     sizes = [777, 49224]  # a grouping no other test uses

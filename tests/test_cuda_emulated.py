@@ -1,4 +1,4 @@
-"""The CUDA kernels, executed on the CPU by the SIMT emulator (``csrc/simt``, built by
+"""The CUDA kernels, executed on the CPU by the SIMT emulator (``tests/simt``, built by
 ``tests/simt_build.py``), against float64 references.
 
 ``torch.ops.fusedjd_simt.*`` are the host functions of ``csrc/cuda/*.cu`` compiled as C++: every

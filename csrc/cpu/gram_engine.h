@@ -26,86 +26,20 @@
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#if defined(__F16C__) || defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
 #include <vector>
 
-#include "../common.h"
+#include "block_rows.h"
+#include "simd.h"
 
 namespace fusedjd::cpu {
-
-// The vector width the build targets (a vector must fit one register: see block_pairs).
-#if defined(__AVX512F__)
-inline constexpr int kVecBytes = 64;
-#elif defined(__AVX__)
-inline constexpr int kVecBytes = 32;
-#else
-inline constexpr int kVecBytes = 16;  // SSE2, NEON: portable builds
-#endif
-
-#if defined(__AVX512BF16__)
-// vdpbf16ps: pairs of bfloat16 products summed into float32 lanes, straight from the rows
-inline constexpr bool kBf16Dot = true;
-#else
-inline constexpr bool kBf16Dot = false;
-#endif
-#if defined(__F16C__) && (defined(__AVX512F__) || defined(__AVX__))
-// vcvtph2ps: float16 rows widened in registers as the blocks load them
-inline constexpr bool kF16Load = true;
-#else
-inline constexpr bool kF16Load = false;
-#endif
-
-// The element type the register blocks read for rows of type T: float64 and float32 rows as they
-// are; bfloat16 rows as they are where the CPU multiplies them in pairs (kBf16Dot); float16 rows
-// as they are where the CPU widens them in registers (kF16Load); otherwise the half types
-// converted to float32 in a staging tile. Sums are float32 lanes except for float64.
-template <typename T>
-using elem_t = std::conditional_t<
-    std::is_same_v<T, double>, double,
-    std::conditional_t<(std::is_same_v<T, c10::BFloat16> && kBf16Dot) || (std::is_same_v<T, c10::Half> && kF16Load),
-                       T, float>>;
-
-template <typename E>
-struct Simd {
-  using A = std::conditional_t<std::is_same_v<E, double>, double, float>;
-  // elements per vector: one per lane (float16 widened in registers), two per lane for the
-  // bfloat16 pairs
-  static constexpr int kElemBytes = std::is_same_v<E, c10::Half> ? static_cast<int>(sizeof(A)) : static_cast<int>(sizeof(E));
-  static constexpr int L = kVecBytes / kElemBytes;
-  typedef A V __attribute__((vector_size(kVecBytes)));  // the lane sums
-  static V load(const E* p) {
-    V v;
-#if defined(__F16C__)
-    if constexpr (std::is_same_v<E, c10::Half> && kVecBytes == 64) {
-      const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      std::memcpy(&v, &x, sizeof(V));
-      return v;
-    } else if constexpr (std::is_same_v<E, c10::Half> && kVecBytes == 32) {
-      const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      std::memcpy(&v, &x, sizeof(V));
-      return v;
-    }
-#endif
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-};
 
 inline constexpr int kBlock = 4;                // rows per register block
 inline constexpr int64_t kChunkCols = 16384;    // columns per parallel task
 inline constexpr int64_t kTileBytes = 1 << 18;        // rows read in place: a tile stays in L2
 inline constexpr int64_t kStagedTileBytes = 1 << 14;  // rows converted into a buffer: it stays in L1
-inline constexpr int64_t kPrefetchBytes = 4096;       // how far ahead converted rows are prefetched
 
 // Tile width (columns, a multiple of the lane count) for R rows of lane type A.
 template <typename A>
@@ -117,16 +51,6 @@ int64_t tile_cols(int64_t R, bool staged) {
   // small next to the tile's multiply-adds (a staged tile of many rows then lives in L2)
   return std::clamp<int64_t>(w, std::max<int64_t>(L, 512), 2048);
 }
-
-// The memory streams (byte ranges) of the next tile, which the block pairs of the current tile
-// prefetch while they multiply: the next tile's reads from memory then overlap this tile's
-// multiply-adds, where the hardware prefetcher alone leaves the first block row of each tile
-// waiting on memory and the other rows on the multiply-adds, one after the other.
-struct Streams {
-  std::vector<const char*> ptr;
-  std::vector<int64_t> bytes;
-  int64_t count = 0;
-};
 
 // An empty asm that claims to change its operands in registers: the compiler must load each once
 // and keep it there.
@@ -219,171 +143,6 @@ void tile_pairs(const A* const* x, int64_t R, int64_t len, const A* zero, double
           if (b < R) upper[a * R + b] += blk[i * kBlock + j];
         }
     }
-  }
-}
-
-// dst[c] = src[c] as the lane type, for c < len: vectorized for the half types (bfloat16 is the
-// upper half of a float32; float16 through F16C where the build targets it).
-template <typename T, typename A>
-inline void convert_row(const T* src, A* dst, int64_t len) {
-  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-    for (int64_t c = 0; c < len; ++c) d[c] = static_cast<uint32_t>(s[c]) << 16;
-    return;
-  }
-#if defined(__F16C__)
-  if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<A, float>) {
-    int64_t c = 0;
-#if defined(__AVX512F__)
-    for (; c + 16 <= len; c += 16)
-      _mm512_storeu_ps(dst + c, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c))));
-#endif
-    for (; c + 8 <= len; c += 8)
-      _mm256_storeu_ps(dst + c, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c))));
-    for (; c < len; ++c) dst[c] = static_cast<A>(src[c]);
-    return;
-  }
-#endif
-  for (int64_t c = 0; c < len; ++c) dst[c] = static_cast<A>(src[c]);
-}
-
-// dst[c] = src[c] rounded to T (round to nearest even), for c < len: vectorized for float16
-// through F16C; bfloat16 by c10's rounding, which the compiler vectorizes.
-template <typename T, typename A>
-inline void store_row(const A* src, T* dst, int64_t len) {
-  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
-    // c10's rounding (nearest even, NaN to 0x7fc0) on whole vectors
-    typedef uint32_t U __attribute__((vector_size(kVecBytes)));
-    typedef int32_t I __attribute__((vector_size(kVecBytes)));
-    typedef float F __attribute__((vector_size(kVecBytes)));
-    typedef uint16_t H __attribute__((vector_size(kVecBytes / 2)));
-    constexpr int L = kVecBytes / 4;
-    int64_t c = 0;
-    for (; c + L <= len; c += L) {
-      F f;
-      U u;
-      std::memcpy(&f, src + c, sizeof(F));
-      std::memcpy(&u, src + c, sizeof(U));
-      const U nan = reinterpret_cast<U>(I(f != f));
-      const U r = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16 & ~nan) | (0x7fc0u & nan);
-      const H h = __builtin_convertvector(r, H);
-      std::memcpy(dst + c, &h, sizeof(H));
-    }
-    for (; c < len; ++c) dst[c] = static_cast<T>(src[c]);
-    return;
-  }
-#if defined(__F16C__)
-  if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<A, float>) {
-    int64_t c = 0;
-    for (; c + 8 <= len; c += 8)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), _mm256_cvtps_ph(_mm256_loadu_ps(src + c), _MM_FROUND_TO_NEAREST_INT));
-    for (; c < len; ++c) dst[c] = static_cast<T>(src[c]);
-    return;
-  }
-#endif
-  for (int64_t c = 0; c < len; ++c) dst[c] = static_cast<T>(src[c]);
-}
-
-// One vector of float32 (float64 for float64 rows) lanes loaded from rows of type T: converted
-// in registers for float16 (F16C) and bfloat16 (the upper half of a float32).
-template <typename T>
-struct RowVec {
-  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  using S = Simd<A>;
-  using V = typename S::V;
-  static constexpr int L = S::L;
-  static V load(const T* p) {
-    if constexpr (std::is_same_v<T, A>) {
-      return S::load(p);
-    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      typedef uint16_t H __attribute__((vector_size(kVecBytes / 2)));
-      typedef uint32_t U __attribute__((vector_size(kVecBytes)));
-      H h;
-      std::memcpy(&h, p, sizeof(H));
-      const U u = __builtin_convertvector(h, U) << 16;
-      V v;
-      std::memcpy(&v, &u, sizeof(V));
-      return v;
-    } else if constexpr (std::is_same_v<T, c10::Half> && kF16Load) {
-      return Simd<c10::Half>::load(p);  // widened in registers, as the Gramian's blocks do
-    } else {
-      V v;
-      for (int l = 0; l < L; ++l) v[l] = static_cast<A>(p[l]);
-      return v;
-    }
-  }
-};
-
-// Rows of a matrix given as column blocks (each with its row stride and unit column stride:
-// common.h's Blocks), converted to the element type when needed.
-template <typename T>
-struct BlockRows {
-  using A = elem_t<T>;
-  static constexpr bool kStaged = !std::is_same_v<T, A>;
-  std::vector<const T*> base;  // per block
-  std::vector<int64_t> ld;     // per block
-  const std::vector<int64_t>& off;  // the B + 1 block offsets: the pieces the engine cuts tiles at
-
-  explicit BlockRows(const Blocks& B) : off(B.off) {
-    for (const at::Tensor& x : B.J) {
-      base.push_back(x.data_ptr<T>());
-      ld.push_back(x.stride(0));
-    }
-  }
-
-  // The memory the tile of the columns [c0, c0 + len) (inside block b) reads: R rows, added to
-  // `st` (which has room for them).
-  void streams(int64_t R, int64_t b, int64_t c0, int64_t len, Streams& st) const {
-    const T* first = base[b] + (c0 - off[b]);
-    for (int64_t r = 0; r < R; ++r, ++st.count) {
-      st.ptr[st.count] = reinterpret_cast<const char*>(first + r * ld[b]);
-      st.bytes[st.count] = len * static_cast<int64_t>(sizeof(T));
-    }
-  }
-
-  // Points x[r] at the columns [c0, c0 + len) (inside block b) of row r as `padded` lane values
-  // (len rounded up to the lane count): in place for float32/float64 when no padding is needed,
-  // else converted into `stage` (row r at stage + r * stride) with zeros after len.
-  int64_t tile(int64_t R, int64_t b, int64_t c0, int64_t len, const A** x, A* stage, int64_t stride) const {
-    constexpr int L = Simd<A>::L;
-    const int64_t padded = (len + L - 1) / L * L;
-    const T* first = base[b] + (c0 - off[b]);
-    if constexpr (std::is_same_v<T, A>) {
-      if (padded == len) {
-        for (int64_t r = 0; r < R; ++r) x[r] = first + r * ld[b];
-        return padded;
-      }
-    }
-    // the rows advance together, a few cache lines at a time, so that every row's memory stream
-    // stays in flight (row after row, each 4 KiB page would restart the prefetcher)
-    constexpr int64_t kStep = 256;
-    for (int64_t s = 0; s < len; s += kStep)
-      for (int64_t r = 0; r < R; ++r) {
-        const T* src = first + r * ld[b] + s;
-        for (int64_t p = 0; p < kStep * static_cast<int64_t>(sizeof(T)); p += 64)
-          __builtin_prefetch(reinterpret_cast<const char*>(src) + kPrefetchBytes + p);
-        convert_row(src, stage + r * stride + s, std::min(kStep, len - s));
-      }
-    for (int64_t r = 0; r < R; ++r) {
-      A* dst = stage + r * stride;
-      for (int64_t c = len; c < padded; ++c) dst[c] = A(0);
-      x[r] = dst;
-    }
-    return padded;
-  }
-};
-
-// Calls fn(g, s0, s1) for each non-empty part [s0, s1) of a column group g inside the columns
-// [c0, c1), in column order (`off`: the k + 1 group offsets).
-template <typename Fn>
-inline void for_each_segment(const std::vector<int64_t>& off, int64_t c0, int64_t c1, Fn fn) {
-  int64_t g = std::upper_bound(off.begin(), off.end(), c0) - off.begin() - 1;  // the group holding c0
-  for (int64_t s0 = c0; s0 < c1; ++g) {
-    const int64_t s1 = std::min(c1, off[g + 1]);
-    if (s1 <= s0) continue;  // empty group
-    fn(g, s0, s1);
-    s0 = s1;
   }
 }
 

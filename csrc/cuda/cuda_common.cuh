@@ -5,7 +5,7 @@
 // - by nvcc, the real build: `launch` is `kernel<<<grid, block, smem, stream>>>` followed by
 //   C10_CUDA_KERNEL_LAUNCH_CHECK, the guard is c10::cuda::CUDAGuard, kernels register under
 //   TORCH_LIBRARY_IMPL(fusedjd, CUDA);
-// - as plain C++ with FUSEDJD_SIMT defined, the test-only emulation build (csrc/simt): `launch`
+// - as plain C++ with FUSEDJD_SIMT defined, the test-only emulation build (tests/simt): `launch`
 //   runs the kernel on the CPU through the SIMT emulator, tensors are CPU tensors, and the same
 //   host functions register under TORCH_LIBRARY_IMPL(fusedjd_simt, CPU).
 #pragma once
@@ -21,7 +21,7 @@
 #include "../common.h"
 
 #if defined(FUSEDJD_SIMT)
-#include "../simt/simt.h"
+#include "simt.h"  // the test-only emulator (tests/simt, on the emulation build's include path)
 #else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -113,9 +113,9 @@ struct WorkTable {
 };
 
 // A work item: columns [c0, c1) of block `block` (counted in the block), the first of which is
-// the matrix's column gcol, in segment `seg` of group `group`.
+// the matrix's column gcol, in group `group`.
 struct Item {
-  int64_t seg, group, block, c0, c1, gcol;
+  int64_t group, block, c0, c1, gcol;
 };
 
 __device__ __forceinline__ Item locate_item(const WorkTable& t, int64_t item) {
@@ -125,7 +125,6 @@ __device__ __forceinline__ Item locate_item(const WorkTable& t, int64_t item) {
     if (t.item_off[mid] <= item) lo = mid; else hi = mid;
   }
   Item it;
-  it.seg = lo;
   it.group = t.group[lo];
   it.block = t.block[lo];
   it.c0 = t.col[lo] + (item - t.item_off[lo]) * t.chunk;
@@ -143,7 +142,7 @@ __device__ __forceinline__ const T* block_row(const WorkTable& t, int64_t block,
 // items of `chunk` columns. `keep` receives the device tensor the table lives in: keep it until
 // the kernels reading it are queued. Built on the host, written to the device by a kernel that
 // carries it in its parameters (no pinned memory, no copy: capture-safe), and cached on the device
-// by content, so that steady-state calls write nothing (device.cu).
+// by content, so that steady-state calls write nothing (work_table.cu).
 WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int64_t chunk, at::Tensor* keep);
 
 // Work tables written to the device by this process so far (the emulated tests check that repeated

@@ -16,7 +16,7 @@ struct Update {
 };
 
 // Most rows gram_blocks takes for this dtype (128; 64 for float64). Beyond, callers use
-// blas_gram (csrc/blas_gram.h).
+// blas_gram (blas_gram.cuh).
 int64_t gram_rows_max(at::ScalarType dtype);
 
 // Per-group Gramians [k, m, m] (float32, or float64 for float64 input) of the blocks' rows (or

@@ -4,7 +4,7 @@
 
 #include <algorithm>
 
-#include "../blas_gram.h"
+#include "blas_gram.cuh"
 #include "../common.h"
 #include "gram_engine.cuh"
 

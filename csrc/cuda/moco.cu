@@ -17,7 +17,7 @@
 #include <algorithm>
 #include <tuple>
 
-#include "../blas_gram.h"
+#include "blas_gram.cuh"
 #include "../common.h"
 #include "../math.h"
 #include "gram_engine.cuh"

@@ -36,17 +36,27 @@ def on(x):
     return x.to(DEV)
 
 
+def matrix_ops(ops, gen, J, sizes):
+    """The Gramian, the combine and two MoCo steps (softmax, projection) on J; returns the Gramian."""
+    m, n = J.shape
+    G = ops.gramian(J, sizes)
+    ops.combine(J, on(torch.randn(len(sizes), m, generator=gen)), sizes)
+    Y = torch.zeros(m, n, dtype=J.dtype, device=DEV)
+    lam = torch.full((m,), 1.0 / m, dtype=ops.acc_dtype(J.dtype), device=DEV)
+    step = torch.zeros((), dtype=torch.long, device=DEV)
+    ops.moco_step(J, Y, lam, step, 0.5, 0.5, 0.1, 0.5, 0.1, False)
+    ops.moco_step(J, Y, lam, step, 0.5, 0.5, 0.1, 0.5, 0.1, True)
+    return G
+
+
 def every_op_at_test_sizes(ops, gen):
     for dtype in [torch.float32, torch.float64, torch.float16, torch.bfloat16]:
         for m, n, sizes in [(1, 7, [7]), (3, 1001, [500, 0, 501]), (8, 4099, [4099]), (20, 777, [300, 477])]:
             J = on(torch.randn(m, n, generator=gen).to(dtype))
-            G = ops.gramian(J, sizes)
-            ops.combine(J, on(torch.randn(len(sizes), m, generator=gen)), sizes)
+            G = matrix_ops(ops, gen, J, sizes)
             Y = torch.zeros(m, n, dtype=dtype, device=DEV)
-            lam = torch.full((m,), 1.0 / m, dtype=ops.acc_dtype(dtype), device=DEV)
             step = torch.zeros((), dtype=torch.long, device=DEV)
-            ops.moco_step(J, Y, lam, step, 0.5, 0.5, 0.1, 0.5, 0.1, True)
-            ops.moco_step(J, Y, lam, step, 0.5, 0.5, 0.1, 0.5, 0.1, False)
+            lam = torch.full((m,), 1.0 / m, dtype=ops.acc_dtype(dtype), device=DEV)
             ops.moco_step(J, Y, lam, step, 0.5, 0.5, 0.1, 0.5, 0.1, False, ops.moco_gramian(J, Y, step, 0.5, 0.5))
             k = len(sizes)
             ops.gradvac_loop(G, ops.draw_perms(k, m, pcgrad=False, device=DEV), torch.zeros_like(G), 0.5, 1e-8)
@@ -56,14 +66,7 @@ def every_op_at_test_sizes(ops, gen):
 def wide_m(ops, gen):
     for dtype in [torch.float32, torch.float64, torch.bfloat16]:
         for m, n, sizes in [(33, 3001, [1000, 2001]), (64, 2049, [2049]), (128, 1031, [500, 531]), (129, 517, [517])]:
-            J = on(torch.randn(m, n, generator=gen).to(dtype))
-            ops.gramian(J, sizes)
-            ops.combine(J, on(torch.randn(len(sizes), m, generator=gen)), sizes)
-            Y = torch.zeros(m, n, dtype=dtype, device=DEV)
-            lam = torch.full((m,), 1.0 / m, dtype=ops.acc_dtype(dtype), device=DEV)
-            step = torch.zeros((), dtype=torch.long, device=DEV)
-            ops.moco_step(J, Y, lam, step, 0.5, 0.5, 0.1, 0.5, 0.1, False)
-            ops.moco_step(J, Y, lam, step, 0.5, 0.5, 0.1, 0.5, 0.1, True)
+            matrix_ops(ops, gen, on(torch.randn(m, n, generator=gen).to(dtype)), sizes)
 
 
 def views_and_blocks(ops, gen):

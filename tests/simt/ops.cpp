@@ -7,8 +7,9 @@
 
 #include <string>
 
-#include "../cuda/cuda_common.cuh"
-#include "../schemas.h"
+#include "composite/aggregate.h"  // (include path: csrc/)
+#include "cuda/cuda_common.cuh"
+#include "schemas.h"
 
 namespace {
 

@@ -140,3 +140,14 @@ class Progress:
         sys.stderr.flush()
         if self.done == self.total:
             sys.stderr.write("\n")
+
+
+def save_figure(fig, path: str, title: str, dpi: int) -> str:
+    """Titles, lays out, writes and closes a benchmark figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -53,7 +53,7 @@ import torch
 from torchjd import aggregation as ta
 
 import fusedjd
-from common import Table, fmt_time, fmt_x, peak_bytes  # bench/ is sys.path[0]
+from common import Table, fmt_time, fmt_x, peak_bytes, save_figure  # bench/ is sys.path[0]
 from fusedjd import ops, reference
 from fusedjd.reference import rel_err
 
@@ -483,11 +483,7 @@ def plot(b: Bench, path: str, device_name: str) -> str | None:
             ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"fusedjd: time / floor, {device_name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"fusedjd: time / floor, {device_name}", dpi=100)
 
 
 def main(args, device: str, extras: list[tuple[str, Callable[[], Table]]], extra_mismatches: list[str],

@@ -34,7 +34,7 @@ from torchjd.autojac import jac_to_grad, mtl_backward
 import fusedjd
 import gpu_grid  # bench/gpu_grid.py
 from common import (Progress, Table, fmt_mib, fmt_time, fmt_x, median_time, peak_bytes,  # bench/ is sys.path[0]
-                    stream_bandwidth, sync)
+                    save_figure, stream_bandwidth, sync)
 from fusedjd import reference
 from fusedjd.reference import rel_err
 
@@ -495,11 +495,7 @@ def plot(speedups, path, device_name):
         a1.xaxis.set_minor_locator(NullLocator())
     a1.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     a2.legend(fontsize=8)
-    fig.suptitle(f"fusedjd speedup, {device_name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"fusedjd speedup, {device_name}", dpi=110)
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what fusedjd needs and builds it in place. Sourced by scripts/test.sh and
 # scripts/bench.sh. torch is installed only if none is present (FUSEDJD_TORCH picks the
-# version; the default is the CPU build this project's machines carry).
+# version; the default is torch 2.13.0's CPU build).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}

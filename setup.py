@@ -4,8 +4,12 @@ CUDA kernels are compiled when torch was built with CUDA (``torch.version.cuda``
 and a CUDA toolkit is found; no visible GPU is needed. ``FUSEDJD_CUDA=0`` or
 ``=1`` overrides the detection. ``TORCH_CUDA_ARCH_LIST`` is respected (Hopper:
 ``9.0``); unset, the visible GPUs' archs are built, or ``8.0;9.0+PTX`` when no GPU is visible
-(Ampere, Hopper, and PTX that newer GPUs compile when they load it). ``FUSEDJD_PORTABLE=1``
-drops ``-march=native`` from the CPU flags.
+(Ampere, Hopper, and PTX that newer GPUs compile when they load it).
+
+The CPU kernels are built once per instruction-set level (x86-64: ``avx512``, ``avx2``,
+``default``), each into its own library, and the best one the CPU supports is loaded at import
+(``FUSEDJD_CPU_CAPABILITY`` forces a lower one); ``FUSEDJD_CPU_LEVELS="avx2,default"`` builds
+fewer. No ``-march=native``: a wheel runs on any x86-64 CPU.
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the
 torch already installed.
@@ -13,6 +17,7 @@ torch already installed.
 
 import glob
 import os
+import platform
 import re
 
 from setuptools import setup
@@ -31,8 +36,34 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def _extension():
-    cpu_sources = ["csrc/fusedjd.cpp"] + sorted(glob.glob("csrc/composite/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+# The CPU kernels are compiled once per instruction-set level, each into its own library, and
+# fusedjd loads the best one the CPU supports (python/fusedjd/_cpu.py): a wheel built anywhere runs
+# on any x86-64 CPU. Only one of them is ever loaded in a process, so no inline function compiled
+# for one level can end up called on a CPU of a lower one.
+CPU_LEVELS_X86 = {
+    # AVX-512 (F, BW, DQ, VL, CD) with AVX2, FMA, F16C, and the bfloat16 dot product (Zen 4,
+    # Sapphire Rapids, Cooper Lake)
+    "avx512": ["-march=x86-64-v4", "-mavx512bf16"],
+    "avx2": ["-march=x86-64-v3"],  # AVX2, FMA, F16C (Haswell, Zen 1-3)
+    "default": ["-march=x86-64"],  # SSE2: any x86-64 CPU
+}
+
+
+def _cpu_levels() -> dict[str, list[str]]:
+    """The levels to build: all three on x86-64 (FUSEDJD_CPU_LEVELS="avx2,default" builds fewer),
+    the compiler's default elsewhere."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {"default": []}
+    wanted = os.environ.get("FUSEDJD_CPU_LEVELS")
+    names = [x.strip() for x in wanted.split(",") if x.strip()] if wanted else list(CPU_LEVELS_X86)
+    unknown = sorted(set(names) - set(CPU_LEVELS_X86))
+    if unknown or "default" not in names:
+        raise SystemExit(f"FUSEDJD_CPU_LEVELS must name levels among {list(CPU_LEVELS_X86)}, 'default' included; "
+                         f"got {wanted!r}")
+    return {name: CPU_LEVELS_X86[name] for name in names}
+
+
+def _extensions():
     import torch
 
     defines = ["-DFUSEDJD_PYTHON_MODULE", f'-DFUSEDJD_TORCH_VERSION="{torch.__version__}"']
@@ -40,22 +71,31 @@ def _extension():
     # when this library itself is compiled (and linked) with OpenMP, as torch is.
     cxx = ["-O3", "-std=c++17", "-fopenmp"] + defines
     link = ["-fopenmp"]
-    if os.environ.get("FUSEDJD_PORTABLE", "0") in ("", "0"):
-        cxx.append("-march=native")
+    levels = _cpu_levels()
+    cxx.append(f'-DFUSEDJD_CPU_LEVELS="{",".join(levels)}"')
+    cpu_kernels = sorted(glob.glob("csrc/cpu/*.cpp"))
+    exts = [
+        cpp_extension.CppExtension(f"fusedjd._cpu_{name}", cpu_kernels,
+                                   extra_compile_args={"cxx": cxx + flags + [f'-DFUSEDJD_CPU_LEVEL="{name}"']},
+                                   extra_link_args=link)
+        for name, flags in levels.items()
+    ]
+    sources = ["csrc/fusedjd.cpp"] + sorted(glob.glob("csrc/composite/*.cpp"))
     if _want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # no GPU to take the arch from: Ampere and Hopper cubins, plus PTX that newer GPUs compile
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        sources = cpu_sources + sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
         # the archs nvcc will be given (what TORCH_CUDA_ARCH_LIST or the visible GPUs select)
         archs = ",".join(sorted(set(re.findall(r"code=((?:sm|compute)_\d+a?)", " ".join(cpp_extension._get_cuda_arch_flags())))))
         cuda_defines = ["-DFUSEDJD_WITH_CUDA", f'-DFUSEDJD_CUDA_ARCHS="{archs}"']
-        cxx += cuda_defines
         nvcc = ["-O3", "-std=c++17", "-lineinfo"] + defines + cuda_defines
-        return cpp_extension.CUDAExtension(
-            "fusedjd._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link
-        )
-    return cpp_extension.CppExtension("fusedjd._C", cpu_sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        exts.insert(0, cpp_extension.CUDAExtension(
+            "fusedjd._C", sources, extra_compile_args={"cxx": cxx + cuda_defines, "nvcc": nvcc}, extra_link_args=link))
+    else:
+        exts.insert(0, cpp_extension.CppExtension("fusedjd._C", sources, extra_compile_args={"cxx": cxx},
+                                                  extra_link_args=link))
+    return exts
 
 
 setup(
@@ -64,7 +104,7 @@ setup(
     description="Fused C++/CUDA GradVac, PCGrad and MoCo aggregators for torchjd",
     package_dir={"": "python"},
     packages=["fusedjd"],
-    ext_modules=[_extension()],
+    ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     install_requires=["torch>=2.4", "torchjd>=0.18"],
     extras_require={"plot": ["matplotlib"], "test": ["pytest", "numpy"]},

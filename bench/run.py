@@ -551,8 +551,8 @@ def main() -> int:
         f"# fusedjd benchmark — {device_name}",
         "",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- torch {torch.__version__}, torchjd {importlib.metadata.version('torchjd')}, fusedjd {fusedjd.__version__}, "
-        f"Python {platform.python_version()}",
+        f"- torch {torch.__version__}, torchjd {importlib.metadata.version('torchjd')}, fusedjd {fusedjd.__version__} "
+        f"(CPU kernels: {fusedjd.build_info()['cpu_capability']}), Python {platform.python_version()}",
         f"- command: `python bench/run.py {' '.join(sys.argv[1:])}`".rstrip(),
         ("- floor: device-to-device copy bandwidth (read + write)" if device == "cuda" else
          "- floor: streaming read bandwidth (a sum over 256 MiB)")

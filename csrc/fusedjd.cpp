@@ -22,19 +22,24 @@
 #define FUSEDJD_CUDA_ARCHS ""
 #endif
 
+#ifndef FUSEDJD_CPU_LEVELS
+#define FUSEDJD_CPU_LEVELS ""
+#endif
+
 namespace {
 
-// The SIMD instruction set this library's CPU kernels were compiled for.
-const char* simd_level() {
-#if defined(__AVX512F__)
-  return "avx512";
-#elif defined(__AVX2__)
-  return "avx2";
-#elif defined(__ARM_NEON)
-  return "neon";
-#else
-  return "baseline";
+// The CPU kernels' instruction-set levels this CPU (and its OS) can run, best first: what
+// fusedjd/_cpu.py chooses from. cpuid through libgcc, which also checks that the OS saves the
+// AVX / AVX-512 registers.
+pybind11::list cpu_supports() {
+  pybind11::list levels;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512bf16")) levels.append("avx512");
+  if (__builtin_cpu_supports("x86-64-v3")) levels.append("avx2");
 #endif
+  levels.append("default");
+  return levels;
 }
 
 }  // namespace
@@ -55,7 +60,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
         d["cuda_archs"] = FUSEDJD_CUDA_ARCHS;
         d["torch_version"] = FUSEDJD_TORCH_VERSION;
-        d["simd"] = simd_level();
+        d["cpu_levels"] = FUSEDJD_CPU_LEVELS;  // the CPU kernels' levels built (fusedjd._cpu_<level>)
 #ifdef _OPENMP
         d["openmp"] = true;
 #else
@@ -64,7 +69,9 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "How this library was built: CUDA kernels (bool), the CUDA archs they were compiled for, "
-      "the torch version built against, the CPU SIMD level, OpenMP.");
+      "the torch version built against, the CPU kernels' instruction-set levels, OpenMP.");
+  m.def("cpu_supports", &cpu_supports,
+        "The CPU kernels' instruction-set levels this CPU can run, best first (cpuid).");
 }
 #endif
 

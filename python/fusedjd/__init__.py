@@ -7,13 +7,26 @@
 >>> # weights = fusedjd.jac_to_grad(model.parameters(), agg)
 """
 
-from . import groups, ops, reference
-from ._C import build_info
+import torch  # noqa: F401  (first: fusedjd._C links against the libraries torch loads)
+
+from . import _C, _cpu, groups, ops, reference
 from ._gradvac import GradVac, GradVacWeighting, GroupedGradVac, PCGrad, PCGradWeighting
 from ._jac_to_grad import jac_to_grad
 from ._moco import MoCo, MoCoWeighting
 
 __version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """How the installed library was built, and what it runs here: ``cuda`` (CUDA kernels built),
+    ``cuda_archs`` (the archs they were compiled for, ``compute_XX`` being PTX), ``torch_version``
+    (the torch it was built against), ``openmp``, ``cpu_levels`` (the instruction-set levels its
+    CPU kernels were built for) and ``cpu_capability`` (the level in use on this CPU: the best built
+    one it supports, capped by ``FUSEDJD_CPU_CAPABILITY``)."""
+    info = dict(_C.build_info())
+    info["cpu_levels"] = list(_cpu.BUILT)
+    info["cpu_capability"] = _cpu.LEVEL
+    return info
 
 __all__ = [
     "build_info",

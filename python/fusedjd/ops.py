@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library and its registrations)
+from . import _cpu  # noqa: F401  (loads the CPU kernels for this CPU)
 from . import _fake  # noqa: F401  (registers the fake kernels)
 from ._fake import acc_dtype
 

@@ -16,7 +16,7 @@
 # Steps (times expected on an H200 machine with 16 cores):
 #   1. environment: GPU, toolchain (CUDA_HOME found from the real nvcc, also behind a wrapper
 #      script), packages; the wheels into /tmp/site                                    ~15 s
-#   2. build: setup.py build_ext --inplace, FUSEDJD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc);
+#   2. build: setup.py build_ext --inplace, FUSEDJD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) (CPU level: default);
 #      registers, stack and shared memory of every kernel (cuobjdump --dump-resource-usage)  ~60-90 s
 #   3. in parallel, each capped (2-3 min):
 #      - pytest, the CUDA cases only (-k cuda, not -x; the emulated-CUDA tests are for machines
@@ -170,7 +170,7 @@ for mod in (torchjd, qpsolvers):
       ok "$(ls "$SRC"/python/fusedjd/_C*.so)"
     else bad "no python/fusedjd/_C*.so to reuse"; fi
   else
-    step "build: the working tree copied as the GPU machine receives it, FUSEDJD_CUDA=0 MAX_JOBS=2 setup.py build_ext --inplace"
+    step "build: the working tree copied as the GPU machine receives it, FUSEDJD_CUDA=0 FUSEDJD_CPU_LEVELS=default MAX_JOBS=2 setup.py build_ext --inplace"
     SRC=$DRY/src
     mkdir -p "$SRC"
     if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
@@ -182,7 +182,7 @@ for mod in (torchjd, qpsolvers):
       tar --exclude=./build --exclude=./.whl --exclude='*.so' --exclude=__pycache__ -cf - . | tar -xf - -C "$SRC"
     fi
     local b0=$SECONDS
-    if (cd "$SRC" && FUSEDJD_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} timeout -k 10 900 "$PY" setup.py build_ext --inplace) \
+    if (cd "$SRC" && FUSEDJD_CUDA=0 FUSEDJD_CPU_LEVELS=default MAX_JOBS=${MAX_JOBS:-2} timeout -k 10 900 "$PY" setup.py build_ext --inplace) \
         >"$OUT/build.log" 2>&1; then
       ok "built in $((SECONDS - b0)) s: $(cd "$SRC" && ls python/fusedjd/_C*.so)"
     else bad "build (the end of build.log):"; tail -30 "$OUT/build.log" | tee -a "$SUM"; fi
@@ -283,8 +283,11 @@ WHEELS_OK=0
 if timeout 60 "$PY" scripts/gpu/report.py upgrad 2>&1 | tail -1 | tee -a "$SUM" | grep -q "UPGrad OK"; then WHEELS_OK=1; fi
 
 # ---- 2. build -------------------------------------------------------------------------------------
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FUSEDJD_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
-stamp "2. build: setup.py build_ext --inplace (FUSEDJD_CUDA=1, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+# the CPU kernels at one level only (the GPU run measures the CUDA kernels; each CPU level is a
+# library of its own to compile)
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FUSEDJD_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+  FUSEDJD_CPU_LEVELS=${FUSEDJD_CPU_LEVELS:-default}
+stamp "2. build: setup.py build_ext --inplace (FUSEDJD_CUDA=1, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS, FUSEDJD_CPU_LEVELS=$FUSEDJD_CPU_LEVELS)"
 B0=$SECONDS
 export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"  # no write into the Python's site-packages
 if [ "${FUSEDJD_GPU_SKIP_BUILD:-0}" = 1 ] && ls python/fusedjd/_C*.so >/dev/null 2>&1; then

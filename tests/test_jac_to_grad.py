@@ -3,6 +3,8 @@ same gradients, weights, state and errors, and no m x n buffer on the fused path
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -323,3 +325,74 @@ def test_cuda_equals_cpu(agg_name):
         _close(w1, None if w2 is None else w2.cpu(), torch.float64)
         for a, b in zip(g1, g2, strict=True):
             _close(a, b.cpu(), torch.float64)
+
+
+def _bad_call(kind: str):
+    """Tensors with .jac fields (and the jac_to_grad keywords) that jac_to_grad must refuse."""
+    p, q = torch.zeros(4, requires_grad=True), torch.zeros(2, requires_grad=True)
+    p.jac, q.jac = torch.randn(3, 4), torch.randn(3, 2)
+    kw = {}
+    if kind == "jac_does_not_fit":
+        q.jac = torch.randn(3, 5)
+    elif kind == "grad_dtype":  # a .grad that must be float64, for a float32 gradient
+        q.grad_dtype = torch.float64
+    elif kind == "listed_twice":
+        return [p, q, p], kw
+    return [p, q], kw
+
+
+@pytest.mark.parametrize("kind", ["jac_does_not_fit", "grad_dtype", "listed_twice"])
+@pytest.mark.parametrize("route", ["fused", "fused torchjd weighting", "torchjd"])
+def test_a_refused_call_changes_nothing(kind, route):
+    """The error torchjd's jac_to_grad raises (type and message), but raised before any .jac is
+    deleted, any .grad is filled or any aggregator state moves: on the fused path and on calls
+    handed to torchjd (here: an aggregator with a forward hook)."""
+    def make():
+        if route == "fused":
+            return fusedjd.GradVac()
+        if route == "fused torchjd weighting":
+            return UPGrad()
+        agg = fusedjd.GradVac()
+        agg.register_forward_hook(lambda *a: None)
+        return agg
+
+    agg = make()
+    warm = torch.zeros(6, requires_grad=True)
+    warm.jac = torch.randn(3, 6)
+    fusedjd.jac_to_grad([warm], agg)  # some state to keep
+    state = {k: v.clone() for k, v in agg.state_dict().items() if isinstance(v, torch.Tensor)}
+    tensors, kw = _bad_call(kind)
+    jacs = {id(t): t.jac for t in tensors}
+    theirs, _ = _bad_call(kind)
+    with pytest.raises(Exception) as expected:
+        torchjd_jac_to_grad(theirs, make(), **kw)
+    with pytest.raises(type(expected.value), match=f"^{re.escape(str(expected.value))}$"):
+        fusedjd.jac_to_grad(tensors, agg, **kw)
+    assert all(t.jac is jacs[id(t)] and t.grad is None for t in tensors)
+    after = {k: v for k, v in agg.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+
+
+def test_optimize_gramian_refusal_keeps_the_jacs():
+    """torchjd refuses optimize_gramian_computation for an aggregator that is not Gramian-based only
+    after deleting the .jac fields; fusedjd refuses first."""
+    p = torch.zeros(4, requires_grad=True)
+    p.jac = torch.randn(3, 4)
+    agg = UPGrad()
+    agg.register_forward_hook(lambda *a: None)  # hooked: torchjd's path, which refuses the option
+    with pytest.raises(ValueError, match="optimize_gramian_computation=True"):
+        fusedjd.jac_to_grad([p], agg, optimize_gramian_computation=True)
+    assert hasattr(p, "jac") and p.grad is None
+
+
+@pytest.mark.parametrize("make", [fusedjd.GradVac, fusedjd.PCGrad, fusedjd.MoCo, UPGrad,
+                                  lambda: fusedjd.GroupedGradVac([4, 2])])
+def test_a_jac_that_requires_grad_gives_a_grad_that_does_not(make):
+    """fusedjd's aggregation is not differentiable: a .jac that requires grad (create_graph=True)
+    gives a .grad and weights that do not, as torchjd's jac_to_grad gives for these aggregators."""
+    p, q = torch.zeros(4, requires_grad=True), torch.zeros(2, requires_grad=True)
+    p.jac = torch.randn(3, 4, requires_grad=True)
+    q.jac = torch.randn(3, 2, requires_grad=True)
+    weights = fusedjd.jac_to_grad([p, q], make())
+    assert not p.grad.requires_grad and not q.grad.requires_grad
+    assert weights is None or not weights.requires_grad

@@ -9,7 +9,7 @@ from torch import Tensor
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator
 from torchjd.autojac import jac_to_grad as _torchjd_jac_to_grad
 from torchjd.autojac._accumulation import _check_expects_grad, accumulate_grads, is_tensor_with_jac
-from torchjd.autojac._jac_to_grad import _disunite_gradient, _free_jacs
+from torchjd.autojac._jac_to_grad import _can_skip_jacobian_combination, _disunite_gradient, _free_jacs
 from torchjd.autojac._utils import check_consistent_first_dimension
 
 from . import _distributed
@@ -82,24 +82,54 @@ def jac_to_grad(
     m = jacobians[0].shape[0]
     sizes = [j.numel() // m for j in jacobians] if m else []  # the tensors' column counts
     route = _route(aggregator, jacobians, sizes, group)
+    if route is None and group is not None:
+        raise ValueError(
+            f"jac_to_grad with a process group needs an aggregator it can shard ({_SHARDABLE}), with "
+            f"no forward hooks and .jac tensors of one dtype and device; got {aggregator!r}."
+        )
+    _check_before_changes(tensors_, jacobians, sizes, aggregator, retain_jac,
+                          optimize_gramian_computation and route is None)
     if route is None:
-        if group is not None:
-            raise ValueError(
-                f"jac_to_grad with a process group needs an aggregator it can shard ({_SHARDABLE}), with "
-                f"no forward hooks and .jac tensors of one dtype and device; got {aggregator!r}."
-            )
         return _torchjd_jac_to_grad(tensors_, aggregator, retain_jac=retain_jac,
                                     optimize_gramian_computation=optimize_gramian_computation)
-    for t in tensors_:  # the checks accumulate_grads makes, before anything is changed
-        _check_expects_grad(t, field_name=".grad")
     if not retain_jac:
         _free_jacs(tensors_)
     blocks = [j.reshape(m, s) for j, s in zip(jacobians, sizes, strict=True)]  # views of contiguous .jac tensors
     del jacobians
-    gradient, weights = route(blocks)
+    with torch.no_grad():  # fusedjd's aggregators are not differentiable: nothing here requires grad
+        gradient, weights = route([b.detach() for b in blocks])
     del blocks
     _accumulate(tensors_, _disunite_gradient(gradient, tensors_))
     return weights
+
+
+def _check_before_changes(tensors: list[Tensor], jacobians: list[Tensor], sizes: list[int], aggregator: Aggregator,
+                          retain_jac: bool, optimize_for_torchjd: bool) -> None:
+    """Raises, before any ``.jac`` is deleted, any aggregator state moves or any ``.grad`` is filled,
+    the error that torchjd's ``jac_to_grad`` would raise only after some of that had happened (same
+    type and message), for the fused path and for the calls handed to torchjd alike."""
+    if not retain_jac and len({id(t) for t in tensors}) != len(tensors):
+        raise AttributeError("'Tensor' object has no attribute 'jac'")  # torchjd deletes a listed-twice .jac twice
+    if optimize_for_torchjd and not _can_skip_jacobian_combination(aggregator):
+        raise ValueError(
+            "In order to use `jac_to_grad` with `optimize_gramian_computation=True`, you must "
+            "provide an `Aggregator` that computes weights based on the Gramian of the Jacobian"
+            " (e.g. `UPGrad`) and that doesn't have any forward hooks attached to it."
+        )
+    for t in tensors:  # the checks accumulate_grads makes
+        _check_expects_grad(t, field_name=".grad")
+    if not sizes or torch.compiler.is_compiling():  # (a traced step cannot make a leaf that requires grad)
+        return
+    # the split and reshape of the gradient, and the assignment of each piece to .grad, rehearsed
+    # on meta tensors (no memory, no compute): a .jac that does not fit its tensor, or a gradient
+    # dtype its .grad refuses, fails here as it would after the aggregation
+    pieces = _disunite_gradient(torch.empty(sum(sizes), dtype=jacobians[0].dtype, device="meta"), tensors)
+    for t, g in zip(tensors, pieces, strict=True):
+        if t.grad is None:
+            probe = torch.empty(t.shape, dtype=t.dtype, device="meta", requires_grad=True)
+            if hasattr(t, "grad_dtype"):
+                probe.grad_dtype = t.grad_dtype
+            probe.grad = g
 
 
 def _accumulate(tensors: list[Tensor], grads: list[Tensor]) -> None:

@@ -464,3 +464,24 @@ def test_device_draws_option():
         G = ops.gramian(J, [40])
         W = ops.pcgrad_loop(G, perms) if pcgrad else ops.gradvac_loop(G, perms, torch.zeros(1, 6, 6), 0.5, 1e-8)
         assert torch.equal(out, ops.combine(J, W, [40]))
+
+
+@pytest.mark.parametrize("make", [fusedjd.GradVac, lambda: fusedjd.GroupedGradVac([20, 30])])
+def test_targets_keep_their_dtype_through_to(make):
+    """Targets survive .to(bfloat16) / .half() (they follow only the device): the run continues
+    exactly as an unmoved twin's."""
+    gen = torch.Generator().manual_seed(3)
+    Js = [torch.randn(4, 50, generator=gen) for _ in range(4)]
+    moved, plain = make(), make()
+    torch.manual_seed(0)
+    for J in Js[:2]:
+        moved(J)
+    torch.manual_seed(0)
+    for J in Js[:2]:
+        plain(J)
+    moved.to(torch.bfloat16).half()
+    assert moved.gramian_weighting._targets.dtype == torch.float32
+    rng = torch.get_rng_state()
+    got = [moved(J) for J in Js[2:]]
+    torch.set_rng_state(rng)
+    assert all(torch.equal(a, plain(J)) for a, J in zip(got, Js[2:]))

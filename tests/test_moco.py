@@ -228,3 +228,19 @@ def test_hooks_on_the_weighting_run():
     flat = {k.removeprefix("weighting."): v for k, v in plain.state_dict().items()}
     with pytest.raises(RuntimeError, match="Unexpected key"):
         fusedjd.MoCo().load_state_dict(flat)
+
+
+@pytest.mark.parametrize("move", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()])
+def test_state_keeps_its_dtype_through_to(move):
+    """An aggregator inside a model moved to another dtype keeps its state's dtypes (it follows
+    only the device): the run goes on exactly as if it had not been moved."""
+    gen = torch.Generator().manual_seed(2)
+    Js = [torch.randn(4, 50, generator=gen) for _ in range(4)]
+    moved, plain = fusedjd.MoCo(), fusedjd.MoCo()
+    for J in Js[:2]:
+        moved(J), plain(J)
+    move(moved)
+    assert moved.weighting._lam.dtype == torch.float32 and moved.y.dtype == torch.float32
+    for J in Js[2:]:
+        assert torch.equal(moved(J), plain(J))
+    assert int(moved.step) == 4

@@ -55,9 +55,9 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
     CPU generator with the same draws ``torch.randperm`` makes for torchjd (then moved to the
     Gramian's device without a host sync), and the loop runs there in float64 arithmetic.
 
-    The EMA targets :math:`\hat{\phi}` live in a registered buffer: they follow ``.to()``, are
-    saved by ``state_dict()``, and are reset when ``m``, the dtype or the device of the Gramian
-    changes. A non-finite Gramian returns NaN weights and leaves the targets as they were.
+    The EMA targets :math:`\hat{\phi}` live in a registered buffer: they follow ``.to()``'s device
+    (and keep their dtype), are saved by ``state_dict()``, and are reset when ``m``, the dtype or
+    the device of the Gramian changes. A non-finite Gramian returns NaN weights and leaves the targets as they were.
 
     Guards (results are torchjd's everywhere else):
 

@@ -41,6 +41,21 @@ class _BufferState(nn.Module):
             old = self._buffers[name]
             self._buffers[name] = torch.empty(_NO_STATE_SHAPE, device=old.device if old is not None else None)
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()``...: the state follows the device, and keeps its dtype
+        (the input's for MoCo's ``Y``, the accumulation dtype for the targets and ``λ``), so that a
+        model moved to bfloat16 with its aggregator inside keeps a working state (a new input dtype
+        resets it at the next call, as documented)."""
+        state = {name: self._buffers.pop(name) for name in self._state_names if self._buffers.get(name) is not None}
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            for name, buf in state.items():
+                # where fn sends a tensor of this dtype: its device is taken, its dtype is not
+                target = fn(torch.empty(0, dtype=buf.dtype, device=buf.device)).device
+                self._buffers[name] = buf if buf.device == target else buf.to(target)
+        return result
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # noqa: D401 - torch hook
         for foreign, (name, convert) in self._foreign_state.items():

@@ -77,6 +77,9 @@ inline Blocks check_blocks(at::TensorList Js) {
     TORCH_CHECK(x.dim() == 2, "fusedjd: `J[", b, "]` must have 2 dimensions, got shape ", x.sizes());
     TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fusedjd: `J[", b,
                 "]` must be a floating-point tensor, got dtype ", x.scalar_type());
+    TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat ||
+                    x.scalar_type() == at::kDouble,
+                "fusedjd: `J[", b, "]` must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
     TORCH_CHECK(x.scalar_type() == B.dtype, "fusedjd: `J[", b, "]` must have the dtype of `J[0]` (", B.dtype,
                 "), got ", x.scalar_type());
     TORCH_CHECK(x.device() == B.device, "fusedjd: `J[", b, "]` is on ", x.device(), " but `J[0]` is on ", B.device,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torchjd
@@ -485,3 +487,24 @@ def test_targets_keep_their_dtype_through_to(make):
     got = [moved(J) for J in Js[2:]]
     torch.set_rng_state(rng)
     assert all(torch.equal(a, plain(J)) for a, J in zip(got, Js[2:]))
+
+
+@pytest.mark.parametrize("make", [fusedjd.GradVac, fusedjd.PCGrad, lambda: fusedjd.GroupedGradVac([10, 20])])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_unsupported_dtypes_are_refused_before_the_state_is_touched(make, dtype):
+    """float8 (and any dtype the kernels do not take) is refused by name, before the targets move,
+    through the aggregator and through jac_to_grad (whose .jac fields stay)."""
+    gen = torch.Generator().manual_seed(5)
+    agg = make()
+    agg(torch.randn(4, 30, generator=gen))
+    state = {k: v.clone() for k, v in agg.state_dict().items() if isinstance(v, torch.Tensor)}
+    message = rf"must have dtype float16, bfloat16, float32 or float64\. Found dtype={re.escape(str(dtype))}\."
+    with pytest.raises(TypeError, match=r"Parameter `matrix` " + message):
+        agg(torch.randn(5, 31, generator=gen).to(dtype))
+    p = torch.zeros(30, requires_grad=True)
+    p.jac = torch.randn(4, 30, generator=gen).to(dtype)
+    with pytest.raises(TypeError, match=r"Parameter `tensors.jac` " + message):
+        fusedjd.jac_to_grad([p], agg)
+    assert hasattr(p, "jac") and p.grad is None
+    after = {k: v for k, v in agg.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert all(torch.equal(v, after[k]) for k, v in state.items())

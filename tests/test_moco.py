@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torchjd
@@ -244,3 +246,16 @@ def test_state_keeps_its_dtype_through_to(move):
     for J in Js[2:]:
         assert torch.equal(moved(J), plain(J))
     assert int(moved.step) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_unsupported_dtypes_are_refused_before_the_state_is_touched(dtype):
+    gen = torch.Generator().manual_seed(4)
+    J = torch.randn(4, 30, generator=gen)
+    agg = fusedjd.MoCo()
+    agg(J)
+    state = {k: v.clone() for k, v in agg.state_dict().items()}
+    with pytest.raises(TypeError, match=r"Parameter `matrix` must have dtype float16, bfloat16, float32 or float64\. "
+                                        rf"Found dtype={re.escape(str(dtype))}\."):
+        agg(J.to(dtype))
+    assert all(torch.equal(v, agg.state_dict()[k]) for k, v in state.items())

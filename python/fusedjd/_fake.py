@@ -95,6 +95,8 @@ def _check_blocks(J: Sequence[Tensor]) -> tuple[int, int]:
     for b, x in enumerate(J):
         _check_dim(x, f"J[{b}]", 2)
         _check_float(x, f"J[{b}]")
+        torch._check(x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                     lambda: f"fusedjd: `J[{b}]` must be float16, bfloat16, float32 or float64, got {_st(x.dtype)}")
         torch._check(x.dtype == J0.dtype, lambda: f"fusedjd: `J[{b}]` must have the dtype of `J[0]` "
                      f"({_st(J0.dtype)}), got {_st(x.dtype)}")
         _check_same_device(x, f"J[{b}]", J0, "J[0]")

@@ -15,6 +15,7 @@ from torchjd.autojac._utils import check_consistent_first_dimension
 from . import _distributed
 from ._distributed import ProcessGroup
 from ._fused import _Fused, _hooked
+from ._validation import check_floating
 
 # The fused path of one aggregator: from the list of Jacobian blocks [m, n_b] to (the combined
 # gradient [n], the weights jac_to_grad returns).
@@ -160,6 +161,7 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], sizes: list[int],
     n = sum(sizes)
 
     if isinstance(aggregator, _Fused):  # fusedjd's: its one route
+        check_floating(first, "tensors.jac")  # (a float8 .jac: refused before anything changes)
         if aggregator._jac_to_grad_hooked():
             return None
         aggregator._check_tensor_columns(sizes)

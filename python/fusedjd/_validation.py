@@ -69,9 +69,18 @@ def forwarded(name: str, to: str) -> property:
                     lambda self, value: setattr(self._modules[to], name, value))
 
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_floating(t: Tensor, name: str) -> None:
+    """A floating tensor of a dtype the kernels take (not float8): TypeError naming it otherwise,
+    raised before any state is touched."""
     if not t.is_floating_point():
         raise TypeError(f"Parameter `{name}` must be a floating-point tensor. Found dtype={t.dtype}.")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"Parameter `{name}` must have dtype float16, bfloat16, float32 or float64. Found dtype={t.dtype}."
+        )
 
 
 def check_square(gramian: Tensor) -> None:

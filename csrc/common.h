@@ -102,7 +102,9 @@ inline std::vector<int64_t> group_offsets(at::IntArrayRef group_sizes, int64_t n
   for (size_t g = 0; g < group_sizes.size(); ++g) {
     TORCH_CHECK(group_sizes[g] >= 0, "fusedjd: `group_sizes` must be non-negative, got ",
                 group_sizes[g], " at position ", g);
-    off[g + 1] = off[g] + group_sizes[g];
+    TORCH_CHECK(!__builtin_add_overflow(off[g], group_sizes[g], &off[g + 1]),
+                "fusedjd: `group_sizes` must sum to the number of columns n=", n,
+                ", got a sum beyond the int64 range for ", group_sizes.size(), " groups");
   }
   TORCH_CHECK(off.back() == n, "fusedjd: `group_sizes` must sum to the number of columns n=",
               n, ", got sum ", off.back(), " for ", group_sizes.size(), " groups");
@@ -166,6 +168,7 @@ inline void check_targets(const at::Tensor& G, const at::Tensor& targets) {
   TORCH_CHECK(targets.scalar_type() == G.scalar_type(), "fusedjd: `targets` must have the dtype of `G` (",
               G.scalar_type(), "), got ", targets.scalar_type());
   FUSEDJD_CHECK_CONTIGUOUS(targets);
+  TORCH_CHECK(!targets.is_alias_of(G), "fusedjd: `targets` (updated in place) must not share memory with `G`");
 }
 
 // Checks of MoCo's J, Y and step (the moco_gramian op's arguments); returns J's blocks.

@@ -508,3 +508,68 @@ def test_unsupported_dtypes_are_refused_before_the_state_is_touched(make, dtype)
     assert hasattr(p, "jac") and p.grad is None
     after = {k: v for k, v in agg.state_dict().items() if isinstance(v, torch.Tensor)}
     assert all(torch.equal(v, after[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 5.0, -1.5, float("inf")])
+def test_checkpoints_with_impossible_targets_are_refused(bad):
+    """Targets are moving averages of cosines: a checkpoint whose targets are not finite or leave
+    [-1, 1] is refused, naming the key, and the targets in place are kept."""
+    src, dst = fusedjd.GradVac(), fusedjd.GradVac()
+    J = torch.randn(4, 20)
+    src(J), dst(J)
+    sd = src.state_dict()
+    sd["gramian_weighting._targets"][0, 1, 2] = bad
+    kept = dst.gramian_weighting._targets.clone()
+    with pytest.raises(RuntimeError, match=r"`gramian_weighting\._targets` must hold finite targets in \[-1, 1\]"):
+        dst.load_state_dict(sd)
+    assert torch.equal(dst.gramian_weighting._targets, kept)
+    theirs = ta.GradVac().state_dict()  # a torchjd checkpoint, its targets in _phi_t
+    theirs["gramian_weighting._phi_t"] = torch.full((4, 4), bad)
+    with pytest.raises(RuntimeError, match=r"`gramian_weighting\._phi_t` must hold finite targets"):
+        fusedjd.GradVac().load_state_dict(theirs)
+
+
+def test_hyper_parameters_that_cannot_be_right_are_refused():
+    with pytest.raises(ValueError, match=r"^Attribute `eps` must be finite\. Found eps=inf\.$"):
+        fusedjd.GradVac(eps=float("inf"))
+    for name in ["gamma", "rho", "beta_sigma", "gamma_sigma"]:
+        with pytest.raises(ValueError, match=rf"^Attribute `{name}` must be finite\. Found {name}=inf\.$"):
+            fusedjd.MoCo(**{name: float("inf")})
+    with pytest.raises(TypeError, match=r"Attribute `beta` must be a real number with a value\. Found beta=.*meta"):
+        fusedjd.MoCo(beta=torch.tensor(0.5, device="meta"))
+    beta = torch.tensor(0.5)
+    agg = fusedjd.MoCo(beta=beta)
+    beta.fill_(5.0)  # the caller's tensor, changed in place later: the aggregator kept its own copy
+    assert float(agg.beta) == 0.5
+    for bad in ["34", b"34"]:
+        with pytest.raises(ValueError, match="Attribute `group_sizes` must be a non-empty sequence"):
+            fusedjd.GroupedGradVac(bad)
+
+
+def test_ops_refuse_aliased_targets_and_overflowing_group_sizes():
+    """Eager and compiled (fake) agree: targets updated in place may not share G's memory, and group
+    sizes whose sum leaves int64 are refused, not wrapped around."""
+    G = torch.eye(3).unsqueeze(0)
+    perms = ops.draw_perms(1, 3, pcgrad=False)
+    with pytest.raises(RuntimeError, match=r"`targets` \(updated in place\) must not share memory with `G`"):
+        ops.gradvac_loop(G, perms, G, 0.5, 1e-8)
+    J = torch.randn(2, 7)
+    sizes = [2**62, 2**62, 2**62, 2**62 + 7]
+    message = r"`group_sizes` must sum to the number of columns n=7, got a sum beyond the int64 range for 4 groups"
+    with pytest.raises(RuntimeError, match=message):
+        ops.gramian(J, sizes)
+    with pytest.raises(RuntimeError, match=message):
+        ops.gramian(J.to("meta"), sizes)
+
+
+def test_phi_t_reads_the_targets_as_torchjd_names_them():
+    """torchjd's own tests read GradVacWeighting._phi_t: None before a call and after a reset, the
+    [m, m] targets otherwise (read-only: the state lives in _targets)."""
+    agg = fusedjd.GradVac()
+    assert agg.gramian_weighting._phi_t is None
+    agg(torch.randn(3, 10))
+    assert torch.equal(agg.gramian_weighting._phi_t, agg.gramian_weighting._targets[0])
+    agg.reset()
+    assert agg.gramian_weighting._phi_t is None
+    with pytest.raises(AttributeError):
+        agg.gramian_weighting._phi_t = torch.zeros(3, 3)

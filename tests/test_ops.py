@@ -638,3 +638,12 @@ def test_aggregate_takes_given_orders(device, pcgrad):
     W2 = ops.pcgrad_loop(G, P) if pcgrad else ops.gradvac_loop(G, P, T2, 0.5, 1e-8)
     assert torch.equal(W, W2) and torch.equal(out, ops.combine(J, W2, [200, 301]))
     assert pcgrad or torch.equal(T1, T2)
+
+
+def test_float8_is_refused_by_name_eager_and_traced():
+    """A float8 J is refused by the kernels' check and the fake kernel's alike, naming the block."""
+    J = torch.randn(3, 10).to(torch.float8_e4m3fn)
+    message = r"`J\[1\]` must be float16, bfloat16, float32 or float64, got Float8_e4m3fn"
+    for x in (J, J.to("meta")):
+        with pytest.raises(RuntimeError, match=message):
+            ops.gramian([x.float().to(x.device), x], [20])

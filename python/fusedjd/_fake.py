@@ -64,9 +64,12 @@ def _check_contiguous(t: Tensor, name: str) -> None:
 
 def _check_group_sizes(group_sizes: Sequence[int], n) -> None:
     torch._check(len(group_sizes) > 0, lambda: "fusedjd: `group_sizes` must name at least one group, got []")
-    for g, s in enumerate(group_sizes):
+    total = 0
+    for g, s in enumerate(group_sizes):  # in the kernels' order: each size, then the running sum
         torch._check(s >= 0, lambda: f"fusedjd: `group_sizes` must be non-negative, got {s} at position {g}")
-    total = sum(group_sizes)
+        total += s
+        torch._check(total < 2**63, lambda: f"fusedjd: `group_sizes` must sum to the number of columns n={n}, got "
+                     f"a sum beyond the int64 range for {len(group_sizes)} groups")
     torch._check(total == n, lambda: f"fusedjd: `group_sizes` must sum to the number of columns n={n}, got sum "
                  f"{total} for {len(group_sizes)} groups")
 

@@ -103,6 +103,28 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         """Clears the EMA targets so the next call starts from zero targets."""
         self._clear_state()
 
+    @property
+    def _phi_t(self) -> Tensor | None:
+        """torchjd's name for the targets ([m, m], None before the first call or after a reset): a
+        read-only view, so that code written against torchjd's GradVacWeighting reads them."""
+        T = self._buffers["_targets"]
+        return None if T.dim() != 3 else T[0]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # noqa: D401 - torch hook
+        # targets are cosines' moving averages: finite, in [-1, 1]; others are refused, by key,
+        # and the targets in place are kept (a NaN target would turn GradVac into a plain sum for
+        # good, a target of 5 blows its weights up)
+        for key in (prefix + "_targets", prefix + "_phi_t"):
+            T = state_dict.get(key)
+            if isinstance(T, Tensor) and T.numel() and not (torch.isfinite(T).all() and T.abs().max() <= 1):  # sync-ok: loading
+                error_msgs.append(f"`{key}` must hold finite targets in [-1, 1]: found values in "
+                                  f"[{T.min().item()}, {T.max().item()}] (NaN or inf included: "  # sync-ok: loading
+                                  f"{not bool(torch.isfinite(T).all())}); the targets were not loaded.")  # sync-ok
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def __repr__(self) -> str:  # torchjd's "GradVacWeighting()", with the draws when not torchjd's
         return f"{self.__class__.__name__}({_draws_repr(self.draws)[2:]})"
 

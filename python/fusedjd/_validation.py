@@ -13,12 +13,21 @@ from torch import Tensor
 
 def _real(name: str, value: Any) -> float:
     """The value as a float for the range check; TypeError naming the attribute unless it is a real
-    number (a 0-dim real tensor included, as torchjd accepts)."""
+    number (a 0-dim real tensor with a value included, as torchjd accepts)."""
     if isinstance(value, Tensor) and value.dim() == 0 and not (value.is_complex() or value.dtype == torch.bool):
+        if value.is_meta:
+            raise TypeError(f"Attribute `{name}` must be a real number with a value. Found {name}={value!r} "
+                            "(a meta tensor has none).")
         return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"Attribute `{name}` must be a real number. Found {name}={value!r}.")
     return float(value)
+
+
+def _kept(value: Any) -> Any:
+    """The value stored for an attribute: as given (so that repr shows it as torchjd's does), but a
+    tensor is copied, so that changing the caller's tensor in place later changes nothing here."""
+    return value.detach().clone() if isinstance(value, Tensor) else value
 
 
 def in_unit_interval(name: str) -> property:
@@ -28,19 +37,22 @@ def in_unit_interval(name: str) -> property:
     def setter(self, value: float) -> None:
         if not (0.0 <= _real(name, value) <= 1.0):
             raise ValueError(f"Attribute `{name}` must be in [0, 1]. Found {name}={value!r}.")
-        setattr(self, "_" + name, value)  # as given, so that repr shows it as torchjd's does
+        setattr(self, "_" + name, _kept(value))
 
     return property(lambda self: getattr(self, "_" + name), setter)
 
 
 def non_negative(name: str) -> property:
-    """A float attribute validated to be >= 0 (TypeError for a non-number, ValueError otherwise,
-    NaN included; both name it)."""
+    """A float attribute validated to be >= 0 and finite (TypeError for a non-number, ValueError
+    otherwise, NaN and infinity included; both name it)."""
 
     def setter(self, value: float) -> None:
-        if not (_real(name, value) >= 0.0):
+        x = _real(name, value)
+        if not (x >= 0.0):
             raise ValueError(f"Attribute `{name}` must be non-negative. Found {name}={value!r}.")
-        setattr(self, "_" + name, value)
+        if x == float("inf"):
+            raise ValueError(f"Attribute `{name}` must be finite. Found {name}={value!r}.")
+        setattr(self, "_" + name, _kept(value))
 
     return property(lambda self: getattr(self, "_" + name), setter)
 
@@ -104,6 +116,8 @@ def check_group_sizes(group_sizes: Any) -> list[int]:
     """The sizes as a list of ints; ValueError naming `group_sizes` unless they are a non-empty
     sequence of non-negative integers."""
     try:
+        if isinstance(group_sizes, (str, bytes)):  # a string is a sequence of characters, not of sizes
+            raise TypeError
         sizes = [int(s) for s in group_sizes]
         ok = all(float(s) == float(o) for s, o in zip(sizes, group_sizes, strict=True))
     except (TypeError, ValueError):

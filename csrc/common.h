@@ -45,6 +45,10 @@ namespace fusedjd {
 // non-CUDA device and in a build without CUDA kernels). Defined in csrc/fusedjd.cpp.
 bool cuda_capture_active(const at::Device& device);
 
+// Refuses (naming the way out, draws="device") to draw GradVac's and PCGrad's visit orders on the
+// host for `device` while a CUDA-graph capture is in progress there. csrc/composite/draw_perms.cpp.
+void check_host_draws_allowed(const at::Device& device);
+
 // Accumulation / state dtype for a given input dtype: float32 for float16,
 // bfloat16 and float32 inputs, float64 for float64 inputs.
 inline at::ScalarType acc_dtype(at::ScalarType t) {
@@ -180,6 +184,8 @@ inline Blocks check_moco_state(at::TensorList J, const at::Tensor& Y, const at::
   TORCH_CHECK(Y.scalar_type() == B.dtype, "fusedjd: `Y` must have the dtype of `J` (", B.dtype, "), got ",
               Y.scalar_type());
   FUSEDJD_CHECK_CONTIGUOUS(Y);
+  for (size_t b = 0; b < J.size(); ++b)  // Y is updated in place while J is read (pass 2: __restrict__)
+    TORCH_CHECK(!Y.is_alias_of(J[b]), "fusedjd: `Y` (updated in place) must not share memory with `J[", b, "]`");
   FUSEDJD_CHECK_ON_J(step, "step", B);
   FUSEDJD_CHECK_DIM(step, 0);
   FUSEDJD_CHECK_DTYPE(step, at::kLong);

@@ -153,8 +153,8 @@ def test_work_table_made_inside_capture_then_eager():
 
 
 def test_work_table_on_one_stream_then_another():
-    """A table written by an asynchronous copy on one stream is never read from another stream
-    that did not wait for it (work_table.cu)."""
+    """A table written by a kernel on one stream is never read from another stream that did not
+    wait for it: the cache keys tables by stream (work_table.cu)."""
     gen = torch.Generator().manual_seed(22)
     J = torch.randn(8, 50001, generator=gen).cuda()
     sizes = [777, 49224]  # a grouping no other test uses

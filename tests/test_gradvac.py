@@ -513,16 +513,15 @@ def test_unsupported_dtypes_are_refused_before_the_state_is_touched(make, dtype)
 @pytest.mark.parametrize("bad", [float("nan"), 5.0, -1.5, float("inf")])
 def test_checkpoints_with_impossible_targets_are_refused(bad):
     """Targets are moving averages of cosines: a checkpoint whose targets are not finite or leave
-    [-1, 1] is refused, naming the key, and the targets in place are kept."""
+    [-1, 1] is refused, naming the key, and nothing is loaded (neither the targets nor n)."""
     src, dst = fusedjd.GradVac(), fusedjd.GradVac()
-    J = torch.randn(4, 20)
-    src(J), dst(J)
+    src(torch.randn(4, 30)), dst(torch.randn(4, 20))
     sd = src.state_dict()
     sd["gramian_weighting._targets"][0, 1, 2] = bad
     kept = dst.gramian_weighting._targets.clone()
     with pytest.raises(RuntimeError, match=r"`gramian_weighting\._targets` must hold finite targets in \[-1, 1\]"):
         dst.load_state_dict(sd)
-    assert torch.equal(dst.gramian_weighting._targets, kept)
+    assert torch.equal(dst.gramian_weighting._targets, kept) and dst._n == 20
     theirs = ta.GradVac().state_dict()  # a torchjd checkpoint, its targets in _phi_t
     theirs["gramian_weighting._phi_t"] = torch.full((4, 4), bad)
     with pytest.raises(RuntimeError, match=r"`gramian_weighting\._phi_t` must hold finite targets"):
@@ -547,12 +546,18 @@ def test_hyper_parameters_that_cannot_be_right_are_refused():
 
 
 def test_ops_refuse_aliased_targets_and_overflowing_group_sizes():
-    """Eager and compiled (fake) agree: targets updated in place may not share G's memory, and group
-    sizes whose sum leaves int64 are refused, not wrapped around."""
-    G = torch.eye(3).unsqueeze(0)
-    perms = ops.draw_perms(1, 3, pcgrad=False)
-    with pytest.raises(RuntimeError, match=r"`targets` \(updated in place\) must not share memory with `G`"):
-        ops.gradvac_loop(G, perms, G, 0.5, 1e-8)
+    """Targets and Y, updated in place, may not share the memory of G or J (the kernels refuse it;
+    a traced call works on functional copies); group sizes whose sum leaves int64 are refused, not
+    wrapped around, by the kernels and the fake kernel alike."""
+    for device in ("cpu",):
+        G = torch.eye(3).unsqueeze(0).to(device)
+        perms = ops.draw_perms(1, 3, pcgrad=False).to(device)
+        with pytest.raises(RuntimeError, match=r"`targets` \(updated in place\) must not share memory with `G`"):
+            ops.gradvac_loop(G, perms, G, 0.5, 1e-8)
+        Y = torch.zeros(3, 8, device=device)
+        with pytest.raises(RuntimeError, match=r"`Y` \(updated in place\) must not share memory with `J\[1\]`"):
+            ops.moco_step([torch.zeros(3, 4, device=device), Y[:, 4:]], Y, torch.ones(3, device=device),
+                          torch.zeros((), dtype=torch.long, device=device), 0.5, 0.5, 0.1, 0.5, 0.0, False)
     J = torch.randn(2, 7)
     sizes = [2**62, 2**62, 2**62, 2**62 + 7]
     message = r"`group_sizes` must sum to the number of columns n=7, got a sum beyond the int64 range for 4 groups"
@@ -573,3 +578,15 @@ def test_phi_t_reads_the_targets_as_torchjd_names_them():
     assert agg.gramian_weighting._phi_t is None
     with pytest.raises(AttributeError):
         agg.gramian_weighting._phi_t = torch.zeros(3, 3)
+
+
+def test_torchjd_targets_a_rounding_beyond_one_load_clamped():
+    """torchjd does not clamp its cosines: its float32 targets can sit an ulp above 1 (identical
+    rows). Such a checkpoint loads, its targets clamped to [-1, 1]."""
+    tj = ta.GradVac()
+    tj(torch.randn(3, 10))
+    above = float(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)))
+    theirs = {k: (torch.full((3, 3), above) if k.endswith("_phi_t") else v) for k, v in tj.state_dict().items()}
+    ours = fusedjd.GradVac()
+    ours.load_state_dict(theirs)
+    assert torch.equal(ours.gramian_weighting._targets, torch.ones(1, 3, 3))

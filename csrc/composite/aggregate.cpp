@@ -3,6 +3,8 @@
 // with FUSEDJD_SIMT), which registers it for its own namespace.
 #include "aggregate.h"
 
+#include "../common.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <memory>
@@ -47,6 +49,11 @@ void register_aggregate(torch::Library& m, const char* ns) {
     });
     const Ops* o = &*lazy->ops;
     TORCH_CHECK(pcgrad || targets.has_value(), "fusedjd: `targets` is required for GradVac (pcgrad=False), got None");
+    // host draws under a CUDA-graph capture are refused by draw_perms: refused here first, before the
+    // Gramian's kernels (and their work table) are captured for nothing
+#if !defined(FUSEDJD_SIMT)  // (the emulation's tensors live on the CPU: no capture there)
+    if (!given_perms.has_value() && !J.empty()) check_host_draws_allowed(J[0].device());
+#endif
     const at::Tensor G = o->gramian.call(J, group_sizes);
     const at::Tensor perms =
         given_perms.has_value() ? *given_perms : o->draw.call(G.size(0), G.size(1), pcgrad, G.device());

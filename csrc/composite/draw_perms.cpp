@@ -55,12 +55,7 @@ at::Tensor draw_perms_cpu(int64_t k, int64_t m, bool pcgrad) {
 // reuse the captured orders while the CPU generator stays put. Such a capture is refused.
 at::Tensor draw_perms(int64_t k, int64_t m, bool pcgrad, std::optional<at::Device> device) {
   TORCH_CHECK(k >= 0 && m >= 0, "fusedjd: draw_perms needs k >= 0 and m >= 0, got k=", k, ", m=", m);
-  TORCH_CHECK(!(device.has_value() && cuda_capture_active(*device)),
-              "fusedjd: the visit orders of GradVac and PCGrad are drawn on the host from the default CPU "
-              "generator (torchjd's draws), which a CUDA graph cannot replay: a captured step would reuse the "
-              "orders drawn at capture forever. To capture GradVac, PCGrad or GroupedGradVac (CUDA graphs, "
-              "torch.compile(mode=\"reduce-overhead\")), build them with draws=\"device\": orders drawn from the "
-              "CUDA generator, graph-safe, but not torchjd's stream of draws");
+  if (device.has_value()) check_host_draws_allowed(*device);
   at::Tensor out = draw_perms_cpu(k, m, pcgrad);
   if (!device.has_value() || device->is_cpu()) return out;
   if (device->is_cuda()) out = out.pin_memory();
@@ -68,6 +63,15 @@ at::Tensor draw_perms(int64_t k, int64_t m, bool pcgrad, std::optional<at::Devic
 }
 
 }  // namespace
+
+void check_host_draws_allowed(const at::Device& device) {
+  TORCH_CHECK(!cuda_capture_active(device),
+              "fusedjd: the visit orders of GradVac and PCGrad are drawn on the host from the default CPU "
+              "generator (torchjd's draws), which a CUDA graph cannot replay: a captured step would reuse the "
+              "orders drawn at capture forever. To capture GradVac, PCGrad or GroupedGradVac (CUDA graphs, "
+              "torch.compile(mode=\"reduce-overhead\")), build them with draws=\"device\": orders drawn from the "
+              "CUDA generator, graph-safe, but not torchjd's stream of draws");
+}
 
 TORCH_LIBRARY_IMPL(fusedjd, CompositeExplicitAutograd, m) {
   m.impl("draw_perms", &draw_perms);

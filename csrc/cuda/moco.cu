@@ -27,8 +27,8 @@ namespace {
 
 // scratch (float64): [lam_old m | lam_new m | tmp 2m | b | ok]; `gram` the (m x m) Gramian of the
 // updated rows. One warp: each lane takes rows r = lane, lane + 32, ... of (M + rho I) lam, each
-// summed over s in order as math.h's moco_lambda_step sums it (so the result is the CPU's, bit for
-// bit); lane 0 then applies the softmax or the simplex projection (O(m), and the projection's
+// summed over s in order as math.h's moco_lambda_step sums it (so the result is what one thread
+// running moco_lambda_step on the device gives, bit for bit); lane 0 then applies the softmax or the simplex projection (O(m), and the projection's
 // O(m^2) sort only with simplex="projection").
 template <typename acc_t, typename lam_t>
 __global__ void __launch_bounds__(kWarp)

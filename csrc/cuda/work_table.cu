@@ -62,7 +62,8 @@ std::pair<uint64_t, unsigned long long> stream_and_capture() {
 //    dropped first (its device memory returns to the caching allocator, stream-ordered after the
 //    kernels already queued on that stream, the only stream that reads it);
 //  - a table used by a CUDA-graph capture must live as long as the graph: it is kept for the life
-//    of the process. Cost to know: a program that captures fusedjd ops over new tensors many
+//    of the process. One first made during a capture is written only when that graph replays, so
+//    it is keyed by the capture too: an eager call or another capture never takes it unwritten. Cost to know: a program that captures fusedjd ops over new tensors many
 //    times grows by one table per capture (tens of bytes per block).
 constexpr int kTablePiece = 480;  // 3840 bytes: with the other parameters, under the 4 KiB limit
 struct TablePiece {
@@ -78,18 +79,23 @@ namespace {
 constexpr size_t kEagerTables = 64;
 int64_t g_table_writes = 0;  // work tables written to the device so far
 
+// `capture`: 0 for a table written eagerly; the capture's id for one first made during a capture,
+// whose write kernels run only when that graph replays: no other call may take it before then (an
+// eager call, another capture, or a retry after the capture was abandoned).
 struct TableKey {
   int device;
   uint64_t stream;
+  unsigned long long capture;
   std::vector<int64_t> content;
   bool operator==(const TableKey& o) const {
-    return device == o.device && stream == o.stream && content == o.content;
+    return device == o.device && stream == o.stream && capture == o.capture && content == o.content;
   }
 };
 
 struct TableKeyHash {
   size_t operator()(const TableKey& k) const {
-    uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(k.device) ^ (k.stream * 0x9E3779B97F4A7C15ull);
+    uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(k.device) ^ (k.stream * 0x9E3779B97F4A7C15ull) ^
+                 (static_cast<uint64_t>(k.capture) * 0xC2B2AE3D27D4EB4Full);
     for (const int64_t v : k.content) h = (h ^ static_cast<uint64_t>(v)) * 1099511628211ull;
     return static_cast<size_t>(h);
   }
@@ -166,8 +172,14 @@ WorkTable work_table(const Blocks& B, const std::vector<int64_t>& group_off, int
 
   const auto [stream_id, capture_id] = stream_and_capture();
   const std::lock_guard<std::mutex> lock(g_tables_mu);
-  TableKey key{static_cast<int>(B.device.index()), stream_id, std::move(h)};
+  // an eagerly written table serves every call on its stream, captures included; one made during a
+  // capture serves that capture only
+  TableKey key{static_cast<int>(B.device.index()), stream_id, 0ull, std::move(h)};
   auto it = g_tables.find(key);
+  if (it == g_tables.end() && capture_id != 0) {
+    key.capture = capture_id;
+    it = g_tables.find(key);
+  }
   if (it == g_tables.end()) {
     CachedTable entry;
     entry.device = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(B.device));

@@ -27,6 +27,27 @@ from ._validation import (
 )
 
 
+def _refuse_impossible_targets(state_dict: dict, prefix: str, error_msgs: list[str]) -> bool:
+    """Targets are moving averages of cosines: finite, in [-1, 1]. Those of a checkpoint under
+    ``prefix`` (fusedjd's ``_targets`` or torchjd's ``_phi_t``) a few ulps beyond ±1 (torchjd does
+    not clamp its cosines) are clamped; others are refused by key (a NaN target would make GradVac
+    a plain sum for good, a target of 5 blows its weights up): True, with the message in
+    ``error_msgs``, and the caller loads nothing."""
+    for key in (prefix + "_targets", prefix + "_phi_t"):
+        T = state_dict.get(key)
+        if not isinstance(T, Tensor) or T.numel() == 0 or not T.is_floating_point():
+            continue
+        slack = 1.0 + 8 * torch.finfo(T.dtype).eps
+        finite = bool(torch.isfinite(T).all())  # sync-ok: loading a checkpoint
+        if not finite or float(T.abs().max()) > slack:  # sync-ok: loading a checkpoint
+            error_msgs.append(
+                f"`{key}` must hold finite targets in [-1, 1]: found values in [{float(T.min())}, "  # sync-ok
+                f"{float(T.max())}]{'' if finite else ', NaN or inf among them'}; nothing was loaded.")  # sync-ok
+            return True
+        state_dict[key] = T.clamp(-1.0, 1.0)
+    return False
+
+
 def _draws_repr(draws: str) -> str:
     """``", draws='device'"`` in a repr when the visit orders are not torchjd's (empty otherwise, so
     the default repr is torchjd's)."""
@@ -112,16 +133,8 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # noqa: D401 - torch hook
-        # targets are cosines' moving averages: finite, in [-1, 1]; others are refused, by key,
-        # and the targets in place are kept (a NaN target would turn GradVac into a plain sum for
-        # good, a target of 5 blows its weights up)
-        for key in (prefix + "_targets", prefix + "_phi_t"):
-            T = state_dict.get(key)
-            if isinstance(T, Tensor) and T.numel() and not (torch.isfinite(T).all() and T.abs().max() <= 1):  # sync-ok: loading
-                error_msgs.append(f"`{key}` must hold finite targets in [-1, 1]: found values in "
-                                  f"[{T.min().item()}, {T.max().item()}] (NaN or inf included: "  # sync-ok: loading
-                                  f"{not bool(torch.isfinite(T).all())}); the targets were not loaded.")  # sync-ok
-                return
+        if _refuse_impossible_targets(state_dict, prefix, error_msgs):
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -245,6 +258,10 @@ class GradVac(_Fused, GramianWeightedAggregator, Stateful, _NonDifferentiable):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # noqa: D401 - torch hook
+        # the targets are checked here, before this module's own state (n) loads: a refused
+        # checkpoint changes nothing
+        if _refuse_impossible_targets(state_dict, prefix + "gramian_weighting.", error_msgs):
+            return
         # A torchjd checkpoint (its targets in `_phi_t`) carries no `n`: adopt the next call's n.
         if prefix + "_extra_state" not in state_dict and prefix + "gramian_weighting._phi_t" in state_dict:
             state_dict[prefix + "_extra_state"] = {"n": None}

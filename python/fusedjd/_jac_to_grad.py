@@ -160,8 +160,8 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], sizes: list[int],
         return None
     n = sum(sizes)
 
+    check_floating(first, "tensors.jac")  # a float8 .jac: refused by name before anything changes
     if isinstance(aggregator, _Fused):  # fusedjd's: its one route
-        check_floating(first, "tensors.jac")  # (a float8 .jac: refused before anything changes)
         if aggregator._jac_to_grad_hooked():
             return None
         aggregator._check_tensor_columns(sizes)

@@ -122,14 +122,18 @@ def _check_before_changes(tensors: list[Tensor], jacobians: list[Tensor], sizes:
     if not sizes or torch.compiler.is_compiling():  # (a traced step cannot make a leaf that requires grad)
         return
     # the split and reshape of the gradient, and the assignment of each piece to .grad, rehearsed
-    # on meta tensors (no memory, no compute): a .jac that does not fit its tensor, or a gradient
-    # dtype its .grad refuses, fails here as it would after the aggregation
+    # on meta tensors (no memory, no compute) where they can fail: a .jac that does not fit its
+    # tensor, or a grad_dtype that refuses the gradient (whose pieces have the tensor's dtype), fails
+    # here as it would after the aggregation. (Only then: this runs at every training step.)
+    fits = all(s == t.numel() for s, t in zip(sizes, tensors, strict=True))
+    refusing = [t for t in tensors if t.grad is None and getattr(t, "grad_dtype", None) not in (None, t.dtype)]
+    if fits and not refusing:
+        return
     pieces = _disunite_gradient(torch.empty(sum(sizes), dtype=jacobians[0].dtype, device="meta"), tensors)
     for t, g in zip(tensors, pieces, strict=True):
-        if t.grad is None:
+        if any(t is r for r in refusing):
             probe = torch.empty(t.shape, dtype=t.dtype, device="meta", requires_grad=True)
-            if hasattr(t, "grad_dtype"):
-                probe.grad_dtype = t.grad_dtype
+            probe.grad_dtype = t.grad_dtype
             probe.grad = g
 
 

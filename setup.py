@@ -98,6 +98,16 @@ def _extensions():
     return exts
 
 
+class _BuildExt(cpp_extension.BuildExtension):
+    """The CPU levels compile the same sources to the same object paths, so the extensions build one
+    after another even under ``build_ext -j`` (which would link one level's objects into another's
+    library); each extension's sources still compile in parallel under ninja (MAX_JOBS)."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.parallel = None
+
+
 setup(
     name="fusedjd",
     version="0.1.0",
@@ -105,7 +115,7 @@ setup(
     package_dir={"": "python"},
     packages=["fusedjd"],
     ext_modules=_extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": _BuildExt},
     install_requires=["torch>=2.4", "torchjd>=0.18"],
     extras_require={"plot": ["matplotlib"], "test": ["pytest", "numpy"]},
     python_requires=">=3.10",

@@ -40,30 +40,54 @@ FUSEDJD_HD double target_sine_floor() {
   return 0.5 * sqrt(StateEps<S>::value);
 }
 
-// One GradVac step for the pair (i, j), given |p|^2, <p, g_j>, |g_j|^2 and the
-// current target t. Returns the cosine c (written to *cos_out) and the
+// Relative precision of a Gramian stored in S: one machine epsilon. Each entry of fusedjd's
+// Gramians is within about eps |g_a| |g_b| of the exact inner product of the stored rows (measured
+// up to 0.95 eps for float32), so |p|^2 = C^T G C is within precision * M^2 of |p|^2, with
+// M = sum_a |C_a| |g_a| (>= |p|) the size of the terms p is made of, and the cosine
+// <p, g_j> / (|p| |g_j|) within about delta = precision * M^2 / |p|^2.
+template <typename S>
+FUSEDJD_HD double gramian_precision() {
+  return StateEps<S>::value;
+}
+
+// One GradVac step for the pair (i, j), given |p|^2, <p, g_j>, |g_j|^2, the
+// current target t, and M = sum_a |C_a| |g_a|.
+// Returns the cosine c (written to *cos_out: the value the EMA target moves toward) and the
 // coefficient w to add to C[i, j] (0 when no correction applies).
-//   PCGRAD = true: PCGrad's rule, w = -<p, g_j> / |g_j|^2 when <p, g_j> < 0 (t, eps and
-//   sine_floor unused, *cos_out = 0).
+//   PCGRAD = true: PCGrad's rule, w = -<p, g_j> / |g_j|^2 when <p, g_j> < 0 (t, eps,
+//   sine_floor, magnitude and precision unused, *cos_out = 0).
 template <bool PCGRAD>
 FUSEDJD_HD double gradvac_pair(double norm_i_sq, double dot, double gjj, double t, double eps,
-                               double sine_floor, double* cos_out) {
+                               double sine_floor, double magnitude, double precision, double* cos_out) {
   if (PCGRAD) {
     *cos_out = 0.0;
     return (dot < 0.0 && gjj > 0.0) ? -dot / gjj : 0.0;
   }
-  const double ni = sqrt(fmax(norm_i_sq, 0.0));
+  // The fourth guard, rounding (docs/CONTRACT.md section 1). A p whose squared norm the Gramian
+  // cannot resolve (the row has cancelled, delta >= 1) is zero for this pair: cosine 0, no
+  // correction. Otherwise the cosine is known within delta, and:
+  // - a correction applies only when c < t - delta: the cosine of collinear rows computes to
+  //   +-(1 - delta), and against a target saturated at +-1 a correction driven by that noise
+  //   divides by the sine floor;
+  // - sqrt(1 - c^2), which turns delta into sqrt(2 delta), is 0 when 1 - c^2 <= 2 delta: rows
+  //   collinear up to rounding are cancelled exactly by the correction, as in float64;
+  // - the cosine the target moves toward is kept within 1 - delta of +-1, so that noise does not
+  //   saturate a target that a later, better resolved, cosine is then compared with.
+  const double rounding_sq = precision * magnitude * magnitude;
+  *cos_out = 0.0;
+  if (!(norm_i_sq > rounding_sq)) return 0.0;
+  const double delta = rounding_sq / norm_i_sq;
+  const double ni = sqrt(norm_i_sq);
   const double nj = sqrt(fmax(gjj, 0.0));
   const double denom = ni * nj + eps;
-  // A zero row with eps = 0 would give 0/0: its cosine is taken as 0. A cosine is in
-  // [-1, 1] (Cauchy-Schwarz); rounding can push it out -- slightly for collinear rows, and
-  // without bound once a row has cancelled to rounding noise (|p| ~ 0, <p, g_j> != 0) --
-  // so it is clamped there before it reaches the comparison or the EMA target.
+  // A zero row with eps = 0 would give 0/0: its cosine is taken as 0 (guard 2). A cosine is in
+  // [-1, 1] (Cauchy-Schwarz); rounding can push it slightly out, so it is clamped (guard 1).
   const double c = denom > 0.0 ? fmin(fmax(dot / denom, -1.0), 1.0) : 0.0;
-  *cos_out = c;
-  if (!(c < t) || nj == 0.0) return 0.0;  // adding w * 0 changes nothing but the weights
-  const double sc = sqrt(fmax(1.0 - c * c, 0.0));
-  const double st = fmax(sqrt(fmax(1.0 - t * t, 0.0)), sine_floor);
+  *cos_out = fmin(fmax(c, delta - 1.0), 1.0 - delta);
+  if (!(c < t - delta) || nj == 0.0) return 0.0;  // adding w * 0 changes nothing but the weights
+  const double sin_sq = 1.0 - c * c;
+  const double sc = sin_sq > 2.0 * delta ? sqrt(sin_sq) : 0.0;
+  const double st = fmax(sqrt(fmax(1.0 - t * t, 0.0)), sine_floor);  // guard 3
   return ni * (t * sc - c * st) / (nj * st + eps);
 }
 

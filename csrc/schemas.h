@@ -14,7 +14,7 @@ inline void define_ops(torch::Library& m) {
   // Per-column-group Gramians of J: returns [k, m, m], G[g] = J_g J_g^T where J_g are the
   // consecutive column groups of the given sizes (a group may span several matrices). Float32
   // output for float16/bfloat16/float32 inputs, float64 for float64.
-  m.def("gramian(Tensor[] J, int[] group_sizes) -> Tensor");
+  m.def("gramian(Tensor[] J, SymInt[] group_sizes) -> Tensor");
 
   // The GradVac loop on k Gramians G [k, m, m] with visit orders perms
   // [k, m, m-1] (row i of group g visits perms[g, i, :]); updates the EMA
@@ -36,7 +36,7 @@ inline void define_ops(torch::Library& m) {
 
   // Per-group combination of the rows of J with weights [k, m]: out [n], out[cols of g] =
   // weights[g] @ J_g. Output dtype is J's.
-  m.def("combine(Tensor[] J, Tensor weights, int[] group_sizes) -> Tensor");
+  m.def("combine(Tensor[] J, Tensor weights, SymInt[] group_sizes) -> Tensor");
 
   // One MoCo step on J and the tracking matrix Y [m, n] (contiguous): step += 1;
   // Y <- Y - b (Y - J); lam <- S(lam - c (Y Y^T + rho I) lam); returns (weights, lam^T Y). A
@@ -56,7 +56,7 @@ inline void define_ops(torch::Library& m) {
   // them; returns (the combination [n], the weights [k, m]). The aggregators' single-process path.
   // `perms`: visit orders [k, m, m-1] drawn by the caller (the classes' draws="device"), used
   // instead of draw_perms.
-  m.def("aggregate(Tensor[] J, int[] group_sizes, Tensor(a!)? targets, float beta, float eps, bool pcgrad, "
+  m.def("aggregate(Tensor[] J, SymInt[] group_sizes, Tensor(a!)? targets, float beta, float eps, bool pcgrad, "
         "Tensor? perms=None) -> (Tensor, Tensor)",
         {at::Tag::nondeterministic_seeded});
 

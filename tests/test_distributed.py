@@ -182,9 +182,43 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                     make, _, nan = _aggregators(sub)[name]
                     mine = SUBGROUP_OWNERS[rank - 1]
                     results[("subgroup", name)] = _run_jac_to_grad(name, make, mine, torch.float64, nan, sub, rank)
+        results["disagree"] = _disagreements(group, rank)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _disagreements(group, rank: int) -> dict:
+    """Ranks that disagree (rank 0 differs from the others) on m, the dtype, the aggregator or the
+    number of column groups: each case's exception on this rank, whether the aggregator's state
+    was left as it was, and then a call on which the ranks agree (the group must still work)."""
+    gen = torch.Generator().manual_seed(rank)
+    J = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    odd = rank == 0
+    pcgrad = fusedjd.PCGrad(process_group=group)
+    cases = {  # (the aggregator, the call on which the ranks disagree)
+        "m": (fusedjd.GradVac(process_group=group), lambda agg: agg(J[:3] if odd else J)),
+        "dtype": (fusedjd.MoCo(process_group=group), lambda agg: agg(J.float() if odd else J)),
+        "aggregator": (fusedjd.GradVac(process_group=group), lambda agg: agg(J) if odd else pcgrad(J)),
+        "k": (fusedjd.GroupedGradVac([1, 2, 3], process_group=group),
+              lambda agg: fusedjd.GroupedGradVac([2, 4], process_group=group)(J) if odd else agg(J)),
+    }
+    found = {}
+    for case, (agg, disagree) in cases.items():
+        torch.manual_seed(0)
+        agg(J)  # a first step on which the ranks agree
+        before = {k: v.clone() for k, v in agg.state_dict().items() if isinstance(v, torch.Tensor)}
+        try:
+            disagree(agg)
+            error = None
+        except Exception as e:  # noqa: BLE001 - the test reads the type and the message
+            error = (type(e).__name__, str(e))
+        after = agg.state_dict()
+        kept = all(torch.equal(v, after[k]) for k, v in before.items())
+        torch.manual_seed(1)
+        again = agg(J)  # the ranks agree again: the group still works
+        found[case] = (error, kept, bool(torch.isfinite(again).all()))
+    return found
 
 
 def _free_port() -> int:
@@ -336,3 +370,24 @@ def test_refused_without_a_shardable_aggregator():
     with pytest.raises(ValueError, match=r"needs an aggregator it can shard"):
         fusedjd.jac_to_grad([p], Mean(), process_group=object())
     assert hasattr(p, "jac") and p.grad is None
+
+
+def test_ranks_that_disagree_get_the_same_clear_error(sharded):
+    """Ranks disagreeing on m, the dtype, the aggregator or the number of groups used to abort rank
+    0 inside gloo's size check: now every rank raises the same ValueError, naming what differs,
+    before anything changes, and the group keeps working."""
+    world, results = sharded
+    expected_words = {"m": "m (the number of rows): 3 on some ranks, 4 on others",
+                      "dtype": "the dtype: torch.float32 on some ranks, torch.float64 on others",
+                      "aggregator": "the aggregator: GradVac on some ranks, PCGrad on others",
+                      "k": "k (the number of column groups): 2 on some ranks, 3 on others"}
+    for case, words in expected_words.items():
+        errors = [results[r]["disagree"][case][0] for r in range(world)]
+        for rank in range(world):
+            error, kept, works = results[rank]["disagree"][case]
+            assert error is not None and error[0] == "ValueError", (case, rank, error)
+            assert words in error[1], (case, error[1])
+            assert "`process_group`" in error[1]
+            assert kept, (case, rank)
+            assert works, (case, rank)
+        assert len({e[1] for e in errors}) == 1, errors  # the same message on every rank

@@ -36,6 +36,7 @@ void run_chains(const S* G, const int64_t* perms, S* targets, S* weights, int64_
   const int64_t mm = m * m;
   std::vector<double> coef(static_cast<size_t>(k * mm), 0.0);
   const double floor = target_sine_floor<S>();
+  const double precision = gramian_precision<S>();
   // a chain is ~m^2 flops: keep small problems on one thread (no wake-up cost)
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, mm));
   at::parallel_for(0, k * m, grain, [&](int64_t lo, int64_t hi) {
@@ -47,6 +48,8 @@ void run_chains(const S* G, const int64_t* perms, S* targets, S* weights, int64_
       const int64_t* order = perms + chain * (m - 1);
       C[i] = 1.0;
       for (int64_t a = 0; a < m; ++a) cG[a] = static_cast<double>(Gg[i * m + a]);
+      // sum_a |C_a| |g_a|, kept up to date as C changes (one entry per step)
+      double magnitude = std::sqrt(std::fmax(static_cast<double>(Gg[i * m + i]), 0.0));
       for (int64_t s = 0; s + 1 < m; ++s) {
         const int64_t j = order[s];
         double norm_sq = 0.0;
@@ -54,9 +57,10 @@ void run_chains(const S* G, const int64_t* perms, S* targets, S* weights, int64_
         S* tgt = PCGRAD ? nullptr : targets + g * mm + i * m + j;
         const double t = PCGRAD ? 0.0 : static_cast<double>(*tgt);
         double c = 0.0;
-        const double w = gradvac_pair<PCGRAD>(norm_sq, cG[j], static_cast<double>(Gg[j * m + j]), t, eps,
-                                              floor, &c);
+        const double gjj = static_cast<double>(Gg[j * m + j]);
+        const double w = gradvac_pair<PCGRAD>(norm_sq, cG[j], gjj, t, eps, floor, magnitude, precision, &c);
         if (w != 0.0) {
+          if (!PCGRAD) magnitude += (std::fabs(C[j] + w) - std::fabs(C[j])) * std::sqrt(std::fmax(gjj, 0.0));
           C[j] += w;
           for (int64_t a = 0; a < m; ++a) cG[a] += w * static_cast<double>(Gg[j * m + a]);
         }

@@ -84,6 +84,9 @@ __global__ void chain_kernel(const S* G, const int64_t* perms, S* targets, doubl
     double* cG = SMEM ? C + m : scratch + chain * m;
     const int64_t* order = perms + chain * (m - 1);
     const double floor = target_sine_floor<S>();
+    const double precision = gramian_precision<S>();
+    // sum_a |C_a| |g_a|, kept up to date as C changes, the same value in every lane
+    double magnitude = sqrt(fmax(static_cast<double>(Gg[i * m + i]), 0.0));
     for (int64_t a = lane; a < m; a += kWarp) {
       C[a] = (a == i) ? 1.0 : 0.0;
       cG[a] = static_cast<double>(Gg[i * m + a]);
@@ -97,9 +100,12 @@ __global__ void chain_kernel(const S* G, const int64_t* perms, S* targets, doubl
       S* tgt = PCGRAD ? nullptr : targets + (g * m + i) * m + j;
       const double t = PCGRAD ? 0.0 : static_cast<double>(*tgt);
       double c = 0.0;
-      const double w = gradvac_pair<PCGRAD>(norm_sq, cG[j], static_cast<double>(Gg[j * m + j]), t, eps, floor, &c);
-      __syncwarp();  // every lane has read cG[j] before it changes
+      const double gjj = static_cast<double>(Gg[j * m + j]);
+      const double w = gradvac_pair<PCGRAD>(norm_sq, cG[j], gjj, t, eps, floor, magnitude, precision, &c);
+      const double cj = C[j];
+      __syncwarp();  // every lane has read cG[j] and C[j] before they change
       if (w != 0.0) {
+        if (!PCGRAD) magnitude += (fabs(cj + w) - fabs(cj)) * sqrt(fmax(gjj, 0.0));
         for (int64_t a = lane; a < m; a += kWarp) cG[a] += w * static_cast<double>(Gg[j * m + a]);
         if (lane == 0) C[j] += w;
       }

@@ -29,11 +29,53 @@ def all_reduce_sum(t: Tensor, group: ProcessGroup | None) -> Tensor:
     return t if group is None else funcol.all_reduce(t, "sum", group)
 
 
+# What every rank of a group must agree on before a sharded step, in the order of the check's
+# tensor; the aggregators and dtypes by their index in these tuples.
+_AGREED = ("the aggregator", "m (the number of rows)", "k (the number of column groups)", "the dtype")
+_AGGREGATORS = ("GradVac", "PCGrad", "MoCo", "a torchjd weighting")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_agreement(group: ProcessGroup | None, aggregator: str, m: int, k: int, dtype: torch.dtype,
+                    device: torch.device) -> None:
+    """Raises the same ``ValueError`` on every rank of ``group`` when the ranks disagree on the
+    aggregator, ``m``, ``k`` or the dtype: one all-reduce of 8 integers before the step's payload
+    (whose collectives would otherwise abort the process, or wait for the group's timeout, when
+    the sizes differ). A host synchronisation in eager mode; skipped under ``torch.compile``,
+    where a mismatch is not detected."""
+    if group is None or torch.compiler.is_compiling():
+        return
+    mine = [_AGGREGATORS.index(aggregator), m, k, _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)]
+    on = device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+    both = torch.tensor(mine + [-v for v in mine], dtype=torch.int64, device=on)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    values = both.tolist()  # sync-ok: the agreement check of a sharded eager step
+    high, low = values[:4], [-v for v in values[4:]]
+    if high == low:
+        return
+
+    def name(field: int, v: int) -> str:
+        if field == 0:
+            return _AGGREGATORS[v]
+        if field == 3:
+            return str(_DTYPES[v]) if v < len(_DTYPES) else "another dtype"
+        return str(v)
+
+    differ = "; ".join(f"{_AGREED[f]}: {name(f, low[f])} on some ranks, {name(f, high[f])} on others"
+                       for f in range(4) if high[f] != low[f])
+    raise ValueError(
+        f"The ranks of `process_group` disagree on what they aggregate ({differ}). Every rank must call "
+        f"the same aggregator on a Jacobian with the same rows, column groups and dtype; nothing was changed.")
+
+
 def sharded_aggregate(J: Tensor | list[Tensor], sizes: list[int], group: ProcessGroup | None,
-                      weigh: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+                      weigh: Callable[[Tensor], Tensor], aggregator: str) -> tuple[Tensor, Tensor]:
     """The aggregation of a shard ``J`` of the columns: its Gramians [k, m, m] summed over
     ``group`` (none: this process's alone), weighed by ``weigh`` (to weights [k, m], the same on
-    every rank), and this shard's combination: ``(combination, weights)``."""
+    every rank), and this shard's combination: ``(combination, weights)``. The ranks' agreement
+    (:func:`check_agreement`) is checked first."""
+    first = J if isinstance(J, Tensor) else J[0]
+    check_agreement(group, aggregator, first.shape[0], len(sizes), first.dtype, first.device)
     W = weigh(all_reduce_sum(ops.gramian(J, sizes), group))
     return ops.combine(J, W, sizes), W
 

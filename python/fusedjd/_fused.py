@@ -51,12 +51,8 @@ class _Fused(nn.Module):
     def _check_tensor_columns(self, sizes: list[int]) -> None:
         """Checks of jac_to_grad's column counts (GroupedGradVac: its groups are whole tensors)."""
 
-    # whether forward runs the submodules' hooks (GroupedGradVac's forward has no module composition
-    # to run them through; jac_to_grad still leaves its hooked calls to torchjd)
-    _hooks_in_forward = True
-
     def _submodules_hooked(self) -> bool:
-        return self._hooks_in_forward and _hooked(*self._hook_modules())
+        return _hooked(*self._hook_modules())
 
     def _jac_to_grad_hooked(self) -> bool:
         """Whether jac_to_grad, which calls no module, would skip hooks: they go to torchjd's."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,10 +85,14 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
       of the paper divides by ``eps`` alone and overflows; :math:`\sqrt{1-\hat{\phi}^2}` is
       floored at half the square root of the dtype's machine epsilon, a value no unsaturated
       target reaches;
-    - the cosine is clamped to :math:`[-1, 1]`: after a row cancels to rounding noise
-      (collinear rows of opposite sign) the quotient is otherwise unbounded and poisons the
-      targets;
-    - with ``eps = 0``, the cosine with a zero row (0/0) is taken as 0 instead of NaN.
+    - the cosine is clamped to :math:`[-1, 1]` (rounding pushes it slightly out for collinear
+      rows);
+    - with ``eps = 0``, the cosine with a zero row (0/0) is taken as 0 instead of NaN;
+    - rounding: a corrected row that has cancelled below what the Gramian's rounding resolves
+      counts as zero (cosine 0, no correction), a correction applies only when the cosine is below
+      the target by more than its own rounding, and the sine of a cosine within rounding of
+      :math:`\pm 1` is 0 (``docs/CONTRACT.md`` §1, guard 4). This keeps float32 GradVac on
+      rank-deficient Jacobians as close to the float64 result as torchjd's float32 GradVac is.
 
     :param beta: EMA rate for :math:`\hat{\phi}`, in [0, 1].
     :param eps: Small non-negative constant added to denominators.
@@ -142,6 +145,13 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         return f"{self.__class__.__name__}({_draws_repr(self.draws)[2:]})"
 
     def forward(self, gramian: Tensor, /) -> Tensor:
+        """The weights ``[m]`` of a Gramian ``[m, m]``, as torchjd's; or the weights ``[k, m]`` of a
+        stack of group Gramians ``[k, m, m]``, each group with its own targets (what
+        :class:`~fusedjd.GroupedGradVac` calls, so that hooks on its ``gramian_weighting`` see the
+        groups' Gramians and weights)."""
+        if gramian.dim() == 3:
+            check_square(gramian[0] if gramian.shape[0] else gramian.new_empty(gramian.shape[1:]))
+            return self.stacked(gramian, self.process_group)
         check_square(gramian)
         return self.stacked(gramian.unsqueeze(0), self.process_group)[0]
 
@@ -169,7 +179,7 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         ``(combination [n], weights [k, m])``. On one process, one call (``ops.aggregate``); with
         ``group``, this rank's columns, the Gramians summed over the group."""
         if group is not None:
-            return _distributed.sharded_aggregate(J, group_sizes, group, lambda G: self.stacked(G, group))
+            return _distributed.sharded_aggregate(J, group_sizes, group, lambda G: self.stacked(G, group), "GradVac")
         first = J[0]
         k, m = len(group_sizes), first.shape[0]
         T = self._targets_for(k, m, ops.acc_dtype(first.dtype), first.device)
@@ -188,7 +198,8 @@ class GradVac(_Fused, GramianWeightedAggregator, Stateful, _NonDifferentiable):
     The Gramian, the pairwise vaccine loop and the combination of the rows are fused C++/CUDA
     kernels; results equal torchjd's under the same ``torch.manual_seed``. Works with
     ``jac_to_grad`` (which returns the weights), including ``optimize_gramian_computation=True``.
-    The state resets when ``m``, ``n``, the dtype or the device changes. See
+    The state resets when ``m``, the dtype or the device changes (as torchjd's, not when ``n``
+    does: a compiled GradVac takes a new ``n`` without recompiling). See
     :class:`~fusedjd.GradVacWeighting` for the guard against saturated targets.
 
     Checkpoints: ``load_state_dict`` also takes the ``state_dict`` of a
@@ -216,7 +227,6 @@ class GradVac(_Fused, GramianWeightedAggregator, Stateful, _NonDifferentiable):
                  draws: str = "torchjd") -> None:
         super().__init__(GradVacWeighting(beta=beta, eps=eps, process_group=process_group, draws=draws))
         self.weighting = self.gramian_weighting << _WholeGramian(self.gramian_weighting)
-        self._n: int | None = None
 
     beta = forwarded("beta", to="gramian_weighting")
     eps = forwarded("eps", to="gramian_weighting")
@@ -226,45 +236,25 @@ class GradVac(_Fused, GramianWeightedAggregator, Stateful, _NonDifferentiable):
     def reset(self) -> None:
         """Clears the EMA targets so the next call starts from zero targets."""
         self.gramian_weighting.reset()
-        self._n = None
-
-    def _track_n(self, n: int) -> None:
-        """Resets the targets when the number of columns changes."""
-        if self._n != n:  # (assigned only on a change: Module.__setattr__ is slow)
-            if self._n is not None:
-                self.gramian_weighting.reset()
-            self._n = n
 
     def _hook_modules(self) -> tuple[nn.Module, ...]:
         return self._modules["weighting"], self._modules["gramian_weighting"]
 
     def _hooked_forward(self, matrix: Tensor) -> Tensor:
-        n = matrix.shape[1]
-        self._track_n(n)
-        return ops.combine(matrix, self._modules["weighting"](matrix).unsqueeze(0), [n])
+        return ops.combine(matrix, self._modules["weighting"](matrix).unsqueeze(0), [matrix.shape[1]])
 
     _returns_weights = True
 
     def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
-        n = sum(sizes)
-        self._track_n(n)
-        return self._modules["gramian_weighting"].aggregate(blocks, [n], group)
-
-    def get_extra_state(self) -> Any:
-        return {"n": self._n}
-
-    def set_extra_state(self, state: Any) -> None:
-        self._n = state["n"]
+        return self._modules["gramian_weighting"].aggregate(blocks, [sum(sizes)], group)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # noqa: D401 - torch hook
-        # the targets are checked here, before this module's own state (n) loads: a refused
-        # checkpoint changes nothing
         if _refuse_impossible_targets(state_dict, prefix + "gramian_weighting.", error_msgs):
-            return
-        # A torchjd checkpoint (its targets in `_phi_t`) carries no `n`: adopt the next call's n.
-        if prefix + "_extra_state" not in state_dict and prefix + "gramian_weighting._phi_t" in state_dict:
-            state_dict[prefix + "_extra_state"] = {"n": None}
+            return  # checked before anything loads: a refused checkpoint changes nothing
+        # fusedjd 0.1's checkpoints also saved the number of columns, which the state no longer
+        # depends on (torchjd's does not either)
+        state_dict.pop(prefix + "_extra_state", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -316,10 +306,15 @@ class GroupedGradVac(_Fused, Aggregator, Stateful, _NonDifferentiable):
         """Clears the EMA targets of every group."""
         self.gramian_weighting.reset()
 
-    _hooks_in_forward = False  # (hooks on gramian_weighting are not run by forward)
-
     def _hook_modules(self) -> tuple[nn.Module, ...]:
         return (self._modules["gramian_weighting"],)
+
+    def _hooked_forward(self, matrix: Tensor) -> Tensor:
+        # the groups' Gramians [k, m, m] (summed over the process group), their weights [k, m]
+        # through gramian_weighting's call, so that its hooks run, then the combination
+        sizes = self._group_sizes
+        G = _distributed.all_reduce_sum(ops.gramian(matrix, sizes), self.process_group)
+        return ops.combine(matrix, self._modules["gramian_weighting"](G), sizes)
 
     def _check_matrix_columns(self, matrix: Tensor) -> None:
         check_sizes_cover(self._group_sizes, matrix)
@@ -372,7 +367,8 @@ class PCGradWeighting(Weighting, _NonDifferentiable):
         ``[1, m]``: one call (``ops.aggregate``) on one process; with ``group``, this rank's
         columns, the Gramian summed over the group."""
         if group is not None:
-            return _distributed.sharded_aggregate(J, [n], group, lambda G: self.pcgrad(G[0], group).unsqueeze(0))
+            return _distributed.sharded_aggregate(J, [n], group, lambda G: self.pcgrad(G[0], group).unsqueeze(0),
+                                                  "PCGrad")
         perms = ops.draw_perms_device(1, J[0].shape[0], J[0].device) if self._draws == "device" else None
         return ops.aggregate(J, [n], None, 0.0, 0.0, True, perms)
 

@@ -184,7 +184,8 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], sizes: list[int],
         def weighted(blocks: list[Tensor]) -> tuple[Tensor, Tensor]:
             # torchjd's weighting: every rank runs it on the same Gramian; the first rank's weights win
             out, W = _distributed.sharded_aggregate(
-                blocks, [n], group, lambda G: _distributed.from_first_rank(gw(G[0]), group).unsqueeze(0))
+                blocks, [n], group, lambda G: _distributed.from_first_rank(gw(G[0]), group).unsqueeze(0),
+                "a torchjd weighting")
             # returned in the dtype of the .jac tensors, as torchjd's (its Gramian has that dtype)
             return out, W[0].to(first.dtype)
 

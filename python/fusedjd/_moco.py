@@ -84,8 +84,8 @@ class _MoCoState(_BufferState):
         count in place and returns ``(λ, λᵀ Y)``; NaN for both, state untouched, if ``matrix`` is
         not finite.
 
-        With a process group ``group``, ``matrix`` is this rank's columns and ``Y`` is sharded like it: the Gramian of the updated ``Y`` is summed over the
-        ranks (one all-reduce of ``m²`` numbers) before the weight update, so ``λ`` and the step
+        With a process group ``group``, ``matrix`` is this rank's columns and ``Y`` is sharded like
+        it: the Gramian of the updated ``Y`` is summed over the ranks (one all-reduce of ``m²`` numbers) before the weight update, so ``λ`` and the step
         count stay identical on every rank, and a non-finite shard anywhere refuses the step
         everywhere. Without one, the step reads ``Y`` and ``J`` once for its Gramian."""
         if isinstance(matrix, Tensor):
@@ -94,6 +94,7 @@ class _MoCoState(_BufferState):
         else:  # the op checks the blocks
             first = matrix[0]
             m, n = first.shape[0], sum(b.shape[1] for b in matrix)
+        _distributed.check_agreement(group, "MoCo", m, 1, first.dtype, first.device)  # before any change
         Y = self._y
         if Y.shape != (m, n) or Y.dtype != first.dtype or Y.device != first.device:
             self._y = torch.zeros((m, n), dtype=first.dtype, device=first.device)

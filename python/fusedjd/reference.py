@@ -91,16 +91,21 @@ def gradvac_loop(G: Tensor, perms: Tensor, targets: Tensor, beta: float, eps: fl
     rows in the order ``perms[g, i]``; for each visited row ``j``, with ``p = C G`` the corrected
     row and ``t = targets[g, i, j]``::
 
-        c = clamp(<p, g_j> / (|p| |g_j| + eps), -1, 1)        (0 when the denominator is 0)
-        if c < t and |g_j| > 0:
-            C[j] += |p| (t sqrt(1 - c²) - c s_t) / (|g_j| s_t + eps),  s_t = max(sqrt(1 - t²), floor)
+        if |p|² <= r M²:  c = 0, no correction                   (p is rounding noise)
+        else:                                                   (c known within δ = r M² / |p|²)
+            c = clamp(<p, g_j> / (|p| |g_j| + eps), -1, 1)       (0 when the denominator is 0)
+            if c < t - δ and |g_j| > 0:
+                C[j] += |p| (t s_c - c s_t) / (|g_j| s_t + eps)
+                    s_c = sqrt(1 - c²), or 0 if 1 - c² <= 2 δ;  s_t = max(sqrt(1 - t²), floor)
+            c = clamp(c, -(1 - δ), 1 - δ)                        (the value the target moves toward)
         targets[g, i, j] = (1 - beta) t + beta c
 
-    The three guards (the clamp, 0/0 as 0, and ``floor = ½ sqrt(machine eps of G's dtype)``, a
-    value no unsaturated target's sine reaches) are the contract; elsewhere this is torchjd's
-    GradVac. ``targets`` (float64, CPU, ``[k, m, m]``) is updated in place. Returns the weights
-    ``[k, m]``: the column sums of the coefficient matrices. A non-finite ``G`` or an invalid visit
-    order (one naming the row itself or a row outside ``[0, m)``) returns NaN weights and leaves
+    The four guards (the clamp, 0/0 as 0, ``floor = ½ sqrt(machine eps of G's dtype)``, a value no
+    unsaturated target's sine reaches, and the rounding test with ``M = Σ_a |C_a| |g_a|`` and
+    ``r = machine eps of G's dtype``, the relative precision of the Gramian's entries) are the
+    contract; elsewhere this is torchjd's GradVac. ``targets`` (float64, CPU, ``[k, m, m]``) is
+    updated in place. Returns the weights ``[k, m]``: the column sums of the coefficient
+    matrices. A non-finite ``G`` or an invalid visit order (one naming the row itself or a row outside ``[0, m)``) returns NaN weights and leaves
     ``targets`` untouched.
     """
     return _loop(G, perms, targets, beta, eps, pcgrad=False)
@@ -114,6 +119,7 @@ def pcgrad_loop(G: Tensor, perms: Tensor) -> Tensor:
 
 def _loop(G: Tensor, perms: Tensor, targets: Tensor | None, beta: float, eps: float, pcgrad: bool) -> Tensor:
     sine_floor = 0.5 * torch.finfo(G.dtype).eps ** 0.5
+    precision = torch.finfo(G.dtype).eps
     Gd = G.detach().double().cpu()  # sync-ok: reference, CPU float64
     k, m = Gd.shape[0], Gd.shape[1]
     W = torch.zeros(k, m, dtype=torch.float64)
@@ -129,15 +135,24 @@ def _loop(G: Tensor, perms: Tensor, targets: Tensor | None, beta: float, eps: fl
                     if cG[j] < 0 and Gd[g, j, j] > 0:
                         C[j] -= cG[j] / Gd[g, j, j]
                     continue
-                ni = (C @ Gd[g] @ C).clamp(min=0).sqrt()
+                norm_sq = C @ Gd[g] @ C
+                magnitude = C.abs() @ Gd[g].diagonal().clamp(min=0).sqrt()
+                noise = precision * magnitude
+                t = targets[g, i, j].clone()
+                if not norm_sq > noise * magnitude:  # p is rounding noise: cosine 0, no correction
+                    targets[g, i, j] = (1 - beta) * t
+                    continue
+                delta = noise * magnitude / norm_sq  # the cosine's rounding
+                ni = norm_sq.sqrt()
                 nj = Gd[g, j, j].clamp(min=0).sqrt()
                 denom = ni * nj + eps
                 c = (cG[j] / denom).clamp(-1.0, 1.0) if denom > 0 else torch.zeros((), dtype=torch.float64)
-                t = targets[g, i, j].clone()
-                if c < t and nj > 0:
-                    sc = (1 - c * c).clamp(min=0).sqrt()
+                if c < t - delta and nj > 0:
+                    sin_sq = 1 - c * c
+                    sc = sin_sq.sqrt() if sin_sq > 2 * delta else torch.zeros((), dtype=torch.float64)
                     st = (1 - t * t).clamp(min=0).sqrt().clamp(min=sine_floor)
                     C[j] += ni * (t * sc - c * st) / (nj * st + eps)
+                c = c.clamp(delta - 1, 1 - delta)
                 targets[g, i, j] = (1 - beta) * t + beta * c
             W[g] += C
     return W

@@ -190,8 +190,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 def _disagreements(group, rank: int) -> dict:
     """Ranks that disagree (rank 0 differs from the others) on m, the dtype, the aggregator or the
-    number of column groups: each case's exception on this rank, whether the aggregator's state
-    was left as it was, and then a call on which the ranks agree (the group must still work)."""
+    number of column groups: each case's exception on this rank, whether the state of the
+    aggregator this rank called was left as it was (vacuous where that one is fresh or stateless:
+    rank 0's GroupedGradVac in "k", the others' PCGrad in "aggregator"), and then a call on which
+    the ranks agree (the group must still work). Then hooks and jac_to_grad."""
     gen = torch.Generator().manual_seed(rank)
     J = torch.randn(4, 6, generator=gen, dtype=torch.float64)
     odd = rank == 0
@@ -218,6 +220,29 @@ def _disagreements(group, rank: int) -> dict:
         torch.manual_seed(1)
         again = agg(J)  # the ranks agree again: the group still works
         found[case] = (error, kept, bool(torch.isfinite(again).all()))
+    # a hook on rank 0's weighting only: the hooked forward makes the same collectives as the fused one
+    agg = fusedjd.GradVac(process_group=group)
+    if odd:
+        agg.gramian_weighting.register_forward_hook(lambda *args: None)
+    torch.manual_seed(2)
+    found["hook on one rank"] = agg(J)
+    # hooks on every rank, ranks disagreeing on m: the hooked forward checks too
+    agg = fusedjd.GroupedGradVac([1, 2, 3], process_group=group)
+    agg.gramian_weighting.register_forward_hook(lambda *args: None)
+    try:
+        agg(J[:3] if odd else J)
+        found["hooked"] = None
+    except ValueError as e:
+        found["hooked"] = str(e)
+    # jac_to_grad: a refused step leaves every .jac and .grad as they were
+    p = torch.zeros(6, requires_grad=True)
+    p.jac = (J[:3] if odd else J).clone()
+    jac = p.jac.clone()
+    try:
+        fusedjd.jac_to_grad([p], fusedjd.MoCo(process_group=group))
+        found["jac_to_grad"] = None
+    except ValueError as e:
+        found["jac_to_grad"] = (str(e), hasattr(p, "jac") and torch.equal(p.jac, jac), p.grad is None)
     return found
 
 
@@ -391,3 +416,16 @@ def test_ranks_that_disagree_get_the_same_clear_error(sharded):
             assert kept, (case, rank)
             assert works, (case, rank)
         assert len({e[1] for e in errors}) == 1, errors  # the same message on every rank
+
+
+def test_ranks_that_disagree_through_hooks_and_jac_to_grad(sharded):
+    """The check runs on the hooked forward as on the fused one (a hook on one rank only changes
+    nothing), and a step jac_to_grad refuses keeps .jac and .grad."""
+    world, results = sharded
+    hooked = [results[r]["disagree"]["hook on one rank"] for r in range(world)]
+    for r in range(world):
+        assert torch.isfinite(hooked[r]).all()
+        assert "m (the number of rows): 3 on some ranks, 4 on others" in results[r]["disagree"]["hooked"]
+        message, jac_kept, grad_untouched = results[r]["disagree"]["jac_to_grad"]
+        assert "m (the number of rows): 3 on some ranks, 4 on others" in message
+        assert jac_kept and grad_untouched, r

@@ -24,9 +24,16 @@ from . import ops
 ProcessGroup = dist.ProcessGroup
 
 
-def all_reduce_sum(t: Tensor, group: ProcessGroup | None) -> Tensor:
-    """``t`` summed over the ranks of ``group`` (``t`` itself when ``group`` is None)."""
-    return t if group is None else funcol.all_reduce(t, "sum", group)
+def all_reduce_sum(t: Tensor, group: ProcessGroup | None, aggregator: str | None = None) -> Tensor:
+    """``t`` summed over the ranks of ``group`` (``t`` itself when ``group`` is None). With
+    ``aggregator``, ``t`` is the step's Gramians ``[k, m, m]`` and the ranks' agreement on them
+    (:func:`check_agreement`) is checked first: every sharded step of GradVac, PCGrad, GroupedGradVac
+    and a torchjd weighting starts here, hooked or not, so every rank makes the same collectives."""
+    if group is None:
+        return t
+    if aggregator is not None:
+        check_agreement(group, aggregator, t.shape[-1], t.shape[0], t.dtype, t.device)
+    return funcol.all_reduce(t, "sum", group)
 
 
 # What every rank of a group must agree on before a sharded step, in the order of the check's
@@ -39,7 +46,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_agreement(group: ProcessGroup | None, aggregator: str, m: int, k: int, dtype: torch.dtype,
                     device: torch.device) -> None:
     """Raises the same ``ValueError`` on every rank of ``group`` when the ranks disagree on the
-    aggregator, ``m``, ``k`` or the dtype: one all-reduce of 8 integers before the step's payload
+    aggregator, ``m``, ``k`` or the dtype (of the Gramians: float32 for the half types): one
+    all-reduce of 8 integers before the step's payload
     (whose collectives would otherwise abort the process, or wait for the group's timeout, when
     the sizes differ). A host synchronisation in eager mode; skipped under ``torch.compile``,
     where a mismatch is not detected."""
@@ -73,10 +81,8 @@ def sharded_aggregate(J: Tensor | list[Tensor], sizes: list[int], group: Process
     """The aggregation of a shard ``J`` of the columns: its Gramians [k, m, m] summed over
     ``group`` (none: this process's alone), weighed by ``weigh`` (to weights [k, m], the same on
     every rank), and this shard's combination: ``(combination, weights)``. The ranks' agreement
-    (:func:`check_agreement`) is checked first."""
-    first = J if isinstance(J, Tensor) else J[0]
-    check_agreement(group, aggregator, first.shape[0], len(sizes), first.dtype, first.device)
-    W = weigh(all_reduce_sum(ops.gramian(J, sizes), group))
+    (:func:`check_agreement`) is checked before the Gramians' all-reduce."""
+    W = weigh(all_reduce_sum(ops.gramian(J, sizes), group, aggregator))
     return ops.combine(J, W, sizes), W
 
 

@@ -62,7 +62,9 @@ class _WholeGramian:
 
     def __call__(self, matrix: Tensor) -> Tensor:
         check_matrix(matrix)
-        return _distributed.all_reduce_sum(ops.gramian(matrix, [matrix.shape[1]]), self.weighting.process_group)[0]
+        name = "PCGrad" if isinstance(self.weighting, PCGradWeighting) else "GradVac"
+        return _distributed.all_reduce_sum(ops.gramian(matrix, [matrix.shape[1]]), self.weighting.process_group,
+                                           name)[0]
 
 
 class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
@@ -313,7 +315,7 @@ class GroupedGradVac(_Fused, Aggregator, Stateful, _NonDifferentiable):
         # the groups' Gramians [k, m, m] (summed over the process group), their weights [k, m]
         # through gramian_weighting's call, so that its hooks run, then the combination
         sizes = self._group_sizes
-        G = _distributed.all_reduce_sum(ops.gramian(matrix, sizes), self.process_group)
+        G = _distributed.all_reduce_sum(ops.gramian(matrix, sizes), self.process_group, "GradVac")
         return ops.combine(matrix, self._modules["gramian_weighting"](G), sizes)
 
     def _check_matrix_columns(self, matrix: Tensor) -> None:

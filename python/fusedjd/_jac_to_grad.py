@@ -93,13 +93,13 @@ def jac_to_grad(
     if route is None:
         return _torchjd_jac_to_grad(tensors_, aggregator, retain_jac=retain_jac,
                                     optimize_gramian_computation=optimize_gramian_computation)
-    if not retain_jac:
-        _free_jacs(tensors_)
     blocks = [j.reshape(m, s) for j, s in zip(jacobians, sizes, strict=True)]  # views of contiguous .jac tensors
     del jacobians
     with torch.no_grad():  # fusedjd's aggregators are not differentiable: nothing here requires grad
         gradient, weights = route([b.detach() for b in blocks])
     del blocks
+    if not retain_jac:  # (after the aggregation: a sharded step that the ranks refuse keeps .jac)
+        _free_jacs(tensors_)
     _accumulate(tensors_, _disunite_gradient(gradient, tensors_))
     return weights
 

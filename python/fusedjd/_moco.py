@@ -94,7 +94,8 @@ class _MoCoState(_BufferState):
         else:  # the op checks the blocks
             first = matrix[0]
             m, n = first.shape[0], sum(b.shape[1] for b in matrix)
-        _distributed.check_agreement(group, "MoCo", m, 1, first.dtype, first.device)  # before any change
+        # before any change; the Gramian's dtype, as the other aggregators' checks take it
+        _distributed.check_agreement(group, "MoCo", m, 1, ops.acc_dtype(first.dtype), first.device)
         Y = self._y
         if Y.shape != (m, n) or Y.dtype != first.dtype or Y.device != first.device:
             self._y = torch.zeros((m, n), dtype=first.dtype, device=first.device)
@@ -103,7 +104,7 @@ class _MoCoState(_BufferState):
         gram = None
         if group is not None:
             local = ops.moco_gramian(matrix, self._y, self._step, self._beta, self._beta_sigma)
-            gram = _distributed.all_reduce_sum(local, group)
+            gram = _distributed.all_reduce_sum(local, group)  # (agreement checked above)
         return ops.moco_step(
             matrix,
             self._y,

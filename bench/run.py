@@ -194,6 +194,29 @@ def bench_loops(run: Run, cfg: list[LoopCase]):
     return t
 
 
+def bench_projector(run: Run, ms: list[int]):
+    """UPGrad's and DualProj's weightings on an m x m Gramian: fusedjd's projector (the dual_cone
+    op) against torchjd 0.18's default, quadprog through numpy. The Gramian is that of a
+    rank-deficient J (n = m / 2 + 1 columns), so the projections are not trivial."""
+    device = run.device
+    t = Table("UPGrad / DualProj weighting on the Gramian (fp32): fusedjd.Projector vs torchjd's quadprog",
+              ["weighting", "m", "check", "fusedjd", "torchjd 0.18", "speedup"])
+    for m in ms:
+        gen = torch.Generator().manual_seed(m)
+        A = torch.randn(m, m // 2 + 1, generator=gen).to(device)
+        G = A @ A.T
+        for ours_cls, theirs_cls in [(fusedjd.UPGradWeighting, ta.UPGradWeighting),
+                                     (fusedjd.DualProjWeighting, ta.DualProjWeighting)]:
+            ours, theirs = ours_cls(), theirs_cls()
+            # float32 Gramian, float64 solvers: the weights agree to the Gramian's precision
+            status = run.check(f"{ours_cls.__name__} m={m}", ours(G), theirs(G), 1e-4)
+            tf = median_time(lambda: ours(G), device)
+            tt = median_time(lambda: theirs(G), device, budget_s=1.0, min_reps=2)
+            t.rows.append([ours_cls.__name__, str(m), status, fmt_time(tf), fmt_time(tt), fmt_x(tt / tf)])
+            run.progress.step(f"{ours_cls.__name__} m={m}")
+    return t
+
+
 def bench_aggregators(run: Run, cfg: list[AggCase]):
     device = run.device
     t = Table("Aggregators end to end (fp32): fusedjd vs torchjd 0.18",
@@ -436,6 +459,9 @@ def configs(device: str, full: bool):
     return gram, loops, agg, moco, train
 
 
+PROJECTOR_MS = [2, 8, 32, 64, 128]
+
+
 TRAIN_ROWS = 5 + 3  # the rows of bench_training and bench_jac_to_grad
 
 
@@ -537,11 +563,12 @@ def main() -> int:
         print(f"note: load average {load:.1f} is above the {os.cpu_count()} cores: timings will stall and spread",
               file=sys.stderr)
     gram, loops, agg, moco, train = configs(device, args.full)
-    run = Run(device, Progress(len(gram) + 2 * len(loops) + len(agg) + len(moco) + TRAIN_ROWS))
+    run = Run(device, Progress(len(gram) + 2 * len(loops) + 2 * len(PROJECTOR_MS) + len(agg) + len(moco) + TRAIN_ROWS))
     tables = [
         bench_jac_to_grad(run, train),
         bench_gramian(run, gram),
         bench_loops(run, loops),
+        bench_projector(run, PROJECTOR_MS),
         bench_aggregators(run, agg),
         bench_moco(run, moco),
         bench_training(run, train),

@@ -131,6 +131,23 @@ inline void check_loop_args(const at::Tensor& G, const at::Tensor& perms) {
               (m > 0 ? m - 1 : 0), "], got ", perms.sizes());
 }
 
+// Checks of the dual_cone op on every backend: G [m, m], U [..., m], both float16, bfloat16,
+// float32 or float64, on one device.
+inline void check_dual_cone_args(const at::Tensor& U, const at::Tensor& G) {
+  const auto half_to_double = [](at::ScalarType t) {
+    return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+  };
+  TORCH_CHECK(G.dim() == 2 && G.size(0) == G.size(1), "fusedjd: `G` must be a square Gramian [m, m], got shape ",
+              G.sizes());
+  TORCH_CHECK(half_to_double(G.scalar_type()), "fusedjd: `G` must be float16, bfloat16, float32 or float64, got ",
+              G.scalar_type());
+  TORCH_CHECK(U.dim() >= 1 && U.size(-1) == G.size(0), "fusedjd: `U` must have shape [..., m] with m = ", G.size(0),
+              " (the size of `G`), got shape ", U.sizes());
+  TORCH_CHECK(half_to_double(U.scalar_type()), "fusedjd: `U` must be float16, bfloat16, float32 or float64, got ",
+              U.scalar_type());
+  FUSEDJD_CHECK_SAME_DEVICE(U, G);
+}
+
 inline void check_gradvac_hyper(double beta, double eps) {
   TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "fusedjd: `beta` must be in [0, 1], got ", beta);
   TORCH_CHECK(eps >= 0.0, "fusedjd: `eps` must be non-negative, got ", eps);

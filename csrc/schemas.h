@@ -60,6 +60,12 @@ inline void define_ops(torch::Library& m) {
         "Tensor? perms=None) -> (Tensor, Tensor)",
         {at::Tag::nondeterministic_seeded});
 
+  // The dual-cone projection of UPGrad and DualProj (torchjd.linalg.DualConeProjector's problem):
+  // for each u in U [..., m], the v >= u minimising v^T G v, G [m, m] symmetric positive definite
+  // (csrc/dual_cone.h: an exact active-set method in float64, one right-hand side per CPU task or
+  // CUDA thread). Returns V with U's shape in G's dtype; a non-finite G or u gives NaN.
+  m.def("dual_cone(Tensor U, Tensor G) -> Tensor");
+
   // MoCo's first pass alone: the Gramian [m, m] (float32; float64 for float64) of the Y the next
   // moco_step would store, Y + b (J - Y) with b from the step counter, rounded to Y's dtype as the
   // step stores it (on CUDA beyond 128 rows, 64 for float64: of the unrounded update, from the

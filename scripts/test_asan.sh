@@ -47,4 +47,4 @@ echo "[fusedjd] 2/2: the CPU kernels under ASan + UBSan"
 PYTHONPATH="build/asan_pkg${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c \
   "import fusedjd, sys; sys.exit(0 if fusedjd.__file__.startswith('build/asan_pkg') or '/build/asan_pkg/' in fusedjd.__file__ else 'the instrumented copy was not imported: ' + fusedjd.__file__)"
 PYTHONPATH="build/asan_pkg${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -rs --capture=sys -m "not slow" \
-  tests/test_ops.py tests/test_moco.py tests/test_gradvac.py tests/test_jac_to_grad.py
+  tests/test_ops.py tests/test_moco.py tests/test_gradvac.py tests/test_jac_to_grad.py tests/test_projector.py

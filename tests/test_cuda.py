@@ -354,3 +354,42 @@ def test_fallback_gramian_keeps_float32_accuracy_under_tf32():
         torch.set_float32_matmul_precision(previous)
     assert rel_err(G, reference.gramian(J, [7001, 13000])) < TOLERANCE["gramian"][torch.float32]
     assert rel_err(M, reference.gramian(0.5 * J.double(), [20001])[0]) < TOLERANCE["gramian"][torch.float32]
+
+
+@pytest.mark.parametrize("m", [1, 5, 40, 130])
+def test_dual_cone_equals_cpu(m):
+    gen = torch.Generator().manual_seed(m)
+    J = torch.randn(m, max(1, m // 2), generator=gen, dtype=torch.float64)
+    G = J @ J.T / (J.norm() ** 2) + 1e-4 * torch.eye(m, dtype=torch.float64)
+    U = torch.randn(m + 3, m, generator=gen, dtype=torch.float64)
+    assert rel_err(ops.dual_cone(U.cuda(), G.cuda()).cpu(), ops.dual_cone(U, G)) < 1e-12
+    assert rel_err(fusedjd.UPGrad()(J.cuda()).cpu(), fusedjd.UPGrad()(J)) < 1e-10
+
+
+@pytest.mark.parametrize("make", [fusedjd.UPGrad, fusedjd.DualProj])
+def test_upgrad_step_through_jac_to_grad_without_a_host_sync(make):
+    """A training step with fusedjd's UPGrad (and DualProj) on CUDA: the Gramian, the projector and
+    the combination without host synchronisation, CUDA-graph capturable, equal to the CPU step."""
+    p = torch.zeros(3, 700, device="cuda", requires_grad=True)
+    jac = torch.randn(6, 3, 700, device="cuda")
+    agg = make()
+    fusedjd.jac_to_grad([p], agg)  # (once outside: lazy initialisations)
+    p.grad = None
+    p.jac = jac.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fusedjd.jac_to_grad([p], agg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    q = torch.zeros(3, 700, requires_grad=True)
+    q.jac = jac.cpu()
+    fusedjd.jac_to_grad([q], make())
+    assert rel_err(p.grad.cpu(), q.grad) < 1e-5
+    J = jac.reshape(6, -1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = agg(J)
+    J.mul_(2.0)
+    graph.replay()
+    assert rel_err(out, agg(J)) < 1e-6

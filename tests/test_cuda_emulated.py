@@ -515,3 +515,38 @@ def test_work_tables_are_written_once_per_layout():
     G = EMU.gramian([Jg], sizes)
     assert simt_build.stats()["launches"] - launches >= 2 + 4  # the Gramian's two, the table's pieces
     assert rel_err(G, reference.gramian(Jg, sizes)) < 1e-12
+
+
+# ---- the dual-cone projector (UPGrad, DualProj) ----------------------------------------------
+
+
+@pytest.mark.parametrize("m", [_asan(m, asan=m in (5, 17)) for m in (1, 2, 5, 8, 17, 40)])
+def test_dual_cone(m):
+    """The CUDA kernel (one thread per right-hand side; 70 of them: two blocks) equals the CPU
+    kernel (the same float64 solver, up to the compilers' contraction of multiply-adds) and, for
+    small m, the enumeration of active sets; the same under every schedule order, in one launch."""
+    gen = torch.Generator().manual_seed(m)
+    J = torch.randn(m, max(1, m // 2), generator=gen, dtype=torch.float64)
+    G = J @ J.T / (J.norm() ** 2) + 1e-4 * torch.eye(m, dtype=torch.float64)  # what Projector solves
+    U = torch.randn(70, m, generator=gen, dtype=torch.float64)
+    V, launches = run_schedules(lambda: EMU.dual_cone(U, G))
+    assert launches == 2 and V.shape == U.shape  # (one launch per schedule order)
+    assert rel_err(V, torch.ops.fusedjd.dual_cone(U, G)) < 1e-12
+    if m <= 8:
+        assert rel_err(V, reference.dual_cone(U, G)) < 1e-12
+    V32 = EMU.dual_cone(U.float(), G.float())
+    assert V32.dtype == torch.float32 and rel_err(V32, torch.ops.fusedjd.dual_cone(U.float(), G.float())) < 1e-6
+
+
+@pytest.mark.asan
+def test_dual_cone_non_finite_gives_nan_and_errors_match():
+    G = torch.eye(3, dtype=torch.float64)
+    G[1, 2] = float("inf")
+    assert torch.isnan(EMU.dual_cone(torch.ones(4, 3, dtype=torch.float64), G)).all()
+    assert EMU.dual_cone(torch.ones(2, 0), torch.zeros(0, 0)).shape == (2, 0)
+    for U, bad in ((torch.ones(4), torch.eye(3)), (torch.ones(3, dtype=torch.long), torch.eye(3))):
+        with pytest.raises(RuntimeError) as emu:
+            EMU.dual_cone(U, bad)
+        with pytest.raises(RuntimeError) as cpu:
+            torch.ops.fusedjd.dual_cone(U, bad)
+        assert str(emu.value).splitlines()[0] == str(cpu.value).splitlines()[0]

@@ -706,3 +706,20 @@ def test_hooks_on_grouped_gradvac_weighting_run():
     after_fused = fused_only(J)
     torch.manual_seed(3)
     assert torch.equal(agg(J), after_fused)
+
+
+def test_checkpoints_that_saved_n_still_load():
+    """fusedjd 0.1's GradVac saved the number of columns in `_extra_state`; the state no longer
+    depends on n, and such checkpoints still load strictly and continue the run."""
+    src = fusedjd.GradVac()
+    J = torch.randn(4, 30)
+    torch.manual_seed(0)
+    src(J)
+    sd = src.state_dict()
+    sd["_extra_state"] = {"n": 30}
+    dst = fusedjd.GradVac()
+    dst.load_state_dict(sd)
+    torch.manual_seed(1)
+    expected = src(J)
+    torch.manual_seed(1)
+    assert torch.equal(dst(J), expected)

@@ -226,6 +226,7 @@ def _op_samples(device):
     gram, loop, pc, comb, moco = (torch.ops.fusedjd.gramian.default, torch.ops.fusedjd.gradvac_loop.default,
                                   torch.ops.fusedjd.pcgrad_loop.default, torch.ops.fusedjd.combine.default,
                                   torch.ops.fusedjd.moco_step.default)
+    cone = torch.ops.fusedjd.dual_cone.default
     return {
         "gramian-two-groups": (gram, ([J], [10, 27])),
         "gramian-list-group-spans-blocks": (gram, ([J[:, :5], r(4, 22)[:, ::2], J[:, 5:5], r(9, 20)[1:5]], [3, 30, 3])),
@@ -258,6 +259,10 @@ def _op_samples(device):
                               0.5, 0.5)),
         "moco-bf16": (moco, ([J.bfloat16()], torch.zeros(4, 37, device=device).bfloat16(),
                              torch.full((4,), 0.25, device=device), zeros_step(), 0.5, 0.5, 0.1, 0.5, 0.0, False)),
+        "dual-cone-upgrad-f64": (cone, (torch.eye(4, dtype=torch.float64, device=device), Gd[0] + 0.1 * torch.eye(4, dtype=torch.float64, device=device))),
+        "dual-cone-vector-f32": (cone, (r(4), G[0] + 0.1 * torch.eye(4, device=device))),
+        "dual-cone-batch-u-f32-g-f64": (cone, (r(2, 3, 4), Gd[0] + 0.1 * torch.eye(4, dtype=torch.float64, device=device))),
+        "dual-cone-m0": (cone, (r(3, 0), G[0, :0, :0])),
     }
 
 
@@ -296,7 +301,7 @@ def test_opcheck(device, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gramian-two-groups", "gradvac-f32", "pcgrad-f32", "combine-two-groups",
                                   "moco-softmax", "gramian-list-group-spans-blocks", "combine-list-bf16",
-                                  "moco-projection-f64", "aggregate-gradvac-list"])
+                                  "moco-projection-f64", "aggregate-gradvac-list", "dual-cone-upgrad-f64"])
 def test_compile_each_op_fullgraph(name):
     op, args = _op_samples("cpu")[name]
     clone = lambda a: [x.clone() if isinstance(x, torch.Tensor) else x for x in a]  # noqa: E731

@@ -1,4 +1,4 @@
-"""fusedjd: fused C++/CUDA GradVac, PCGrad and MoCo aggregators, drop-in for torchjd.
+"""fusedjd: fused C++/CUDA GradVac, PCGrad, MoCo, UPGrad and DualProj aggregators, drop-in for torchjd.
 
 >>> import fusedjd
 >>> from torchjd.autojac import mtl_backward
@@ -13,6 +13,7 @@ from . import _C, _cpu, groups, ops, reference
 from ._gradvac import GradVac, GradVacWeighting, GroupedGradVac, PCGrad, PCGradWeighting
 from ._jac_to_grad import jac_to_grad
 from ._moco import MoCo, MoCoWeighting
+from ._projector import DualProj, DualProjWeighting, Projector, UPGrad, UPGradWeighting
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,8 @@ def build_info() -> dict:
 
 __all__ = [
     "build_info",
+    "DualProj",
+    "DualProjWeighting",
     "GradVac",
     "GradVacWeighting",
     "GroupedGradVac",
@@ -37,6 +40,9 @@ __all__ = [
     "MoCoWeighting",
     "PCGrad",
     "PCGradWeighting",
+    "Projector",
+    "UPGrad",
+    "UPGradWeighting",
     "groups",
     "jac_to_grad",
     "ops",

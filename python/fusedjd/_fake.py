@@ -143,6 +143,24 @@ def _(k, m, pcgrad, device=None):
     return torch.empty((k, m, max(m - 1, 0)), dtype=torch.long, device=device)
 
 
+_DUAL_CONE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@torch.library.register_fake("fusedjd::dual_cone")
+def _(U, G):
+    torch._check(G.dim() == 2 and G.shape[0] == G.shape[1],
+                 lambda: f"fusedjd: `G` must be a square Gramian [m, m], got shape {_shape(G)}")
+    torch._check(G.dtype in _DUAL_CONE_DTYPES,
+                 lambda: f"fusedjd: `G` must be float16, bfloat16, float32 or float64, got {_st(G.dtype)}")
+    torch._check(U.dim() >= 1 and U.shape[-1] == G.shape[0],
+                 lambda: f"fusedjd: `U` must have shape [..., m] with m = {G.shape[0]} (the size of `G`), "
+                 f"got shape {_shape(U)}")
+    torch._check(U.dtype in _DUAL_CONE_DTYPES,
+                 lambda: f"fusedjd: `U` must be float16, bfloat16, float32 or float64, got {_st(U.dtype)}")
+    _check_same_device(U, "U", G, "G")
+    return U.new_empty(U.shape, dtype=G.dtype)
+
+
 @torch.library.register_fake("fusedjd::combine")
 def _(J, weights, group_sizes):
     m, n = _check_blocks(J)

@@ -23,6 +23,7 @@ __all__ = [
     "combine",
     "draw_perms",
     "draw_perms_device",
+    "dual_cone",
     "gradvac_loop",
     "gramian",
     "has_cuda_kernels",
@@ -168,6 +169,23 @@ def moco_gramian(J: Tensor | Sequence[Tensor], Y: Tensor, step: Tensor, beta: fl
     store, ``Y + b (J - Y)`` with ``b = beta / (step + 1)^beta_sigma`` (read on the device), rounded
     to ``Y``'s dtype as the step stores it. Nothing is written."""
     return torch.ops.fusedjd.moco_gramian.default(_blocks(J), Y, step, float(beta), float(beta_sigma))
+
+
+def dual_cone(U: Tensor, G: Tensor) -> Tensor:
+    """For each ``u`` in ``U`` (``[..., m]``), the ``v >= u`` minimising ``vᵀ G v``: the weights of the
+    projection of ``Jᵀu`` onto the dual cone of ``J``'s rows, given ``G = J Jᵀ`` (the problem of
+    :class:`torchjd.linalg.DualConeProjector`, Proposition 1 of arXiv 2406.16232).
+
+    Solved exactly by an active-set method on ``G`` in float64 (``docs/CONTRACT.md`` §2b), every
+    right-hand side on the CPU's threads or in one CUDA launch, without host synchronisation.
+    ``G`` must be symmetric positive definite for the solution to be exact (:class:`fusedjd.Projector`
+    adds ``reg_eps · I``); a non-finite ``G`` or ``u`` gives NaN.
+
+    :param U: ``[..., m]``, float16, bfloat16, float32 or float64.
+    :param G: ``[m, m]``, same device.
+    :returns: ``V`` with the shape of ``U`` and the dtype of ``G``.
+    """
+    return torch.ops.fusedjd.dual_cone.default(U, G)
 
 
 def has_cuda_kernels() -> bool:

@@ -21,6 +21,7 @@ __all__ = [
     "TOLERANCE",
     "MoCo",
     "combine",
+    "dual_cone",
     "gradvac_loop",
     "gramian",
     "moco_step",
@@ -156,6 +157,36 @@ def _loop(G: Tensor, perms: Tensor, targets: Tensor | None, beta: float, eps: fl
                 targets[g, i, j] = (1 - beta) * t + beta * c
             W[g] += C
     return W
+
+
+def dual_cone(U: Tensor, G: Tensor) -> Tensor:
+    """For each ``u`` in ``U [..., m]``, the ``v >= u`` minimising ``vᵀ G v`` (``G`` positive definite),
+    in float64, by enumeration of the free sets rather than the kernel's active-set steps: with
+    ``v = u + x`` and ``c = G u``, the unique solution is the ``x >= 0`` that solves
+    ``G_SS x_S = -c_S`` on its support ``S`` and has ``(c + G x)_i >= 0`` off it (the KKT
+    conditions), found among all ``2^m`` sets in order of size. For tests: ``m <= 12``."""
+    Gd = G.detach().double().cpu()  # sync-ok: reference, CPU float64
+    m = Gd.shape[0]
+    if m > 12:
+        raise ValueError(f"reference.dual_cone enumerates 2^m free sets: m <= 12, got m = {m}")
+    Ud = U.detach().double().cpu().reshape(-1, m)  # sync-ok: reference, CPU float64
+    V = torch.empty_like(Ud)
+    subsets = sorted(range(1 << m), key=lambda mask: bin(mask).count("1"))
+    for r, u in enumerate(Ud):
+        c = Gd @ u
+        tol = 1e-10 * (float(c.abs().max()) if m else 0.0) + 1e-300  # sync-ok: reference
+        for mask in subsets:
+            S = [i for i in range(m) if mask >> i & 1]
+            x = torch.zeros(m, dtype=torch.float64)
+            if S:
+                try:
+                    x[S] = torch.linalg.solve(Gd[S][:, S], -c[S])
+                except torch.linalg.LinAlgError:  # a singular G_SS: no unique minimiser on S
+                    continue
+            if (x >= 0).all() and ((c + Gd @ x) >= -tol * (1 + float(x.abs().sum()))).all():  # sync-ok: reference
+                break
+        V[r] = u + x
+    return V.reshape(U.shape)
 
 
 def project_simplex(v: Tensor) -> Tensor:

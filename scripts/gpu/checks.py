@@ -16,7 +16,7 @@ FAIL line (an exception fails its case only), then "graph check: N passed, M fai
    single combination may explain all replays (orders frozen at capture would).
 3. The default draws (torchjd's, on the host) refuse a capture: RuntimeError naming draws="device".
    ``ops.aggregate`` without orders must refuse it too, or draw fresh orders on each replay.
-4. No host synchronisation in a GradVac and a MoCo step, called directly and through
+4. No host synchronisation in a GradVac, a MoCo and an UPGrad step, called directly and through
    ``fusedjd.jac_to_grad``: under ``torch.cuda.set_sync_debug_mode("error")``, and with a 300 ms
    kernel queued first (a call that waited for the device would take that long).
 5. Device activity per step (``torch.profiler``, steady state, m = 8, n = 1e6): kernels, memcpy
@@ -459,7 +459,7 @@ def no_host_sync(kind: str, via: str):
         import fusedjd
         m, n = 8, 10**6
         gen = torch.Generator().manual_seed(3)
-        agg = fusedjd.GradVac() if kind == "GradVac" else fusedjd.MoCo()
+        agg = {"GradVac": fusedjd.GradVac, "MoCo": fusedjd.MoCo, "UPGrad": fusedjd.UPGrad}[kind]()
         if via == "direct":
             J = randn(gen, m, n).to(DEV)
             call = lambda: agg(J)  # noqa: E731
@@ -624,7 +624,7 @@ def cases() -> list[tuple[str, str, Callable]]:
                          ("PCGradWeighting", 1)]:
         c.append(("case", f"draws: {kind}(draws='device') m=4, one J replayed 3 times: valid orders, new each replay",
                   device_draws_valid_and_fresh(kind, groups=groups)))
-    for kind in ["GradVac", "MoCo"]:
+    for kind in ["GradVac", "MoCo", "UPGrad"]:
         for via in ["direct", "jac_to_grad"]:
             how = "called directly" if via == "direct" else "through fusedjd.jac_to_grad"
             c.append(("case", f"no host sync: {kind} step {how} m=8 n=1e6", no_host_sync(kind, via)))

@@ -139,6 +139,17 @@ def jac_to_grad(fusedjd, gen):
             fusedjd.jac_to_grad(params, agg)
 
 
+def projector(fusedjd, gen):
+    for m in (1, 7, 40, 130):
+        A = on(torch.randn(m, m // 2 + 1, generator=gen, dtype=torch.float64))
+        G = A @ A.T / (A.norm() ** 2) + 1e-4 * torch.eye(m, dtype=torch.float64, device=DEV)
+        fusedjd.ops.dual_cone(torch.eye(m, dtype=torch.float64, device=DEV), G)
+        fusedjd.ops.dual_cone(on(torch.randn(3, 2, m, generator=gen)), G.float())
+    J = on(torch.randn(12, 3001, generator=gen))
+    fusedjd.UPGrad()(J)
+    fusedjd.DualProj()(J)
+
+
 SECTIONS = [
     ("every op at test sizes, 4 dtypes", every_op_at_test_sizes, "ops"),
     ("m = 33, 64, 128, 129", wide_m, "ops"),
@@ -146,6 +157,7 @@ SECTIONS = [
     ("aggregate", aggregate, "ops"),
     ("classes (host and device draws)", classes, "fusedjd"),
     ("jac_to_grad", jac_to_grad, "fusedjd"),
+    ("the dual-cone projector (UPGrad, DualProj)", projector, "fusedjd"),
     ("loops at m = 256 and with 300 groups", large_loops, "ops"),
     ("loops at m = 800 (rows in global scratch)", loop_800, "ops"),
 ]

@@ -1,0 +1,121 @@
+"""UPGrad and DualProj without quadprog: :class:`Projector`, a :class:`torchjd.linalg.DualConeProjector`
+on the fused ``dual_cone`` op, and torchjd's UPGrad / DualProj classes with it as their default."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchjd import aggregation as ta
+from torchjd.aggregation import GramianWeightedAggregator
+from torchjd.linalg import DualConeProjector
+
+from . import ops
+from ._validation import non_negative
+
+
+class Projector(DualConeProjector):
+    r"""
+    :class:`~torchjd.linalg.DualConeProjector` solving its quadratic programs with fusedjd's
+    ``dual_cone`` op (:func:`fusedjd.ops.dual_cone`): an exact active-set method on the Gramian in
+    float64, all right-hand sides at once, on the Gramian's device (C++ on the CPU, one CUDA launch
+    on a GPU, no host synchronisation, CUDA-graph safe). A drop-in replacement for
+    :class:`torchjd.linalg.QuadprogProjector` with the same parameters and preprocessing::
+
+        torchjd.aggregation.UPGrad(projector=fusedjd.Projector())
+
+    The Gramian is first divided by its trace (replaced by zeros when the trace is below
+    ``norm_eps``), then ``reg_eps · I`` is added, as torchjd's quadprog projector does; the
+    problem is then strictly convex (for ``reg_eps > 0``) and its solution unique. A non-finite
+    Gramian or ``U`` gives NaN weights instead of an exception.
+
+    :param norm_eps: A small value to avoid division by zero when normalizing.
+    :param reg_eps: A small value added to the diagonal of the normalized Gramian, making it
+        positive definite.
+    """
+
+    def __init__(self, *, norm_eps: float = 0.0001, reg_eps: float = 0.0001) -> None:
+        super().__init__()
+        self.norm_eps = norm_eps
+        self.reg_eps = reg_eps
+
+    norm_eps = non_negative("norm_eps")
+    reg_eps = non_negative("reg_eps")
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(norm_eps={self._norm_eps}, reg_eps={self._reg_eps})"
+
+    def __call__(self, U: Tensor, G: Tensor) -> Tensor:
+        U, G = U.detach(), G.detach()  # not differentiable: torchjd's numpy round trip detaches too
+        trace = G.diagonal().sum()
+        # torchjd's normalize and regularize (torch.where: no host synchronisation)
+        G = torch.where(trace < self._norm_eps, torch.zeros_like(G), G / trace)
+        G = G + self._reg_eps * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        return ops.dual_cone(U, G)
+
+
+def _projector(value: DualConeProjector | None) -> DualConeProjector:
+    """torchjd's ``projector_or_default`` with fusedjd's default (any other value is kept, as torchjd
+    keeps it)."""
+    return Projector() if value is None else value
+
+
+class UPGradWeighting(ta.UPGradWeighting):
+    """:class:`torchjd.aggregation.UPGradWeighting` with :class:`~fusedjd.Projector` as its default
+    projector: same arguments and results (to the solver's precision), no quadprog, no host
+    round trip.
+
+    :param pref_vector: The preference vector to use (default: the mean).
+    :param projector: The :class:`~torchjd.linalg.DualConeProjector`; ``None``: ``fusedjd.Projector()``.
+    """
+
+    @property
+    def projector(self) -> DualConeProjector:
+        return self._projector
+
+    @projector.setter
+    def projector(self, value: DualConeProjector | None) -> None:
+        self._projector = _projector(value)
+
+
+class DualProjWeighting(ta.DualProjWeighting):
+    """:class:`torchjd.aggregation.DualProjWeighting` with :class:`~fusedjd.Projector` as its
+    default projector.
+
+    :param pref_vector: The preference vector to use (default: the mean).
+    :param projector: The :class:`~torchjd.linalg.DualConeProjector`; ``None``: ``fusedjd.Projector()``.
+    """
+
+    @property
+    def projector(self) -> DualConeProjector:
+        return self._projector
+
+    @projector.setter
+    def projector(self, value: DualConeProjector | None) -> None:
+        self._projector = _projector(value)
+
+
+class UPGrad(ta.UPGrad):
+    """:class:`torchjd.aggregation.UPGrad` (Jacobian descent's flagship aggregator) with
+    :class:`~fusedjd.Projector` as its default projector: switching is changing the import. Works
+    with :func:`fusedjd.jac_to_grad` and its sharded path like any torchjd Gramian-weighted
+    aggregator; on CUDA a step has no host synchronisation.
+
+    :param pref_vector: The preference vector used to combine the projected rows (default: the
+        mean).
+    :param projector: The :class:`~torchjd.linalg.DualConeProjector`; ``None``: ``fusedjd.Projector()``.
+    """
+
+    def __init__(self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None) -> None:
+        GramianWeightedAggregator.__init__(self, UPGradWeighting(pref_vector, projector=projector))
+
+
+class DualProj(ta.DualProj):
+    """:class:`torchjd.aggregation.DualProj` with :class:`~fusedjd.Projector` as its default
+    projector.
+
+    :param pref_vector: The preference vector used to combine the rows (default: the mean).
+    :param projector: The :class:`~torchjd.linalg.DualConeProjector`; ``None``: ``fusedjd.Projector()``.
+    """
+
+    def __init__(self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None) -> None:
+        GramianWeightedAggregator.__init__(self, DualProjWeighting(pref_vector, projector=projector))

@@ -148,6 +148,28 @@ inline void check_dual_cone_args(const at::Tensor& U, const at::Tensor& G) {
   FUSEDJD_CHECK_SAME_DEVICE(U, G);
 }
 
+// The dual_cone op's inputs as its kernels solve them: G [m, m] and U as k rows [k, m], both
+// float64 and contiguous (empty when m or U is), and the output V [k, m] float64 to fill; `finish`
+// returns V in U's shape and G's dtype.
+struct DualConeProblem {
+  at::Tensor G, U, V;
+  int64_t k = 0, m = 0;
+  at::Tensor finish(const at::Tensor& U_in, const at::Tensor& G_in) const {
+    return V.to(G_in.scalar_type()).reshape(U_in.sizes());
+  }
+};
+
+inline DualConeProblem dual_cone_problem(const at::Tensor& U, const at::Tensor& G) {
+  check_dual_cone_args(U, G);
+  DualConeProblem p;
+  p.m = G.size(0);
+  p.k = p.m == 0 ? 0 : U.numel() / p.m;
+  p.G = G.to(at::kDouble).contiguous();
+  p.U = U.reshape({p.k, p.m}).to(at::kDouble).contiguous();
+  p.V = at::empty({p.k, p.m}, p.U.options());
+  return p;
+}
+
 inline void check_gradvac_hyper(double beta, double eps) {
   TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "fusedjd: `beta` must be in [0, 1], got ", beta);
   TORCH_CHECK(eps >= 0.0, "fusedjd: `eps` must be non-negative, got ", eps);

@@ -13,26 +13,19 @@ namespace fusedjd::cpu {
 namespace {
 
 at::Tensor dual_cone_cpu(const at::Tensor& U, const at::Tensor& G) {
-  check_dual_cone_args(U, G);
-  const int64_t m = G.size(0);
-  if (m == 0 || U.numel() == 0) return at::empty(U.sizes(), U.options().dtype(G.scalar_type()));
-  const at::Tensor Gd = G.to(at::kDouble).contiguous();
-  const at::Tensor Ud = U.reshape({-1, m}).to(at::kDouble).contiguous();
-  const int64_t k = Ud.size(0);
-  at::Tensor V = at::empty({k, m}, Ud.options());
-  {
-    const double* g = Gd.data_ptr<double>();
-    const double* u = Ud.data_ptr<double>();
-    double* v = V.data_ptr<double>();
-    // one right-hand side is O(m^3) at most: small problems stay on one thread
-    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, m * m));
-    at::parallel_for(0, k, grain, [&](int64_t lo, int64_t hi) {
-      std::vector<double> work(static_cast<size_t>(dual_cone_scratch(m)));
-      std::vector<int64_t> rows(static_cast<size_t>(m));
-      for (int64_t r = lo; r < hi; ++r) dual_cone_solve(g, m, u + r * m, v + r * m, work.data(), rows.data());
-    });
-  }
-  return V.to(G.scalar_type()).reshape(U.sizes());
+  const DualConeProblem p = dual_cone_problem(U, G);
+  const int64_t k = p.k, m = p.m;
+  const double* g = p.G.data_ptr<double>();
+  const double* u = p.U.data_ptr<double>();
+  double* v = p.V.data_ptr<double>();
+  // one right-hand side is O(m^3) at most: small problems stay on one thread
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, m * m));
+  at::parallel_for(0, k, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<double> work(static_cast<size_t>(dual_cone_scratch(m)));
+    std::vector<int64_t> rows(static_cast<size_t>(m));
+    for (int64_t r = lo; r < hi; ++r) dual_cone_solve(g, m, u + r * m, v + r * m, work.data(), rows.data());
+  });
+  return p.finish(U, G);
 }
 
 }  // namespace

@@ -22,22 +22,17 @@ __global__ void dual_cone_kernel(const double* G, const double* U, double* V, do
 }
 
 at::Tensor dual_cone_cuda(const at::Tensor& U, const at::Tensor& G) {
-  check_dual_cone_args(U, G);
   const DeviceGuard guard(G.device());
-  const int64_t m = G.size(0);
-  if (m == 0 || U.numel() == 0) return at::empty(U.sizes(), U.options().dtype(G.scalar_type()));
-  const at::Tensor Gd = G.to(at::kDouble).contiguous();
-  const at::Tensor Ud = U.reshape({-1, m}).to(at::kDouble).contiguous();
-  const int64_t k = Ud.size(0);
-  at::Tensor V = at::empty({k, m}, Ud.options());
-  {
-    at::Tensor work = at::empty({k * dual_cone_scratch(m)}, Ud.options());
-    at::Tensor rows = at::empty({k * m}, Ud.options().dtype(at::kLong));
+  const DualConeProblem p = dual_cone_problem(U, G);
+  const int64_t k = p.k, m = p.m;
+  if (k > 0) {
+    at::Tensor work = at::empty({k * dual_cone_scratch(m)}, p.U.options());
+    at::Tensor rows = at::empty({k * m}, p.U.options().dtype(at::kLong));
     const dim3 grid(static_cast<unsigned>((k + kDualConeThreads - 1) / kDualConeThreads));
-    launch("dual_cone_kernel", dual_cone_kernel, grid, kDualConeThreads, 0, Gd.data_ptr<double>(),
-           Ud.data_ptr<double>(), V.data_ptr<double>(), work.data_ptr<double>(), rows.data_ptr<int64_t>(), k, m);
+    launch("dual_cone_kernel", dual_cone_kernel, grid, kDualConeThreads, 0, p.G.data_ptr<double>(),
+           p.U.data_ptr<double>(), p.V.data_ptr<double>(), work.data_ptr<double>(), rows.data_ptr<int64_t>(), k, m);
   }
-  return V.to(G.scalar_type()).reshape(U.sizes());
+  return p.finish(U, G);
 }
 
 }  // namespace

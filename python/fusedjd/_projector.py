@@ -59,7 +59,20 @@ def _projector(value: DualConeProjector | None) -> DualConeProjector:
     return Projector() if value is None else value
 
 
-class UPGradWeighting(ta.UPGradWeighting):
+class _FusedDefault:
+    """torchjd's ``projector`` property with :class:`~fusedjd.Projector` as the default (for the
+    weightings below, placed before torchjd's class)."""
+
+    @property
+    def projector(self) -> DualConeProjector:
+        return self._projector
+
+    @projector.setter
+    def projector(self, value: DualConeProjector | None) -> None:
+        self._projector = _projector(value)
+
+
+class UPGradWeighting(_FusedDefault, ta.UPGradWeighting):
     """:class:`torchjd.aggregation.UPGradWeighting` with :class:`~fusedjd.Projector` as its default
     projector: same arguments and results (to the solver's precision), no quadprog, no host
     round trip.
@@ -68,30 +81,14 @@ class UPGradWeighting(ta.UPGradWeighting):
     :param projector: The :class:`~torchjd.linalg.DualConeProjector`; ``None``: ``fusedjd.Projector()``.
     """
 
-    @property
-    def projector(self) -> DualConeProjector:
-        return self._projector
 
-    @projector.setter
-    def projector(self, value: DualConeProjector | None) -> None:
-        self._projector = _projector(value)
-
-
-class DualProjWeighting(ta.DualProjWeighting):
+class DualProjWeighting(_FusedDefault, ta.DualProjWeighting):
     """:class:`torchjd.aggregation.DualProjWeighting` with :class:`~fusedjd.Projector` as its
     default projector.
 
     :param pref_vector: The preference vector to use (default: the mean).
     :param projector: The :class:`~torchjd.linalg.DualConeProjector`; ``None``: ``fusedjd.Projector()``.
     """
-
-    @property
-    def projector(self) -> DualConeProjector:
-        return self._projector
-
-    @projector.setter
-    def projector(self, value: DualConeProjector | None) -> None:
-        self._projector = _projector(value)
 
 
 class UPGrad(ta.UPGrad):

@@ -93,8 +93,10 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
     - rounding: a corrected row that has cancelled below what the Gramian's rounding resolves
       counts as zero (cosine 0, no correction), a correction applies only when the cosine is below
       the target by more than its own rounding, and the sine of a cosine within rounding of
-      :math:`\pm 1` is 0 (``docs/CONTRACT.md`` §1, guard 4). This keeps float32 GradVac on
-      rank-deficient Jacobians as close to the float64 result as torchjd's float32 GradVac is.
+      :math:`\pm 1` is 0 (``docs/CONTRACT.md`` §1, guard 4). On rank-deficient float32 Jacobians
+      this removes the blow-ups (1e6 away from the float64 result); the distance left is within
+      about 10× torchjd's own float32 distance (95 of the 96 tested cases within 10×, one at
+      10.6×).
 
     :param beta: EMA rate for :math:`\hat{\phi}`, in [0, 1].
     :param eps: Small non-negative constant added to denominators.

@@ -67,6 +67,20 @@ class _WholeGramian:
                                            name)[0]
 
 
+class _WholeMatrixWeighted(_Fused):
+    """GradVac's and PCGrad's shared part: one weighting of the whole matrix, whose hooks a hooked
+    forward runs through ``weighting`` (the fused Gramian, then ``gramian_weighting``), and whose
+    weights ``jac_to_grad`` returns."""
+
+    def _hook_modules(self) -> tuple[nn.Module, ...]:
+        return self._modules["weighting"], self._modules["gramian_weighting"]
+
+    def _hooked_forward(self, matrix: Tensor) -> Tensor:
+        return ops.combine(matrix, self._modules["weighting"](matrix).unsqueeze(0), [matrix.shape[1]])
+
+    _returns_weights = True
+
+
 class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting` giving the weights of
@@ -191,7 +205,7 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         return ops.aggregate(J, group_sizes, T, self._beta, self._eps, False, perms)
 
 
-class GradVac(_Fused, GramianWeightedAggregator, Stateful, _NonDifferentiable):
+class GradVac(_WholeMatrixWeighted, GramianWeightedAggregator, Stateful, _NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.GramianWeightedAggregator`
     implementing Gradient Vaccine (GradVac) from `Gradient Vaccine: Investigating and Improving
@@ -240,14 +254,6 @@ class GradVac(_Fused, GramianWeightedAggregator, Stateful, _NonDifferentiable):
     def reset(self) -> None:
         """Clears the EMA targets so the next call starts from zero targets."""
         self.gramian_weighting.reset()
-
-    def _hook_modules(self) -> tuple[nn.Module, ...]:
-        return self._modules["weighting"], self._modules["gramian_weighting"]
-
-    def _hooked_forward(self, matrix: Tensor) -> Tensor:
-        return ops.combine(matrix, self._modules["weighting"](matrix).unsqueeze(0), [matrix.shape[1]])
-
-    _returns_weights = True
 
     def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
         return self._modules["gramian_weighting"].aggregate(blocks, [sum(sizes)], group)
@@ -377,7 +383,7 @@ class PCGradWeighting(Weighting, _NonDifferentiable):
         return ops.aggregate(J, [n], None, 0.0, 0.0, True, perms)
 
 
-class PCGrad(_Fused, GramianWeightedAggregator, _NonDifferentiable):
+class PCGrad(_WholeMatrixWeighted, GramianWeightedAggregator, _NonDifferentiable):
     """
     :class:`~torchjd.aggregation.GramianWeightedAggregator` as defined in Algorithm 1 of
     `Gradient Surgery for Multi-Task Learning <https://arxiv.org/pdf/2001.06782.pdf>`_, a drop-in
@@ -398,14 +404,6 @@ class PCGrad(_Fused, GramianWeightedAggregator, _NonDifferentiable):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({_draws_repr(self.draws)[2:]})"
-
-    def _hook_modules(self) -> tuple[nn.Module, ...]:
-        return self._modules["weighting"], self._modules["gramian_weighting"]
-
-    def _hooked_forward(self, matrix: Tensor) -> Tensor:
-        return ops.combine(matrix, self._modules["weighting"](matrix).unsqueeze(0), [matrix.shape[1]])
-
-    _returns_weights = True
 
     def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
         return self._modules["gramian_weighting"].aggregate(blocks, sum(sizes), group)

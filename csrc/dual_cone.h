@@ -112,10 +112,9 @@ FUSEDJD_HD int64_t dual_cone_solve(const double* G, int64_t m, const double* u, 
     int64_t enter = -1;
     double w_min = -tol;
     for (int64_t i = 0; i < m; ++i) {
-      if (x[i] > 0.0 || blocked[i] != 0.0) continue;  // (rows of P have x > 0; see below)
-      bool in_p = false;
-      for (int64_t q = 0; q < p; ++q) in_p = in_p || rows[q] == i;
-      if (in_p) continue;
+      // the rows of P are exactly those with x > 0: a solve leaves x_P = z > 0, a step drops the
+      // rows it brings to 0
+      if (x[i] > 0.0 || blocked[i] != 0.0) continue;
       double w = c[i];
       for (int64_t a = 0; a < m; ++a) w += G[i * m + a] * x[a];
       if (w < w_min) {

@@ -12,7 +12,14 @@
 #include "schemas.h"
 
 #ifdef FUSEDJD_PYTHON_MODULE  // set by setup.py; the CMake build is a plain C++ library
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/pybind11.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
 
 
 #ifndef FUSEDJD_TORCH_VERSION
@@ -40,6 +47,42 @@ pybind11::list cpu_supports() {
 #endif
   levels.append("default");
   return levels;
+}
+
+// The typed entry points of the two ops an aggregator calls once per step (aggregate, moco_step):
+// the same op, called through the C++ dispatcher (every dispatch key, profiler and Python mode
+// included) with pybind11's typed arguments instead of torch.ops' generic parsing of the schema,
+// which costs about 2 us of a small step's 5. fusedjd/ops.py takes them only where torch.ops
+// would add nothing: plain tensors, no torch-function mode, not compiling.
+template <typename Fn>
+struct Op;
+template <typename R, typename... A>
+struct Op<R(A...)> {
+  c10::TypedOperatorHandle<R(A...)> handle;
+  explicit Op(const char* name) : handle(c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<R(A...)>()) {}
+};
+
+std::tuple<at::Tensor, at::Tensor> aggregate(const std::vector<at::Tensor>& J, const std::vector<int64_t>& group_sizes,
+                                             std::optional<at::Tensor> targets, double beta, double eps, bool pcgrad,
+                                             const std::optional<at::Tensor>& perms) {
+  static const Op<std::tuple<at::Tensor, at::Tensor>(at::TensorList, c10::SymIntArrayRef,
+                                                     const std::optional<at::Tensor>&, double, double, bool,
+                                                     const std::optional<at::Tensor>&)>
+      op("fusedjd::aggregate");
+  pybind11::gil_scoped_release no_gil;
+  return op.handle.call(J, c10::fromIntArrayRefSlow(group_sizes), targets, beta, eps, pcgrad, perms);
+}
+
+std::tuple<at::Tensor, at::Tensor> moco_step(const std::vector<at::Tensor>& J, at::Tensor Y, at::Tensor lam,
+                                             at::Tensor step, double beta, double beta_sigma, double gamma,
+                                             double gamma_sigma, double rho, bool projection,
+                                             const std::optional<at::Tensor>& gram) {
+  static const Op<std::tuple<at::Tensor, at::Tensor>(at::TensorList, at::Tensor&, at::Tensor&, at::Tensor&, double,
+                                                     double, double, double, double, bool,
+                                                     const std::optional<at::Tensor>&)>
+      op("fusedjd::moco_step");
+  pybind11::gil_scoped_release no_gil;
+  return op.handle.call(J, Y, lam, step, beta, beta_sigma, gamma, gamma_sigma, rho, projection, gram);
 }
 
 }  // namespace
@@ -70,6 +113,27 @@ PYBIND11_MODULE(_C, m) {
       },
       "How this library was built: CUDA kernels (bool), the CUDA archs they were compiled for, "
       "the torch version built against, the CPU kernels' instruction-set levels, OpenMP.");
+  // (torch's own translation of C++ errors: the same Python exception and message as torch.ops)
+  m.def(
+      "aggregate",
+      [](const std::vector<at::Tensor>& J, const std::vector<int64_t>& group_sizes, std::optional<at::Tensor> targets,
+         double beta, double eps, bool pcgrad, const std::optional<at::Tensor>& perms) {
+        HANDLE_TH_ERRORS
+        return aggregate(J, group_sizes, std::move(targets), beta, eps, pcgrad, perms);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      "torch.ops.fusedjd.aggregate through the C++ dispatcher (fusedjd.ops.aggregate's eager fast path).");
+  m.def(
+      "moco_step",
+      [](const std::vector<at::Tensor>& J, at::Tensor Y, at::Tensor lam, at::Tensor step, double beta,
+         double beta_sigma, double gamma, double gamma_sigma, double rho, bool projection,
+         const std::optional<at::Tensor>& gram) {
+        HANDLE_TH_ERRORS
+        return moco_step(J, std::move(Y), std::move(lam), std::move(step), beta, beta_sigma, gamma, gamma_sigma, rho,
+                         projection, gram);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      "torch.ops.fusedjd.moco_step through the C++ dispatcher (fusedjd.ops.moco_step's eager fast path).");
   m.def("cpu_supports", &cpu_supports,
         "The CPU kernels' instruction-set levels this CPU can run, best first (cpuid).");
 }

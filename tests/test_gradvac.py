@@ -723,3 +723,30 @@ def test_checkpoints_that_saved_n_still_load():
     expected = src(J)
     torch.manual_seed(1)
     assert torch.equal(dst(J), expected)
+
+
+@pytest.mark.parametrize("make", [fusedjd.GradVac, fusedjd.PCGrad, lambda: fusedjd.GroupedGradVac([5, 3]),
+                                  fusedjd.MoCo])
+def test_calls_run_hooks_and_keep_grad_out(make):
+    """An aggregator's call takes a short path when nothing runs around forward; hooks on it (its
+    own and global ones) still run, and a matrix that requires grad still gives an output that
+    does not, equal to the short path's."""
+    J = torch.randn(3, 8)
+    torch.manual_seed(0)
+    plain = make()(J)
+    seen = []
+    agg = make()
+    agg.register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+    agg.register_forward_hook(lambda mod, args, out: seen.append(out))
+    torch.manual_seed(0)
+    out = agg(J)
+    assert seen[0] == "pre" and seen[1] is out and torch.equal(out, plain)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: seen.append("global"))
+    try:
+        torch.manual_seed(0)  # (a global hook also runs on the submodules: MoCo then forms λᵀY apart)
+        assert torch.allclose(make()(J), plain, rtol=1e-6, atol=1e-7) and "global" in seen
+    finally:
+        handle.remove()
+    torch.manual_seed(0)
+    out = make()(J.clone().requires_grad_())
+    assert not out.requires_grad and torch.equal(out, plain)

@@ -652,3 +652,74 @@ def test_float8_is_refused_by_name_eager_and_traced():
     for x in (J, J.to("meta")):
         with pytest.raises(RuntimeError, match=message):
             ops.gramian([x.float().to(x.device), x], [20])
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    """A torch-function mode that records the functions it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _moco_state(m, n, dtype=torch.float32):
+    acc = ops.acc_dtype(dtype)
+    return [torch.randn(m, n).to(dtype), torch.full((m,), 1.0 / m, dtype=acc), torch.tensor(3)]
+
+
+@pytest.mark.parametrize("pcgrad", [False, True])
+def test_direct_entry_points_equal_torch_ops(pcgrad):
+    """ops.aggregate and ops.moco_step enter the dispatcher through fusedjd._C's typed bindings:
+    bit for bit what torch.ops gives, state and draws included."""
+    gen = torch.Generator().manual_seed(11)
+    J = torch.randn(6, 2003, generator=gen)
+    blocks, sizes = [J[:, :1000], J[:, 1000:]], [500, 1503]
+    T1 = None if pcgrad else torch.rand(2, 6, 6, generator=gen)
+    T2 = None if pcgrad else T1.clone()
+    torch.manual_seed(5)
+    got = ops.aggregate(blocks, sizes, T1, 0.3, 1e-8, pcgrad)
+    after = torch.get_rng_state()
+    torch.manual_seed(5)
+    want = torch.ops.fusedjd.aggregate.default(blocks, sizes, T2, 0.3, 1e-8, pcgrad, None)
+    assert torch.equal(torch.get_rng_state(), after)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and (pcgrad or torch.equal(T1, T2))
+    torch.manual_seed(0)
+    s1, s2 = _moco_state(6, 2003), None
+    s2 = [t.clone() for t in s1]
+    got = ops.moco_step(blocks, *s1, 0.5, 0.5, 0.1, 0.5, 0.01, pcgrad)
+    want = torch.ops.fusedjd.moco_step.default(blocks, *s2, 0.5, 0.5, 0.1, 0.5, 0.01, pcgrad, None)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(s1, s2))
+
+
+def test_torch_function_modes_see_every_op():
+    """Under a torch-function mode the ops go through torch.ops (which the mode sees), in the
+    classes' calls as in the ops module's."""
+    J = torch.randn(3, 50)
+    with _Recorder() as rec:
+        fusedjd.GradVac()(J)
+        fusedjd.PCGrad()(J)
+        fusedjd.MoCo()(J)
+        ops.aggregate(J, [50], None, 0.0, 0.0, True)
+    names = [str(f) for f in rec.seen]
+    assert names.count("fusedjd.aggregate.default") == 3 and names.count("fusedjd.moco_step.default") == 1
+
+
+@pytest.mark.parametrize("entry", ["ops", "torch.ops"])
+def test_refused_aggregate_draws_and_writes_nothing(entry):
+    """A refused aggregate (targets of the wrong shape, a bad beta, orders of the wrong shape)
+    leaves the targets and the default generator as they were."""
+    J = torch.randn(4, 30)
+    call = ops.aggregate if entry == "ops" else torch.ops.fusedjd.aggregate.default
+    for T, beta, perms, message in [
+        (torch.rand(1, 4, 3), 0.5, None, r"`targets` must have the shape of `G` \[1, 4, 4\], got \[1, 4, 3\]"),
+        (torch.rand(1, 4, 4), 1.5, None, r"`beta` must be in \[0, 1\], got 1.5"),
+        (torch.rand(1, 4, 4), 0.5, torch.zeros(1, 4, 2, dtype=torch.long), r"`perms` must have shape"),
+    ]:
+        saved, rng = T.clone(), torch.get_rng_state()
+        with pytest.raises(RuntimeError, match=message):
+            call([J], [30], T, beta, 0.0, False, perms)
+        assert torch.equal(T, saved) and torch.equal(torch.get_rng_state(), rng)

@@ -2,50 +2,19 @@
 // GradVac and PCGrad drawn on the host from the default CPU generator, exactly as torchjd draws
 // them, then moved to the target device without a host sync.
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
 
-#include <mutex>
 #include <optional>
-#include <utility>
-#include <vector>
 
 #include "../common.h"
+#include "../draws.h"
 
 namespace fusedjd {
 namespace {
 
-// torch.randperm(n) on the CPU: identity, then a Fisher-Yates pass drawing
-// generator->random() % (n - i) for i < n - 1 (the draws torch itself makes).
-void randperm_into(at::CPUGeneratorImpl* gen, int64_t n, int64_t* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = i;
-  for (int64_t i = 0; i + 1 < n; ++i) {
-    const int64_t z = gen->random() % (n - i);
-    std::swap(out[i], out[z + i]);
-  }
-}
-
 at::Tensor draw_perms_cpu(int64_t k, int64_t m, bool pcgrad) {
   at::Tensor out = at::empty({k, m, m > 0 ? m - 1 : 0}, at::TensorOptions().dtype(at::kLong));
-  if (k == 0 || m == 0) return out;
-  int64_t* o = out.data_ptr<int64_t>();
-  std::vector<int64_t> perm(static_cast<size_t>(m));
-  at::Generator g = at::detail::getDefaultCPUGenerator();
-  auto* gen = at::check_generator<at::CPUGeneratorImpl>(g);
-  std::lock_guard<std::mutex> lock(gen->mutex_);
-  for (int64_t chain = 0; chain < k * m; ++chain) {
-    const int64_t i = chain % m;
-    int64_t* dst = o + chain * (m - 1);
-    if (pcgrad) {  // randperm(m), skipping i
-      randperm_into(gen, m, perm.data());
-      int64_t s = 0;
-      for (int64_t a = 0; a < m; ++a)
-        if (perm[a] != i) dst[s++] = perm[a];
-    } else {  // randperm(m - 1) mapped onto [0..i-1, i+1..m-1]
-      randperm_into(gen, m - 1, perm.data());
-      for (int64_t a = 0; a + 1 < m; ++a) dst[a] = perm[a] + (perm[a] >= i ? 1 : 0);
-    }
-  }
+  draw_perms_into(k, m, pcgrad, out.data_ptr<int64_t>());
   return out;
 }
 

@@ -12,6 +12,7 @@
 
 #include "../common.h"
 #include "block_rows.h"
+#include "kernels.h"
 #include "simd.h"
 
 namespace fusedjd::cpu {
@@ -68,13 +69,17 @@ at::Tensor combine_cpu(at::TensorList J, const at::Tensor& weights, at::IntArray
   const CombineArgs a = prepare_combine(J, weights, group_sizes);
   if (a.done) return a.out;
   const at::Tensor W = weights.to(at::kDouble).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.B.dtype, "fusedjd_combine_cpu", [&] {
-    combine_rows(a.B, a.off, W.data_ptr<double>(), a.out.data_ptr<scalar_t>());
-  });
+  combine_into(a.B, a.off, W.data_ptr<double>(), a.out);
   return a.out;
 }
 
 }  // namespace
+
+void combine_into(const Blocks& B, const std::vector<int64_t>& off, const double* w, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, B.dtype, "fusedjd_combine_cpu", [&] {
+    combine_rows(B, off, w, out.data_ptr<scalar_t>());
+  });
+}
 
 TORCH_LIBRARY_IMPL(fusedjd, CPU, m) {
   m.impl("combine", &combine_cpu);

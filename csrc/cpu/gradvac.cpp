@@ -12,6 +12,7 @@
 
 #include "../common.h"
 #include "../math.h"
+#include "kernels.h"
 
 namespace fusedjd::cpu {
 namespace {
@@ -80,7 +81,6 @@ void run_chains(const S* G, const int64_t* perms, S* targets, S* weights, int64_
 template <bool PCGRAD>
 at::Tensor loop_cpu(const at::Tensor& G_in, const at::Tensor& perms_in, at::Tensor* targets,
                     double beta, double eps) {
-  check_loop_args(G_in, perms_in);
   const int64_t k = G_in.size(0), m = G_in.size(1);
   at::Tensor weights = at::empty({k, m}, G_in.options());
   if (k == 0 || m == 0) return weights;
@@ -106,14 +106,20 @@ at::Tensor gradvac_loop_cpu(const at::Tensor& G, const at::Tensor& perms, at::Te
                             double eps) {
   check_targets(G, targets);
   check_gradvac_hyper(beta, eps);
+  check_loop_args(G, perms);
   return loop_cpu<false>(G, perms, &targets, beta, eps);
 }
 
 at::Tensor pcgrad_loop_cpu(const at::Tensor& G, const at::Tensor& perms) {
+  check_loop_args(G, perms);
   return loop_cpu<true>(G, perms, nullptr, 0.0, 0.0);
 }
 
 }  // namespace
+
+at::Tensor run_loop(const at::Tensor& G, const at::Tensor& perms, at::Tensor* targets, double beta, double eps) {
+  return targets ? loop_cpu<false>(G, perms, targets, beta, eps) : loop_cpu<true>(G, perms, nullptr, 0.0, 0.0);
+}
 
 TORCH_LIBRARY_IMPL(fusedjd, CPU, m) {
   m.impl("gradvac_loop", &gradvac_loop_cpu);

@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "block_rows.h"
@@ -164,7 +165,11 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
   std::vector<double> slots(static_cast<size_t>(tasks * 2 * RR), 0.0);
   std::vector<int64_t> tags(static_cast<size_t>(tasks * 2), -1);
   at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<A> stage(static_cast<size_t>(R * TW)), zero(static_cast<size_t>(TW), A(0));
+    // (the staging tile is written before it is read: left uninitialized, since zeroing it would
+    // cost more than a small call's multiply-adds; the zero row is read only when R is not a
+    // multiple of the block)
+    const std::unique_ptr<A[]> stage(new A[static_cast<size_t>(R * TW)]);
+    const std::vector<A> zero(static_cast<size_t>(R % kBlock ? TW : 0), A(0));
     std::vector<const A*> x(static_cast<size_t>(R));
     std::vector<double> acc(static_cast<size_t>(RR));
     Streams next;  // a row source reads at most 2 streams per row
@@ -180,7 +185,7 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
             // than a vector, converted and padded in the staging tile) as a tile of its own
             len = std::min(TW, q1 - p);
             if (!Src::kStaged && len > Simd<A>::L) len -= len % Simd<A>::L;
-            const int64_t padded = src.tile(R, b, p, len, x.data(), stage.data(), TW);
+            const int64_t padded = src.tile(R, b, p, len, x.data(), stage.get(), TW);
             // prefetch the next tile of this block (which may lie in the next chunk, most often
             // this thread's) while this one is multiplied; not for a single block of rows read in
             // place, whose few streams the hardware prefetcher follows better

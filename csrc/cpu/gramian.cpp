@@ -5,8 +5,16 @@
 
 #include "../common.h"
 #include "gram_engine.h"
+#include "kernels.h"
 
 namespace fusedjd::cpu {
+
+void gram_blocks(const Blocks& B, const std::vector<int64_t>& off, double* out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, B.dtype, "fusedjd_gramian_cpu", [&] {
+    gram_groups(BlockRows<scalar_t>(B), B.m, off, out);
+  });
+}
+
 namespace {
 
 at::Tensor gramian_cpu(at::TensorList J, at::IntArrayRef group_sizes) {
@@ -17,9 +25,7 @@ at::Tensor gramian_cpu(at::TensorList J, at::IntArrayRef group_sizes) {
   at::Tensor out = at::zeros({k, m, m}, at::TensorOptions().dtype(acc_dtype(B.dtype)));
   if (m == 0 || B.n == 0) return out;
   std::vector<double> G(static_cast<size_t>(k * m * m), 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, B.dtype, "fusedjd_gramian_cpu", [&] {
-    gram_groups(BlockRows<scalar_t>(B), m, off, G.data());
-  });
+  gram_blocks(B, off, G.data());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fusedjd_gramian_cpu_out", [&] {
     std::copy(G.begin(), G.end(), out.data_ptr<scalar_t>());
   });

@@ -91,25 +91,30 @@ class _MoCoState(_BufferState):
         if isinstance(matrix, Tensor):
             check_matrix(matrix)
             (m, n), first = matrix.shape, matrix
-        else:  # the op checks the blocks
+        elif len(matrix) == 1:  # the op checks the blocks
+            first = matrix[0]
+            m, n = first.shape
+        else:
             first = matrix[0]
             m, n = first.shape[0], sum(b.shape[1] for b in matrix)
-        # before any change; the Gramian's dtype, as the other aggregators' checks take it
-        _distributed.check_agreement(group, "MoCo", m, 1, ops.acc_dtype(first.dtype), first.device)
-        Y = self._y
+        if group is not None:  # before any change; the Gramian's dtype, as the other aggregators' checks take it
+            _distributed.check_agreement(group, "MoCo", m, 1, ops.acc_dtype(first.dtype), first.device)
+        state = self._buffers  # (direct: Module.__getattr__ costs about half a microsecond per buffer)
+        Y = state["_y"]
         if Y.shape != (m, n) or Y.dtype != first.dtype or Y.device != first.device:
-            self._y = torch.zeros((m, n), dtype=first.dtype, device=first.device)
+            self._y = Y = torch.zeros((m, n), dtype=first.dtype, device=first.device)
             self._lam = torch.full((m,), 1.0 / max(m, 1), dtype=ops.acc_dtype(first.dtype), device=first.device)
             self._step = torch.zeros((), dtype=torch.long, device=first.device)
+        lam, step = state["_lam"], state["_step"]
         gram = None
         if group is not None:
-            local = ops.moco_gramian(matrix, self._y, self._step, self._beta, self._beta_sigma)
+            local = ops.moco_gramian(matrix, Y, step, self._beta, self._beta_sigma)
             gram = _distributed.all_reduce_sum(local, group)  # (agreement checked above)
         return ops.moco_step(
             matrix,
-            self._y,
-            self._lam,
-            self._step,
+            Y,
+            lam,
+            step,
             self._beta,
             self._beta_sigma,
             self._gamma,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 import sys
@@ -39,27 +38,6 @@ def median_time(fn: Callable[[], object], device: str, budget_s: float = 0.4, mi
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def stream_bandwidth(device: str) -> float:
-    """The memory floor's bandwidth, measured now (bytes per second): on a GPU the device-to-device
-    copy of 1 GiB (bytes read + written), on the CPU a streaming read (a sum over 256 MiB, far
-    more than the caches, on torch's threads)."""
-    if device == "cuda":
-        src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
-        dst = torch.empty_like(src)
-        t = median_time(lambda: dst.copy_(src), device, budget_s=0.15)
-        return 2 * src.numel() * 4 / t
-    buf = _cpu_stream_buffer()
-    t = median_time(lambda: buf.sum(), device, budget_s=0.15)
-    return buf.numel() * 4 / t
-
-
-@functools.cache
-def _cpu_stream_buffer() -> torch.Tensor:
-    """Allocated once per run (on a GPU the copy's buffers are freed after each measurement, so
-    that the large rows keep the memory)."""
-    return torch.empty(2**26, dtype=torch.float32).uniform_()
 
 
 def peak_bytes(fn: Callable[[], object], device: str) -> int:

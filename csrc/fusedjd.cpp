@@ -49,8 +49,7 @@ pybind11::list cpu_supports() {
   return levels;
 }
 
-// The typed entry points of the two ops an aggregator calls once per step (aggregate, moco_step):
-// the same op, called through the C++ dispatcher (every dispatch key, profiler and Python mode
+// Typed entry points of the ops a step calls (aggregate, moco_step; gramian and combine): the same op, called through the C++ dispatcher (every dispatch key, profiler and Python mode
 // included) with pybind11's typed arguments instead of torch.ops' generic parsing of the schema,
 // which costs about 2 us of a small step's 5. fusedjd/ops.py takes them only where torch.ops
 // would add nothing: plain tensors, no torch-function mode, not compiling.
@@ -61,6 +60,18 @@ struct Op<R(A...)> {
   c10::TypedOperatorHandle<R(A...)> handle;
   explicit Op(const char* name) : handle(c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<R(A...)>()) {}
 };
+
+at::Tensor gramian(const std::vector<at::Tensor>& J, const std::vector<int64_t>& group_sizes) {
+  static const Op<at::Tensor(at::TensorList, c10::SymIntArrayRef)> op("fusedjd::gramian");
+  pybind11::gil_scoped_release no_gil;
+  return op.handle.call(J, c10::fromIntArrayRefSlow(group_sizes));
+}
+
+at::Tensor combine(const std::vector<at::Tensor>& J, const at::Tensor& weights, const std::vector<int64_t>& group_sizes) {
+  static const Op<at::Tensor(at::TensorList, const at::Tensor&, c10::SymIntArrayRef)> op("fusedjd::combine");
+  pybind11::gil_scoped_release no_gil;
+  return op.handle.call(J, weights, c10::fromIntArrayRefSlow(group_sizes));
+}
 
 std::tuple<at::Tensor, at::Tensor> aggregate(const std::vector<at::Tensor>& J, const std::vector<int64_t>& group_sizes,
                                              std::optional<at::Tensor> targets, double beta, double eps, bool pcgrad,
@@ -114,6 +125,22 @@ PYBIND11_MODULE(_C, m) {
       "How this library was built: CUDA kernels (bool), the CUDA archs they were compiled for, "
       "the torch version built against, the CPU kernels' instruction-set levels, OpenMP.");
   // (torch's own translation of C++ errors: the same Python exception and message as torch.ops)
+  m.def(
+      "gramian",
+      [](const std::vector<at::Tensor>& J, const std::vector<int64_t>& group_sizes) {
+        HANDLE_TH_ERRORS
+        return gramian(J, group_sizes);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      "torch.ops.fusedjd.gramian through the C++ dispatcher (fusedjd.ops.gramian's eager fast path).");
+  m.def(
+      "combine",
+      [](const std::vector<at::Tensor>& J, const at::Tensor& weights, const std::vector<int64_t>& group_sizes) {
+        HANDLE_TH_ERRORS
+        return combine(J, weights, group_sizes);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      "torch.ops.fusedjd.combine through the C++ dispatcher (fusedjd.ops.combine's eager fast path).");
   m.def(
       "aggregate",
       [](const std::vector<at::Tensor>& J, const std::vector<int64_t>& group_sizes, std::optional<at::Tensor> targets,

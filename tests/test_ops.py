@@ -723,3 +723,17 @@ def test_refused_aggregate_draws_and_writes_nothing(entry):
         with pytest.raises(RuntimeError, match=message):
             call([J], [30], T, beta, 0.0, False, perms)
         assert torch.equal(T, saved) and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_bench_probes_read_every_byte_and_count_their_multiply_adds():
+    """The benchmark's floors (torch.ops.fusedjd_bench): `read` sums the 64-bit words of every
+    tensor it is given (so it read them all), `multiply_adds` returns the multiply-adds its
+    register blocks did: threads x reps x 16 pairs x 1536 columns."""
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(8, 4096, generator=gen), torch.randn(3, 64, generator=gen).double()]
+    words = sum(int(w) % 2**64 for x in xs for w in x.view(torch.int64).flatten().tolist())
+    assert torch.ops.fusedjd_bench.read(xs) == float(words % 2**52)
+    assert torch.ops.fusedjd_bench.read([torch.empty(0)]) == 0.0
+    with pytest.raises(RuntimeError, match=r"`x\[0\]` must be a contiguous CPU tensor"):
+        torch.ops.fusedjd_bench.read([xs[0].T])
+    assert torch.ops.fusedjd_bench.multiply_adds(3) == torch.get_num_threads() * 3 * 16 * 1536

@@ -54,18 +54,17 @@ struct BlockRows {
     }
   }
 
-  // Points x[r] at the columns [c0, c0 + len) (inside block b) of row r as `padded` lane values
-  // (len rounded up to the lane count): in place for float32/float64 when no padding is needed,
-  // else converted into `stage` (row r at stage + r * stride) with zeros after len.
+  // Points x[r] at the columns [c0, c0 + len) (inside block b) of row r and returns how many
+  // values the engine reads there: in place, len (the engine reads a ragged end as a partial
+  // vector), when the rows are of the lane type; else converted into `stage` (row r at
+  // stage + r * stride), len rounded up to the lane count with zeros after len.
   int64_t tile(int64_t R, int64_t b, int64_t c0, int64_t len, const A** x, A* stage, int64_t stride) const {
     constexpr int L = Simd<A>::L;
     const int64_t padded = (len + L - 1) / L * L;
     const T* first = base[b] + (c0 - off[b]);
     if constexpr (std::is_same_v<T, A>) {
-      if (padded == len) {
-        for (int64_t r = 0; r < R; ++r) x[r] = first + r * ld[b];
-        return padded;
-      }
+      for (int64_t r = 0; r < R; ++r) x[r] = first + r * ld[b];
+      return len;
     }
     // the rows advance together, a few cache lines at a time, so that every row's memory stream
     // stays in flight (row after row, each 4 KiB page would restart the prefetcher)

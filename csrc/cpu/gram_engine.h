@@ -3,14 +3,15 @@
 // column groups of any size and count) and MoCo's first pass (the Gramian of the updated Y, formed
 // tile by tile in cache from Y and J).
 //
-// - Columns are cut into fixed chunks of max(kChunkCols, 64 R), set by R and not by the thread
-//   count, so that results do not depend on it; at::parallel_for spreads the chunks over the
-//   threads. A group that lies inside one chunk is finished there; a group cut
+// - Columns are cut into fixed chunks (chunk_cols: max(kChunkCols, 64 R), or a few smaller ones
+//   for a matrix narrower than that), set by R and n and not by the thread count, so that results
+//   do not depend on it; at::parallel_for spreads the chunks over the threads. A group that lies inside one chunk is finished there; a group cut
 //   by chunk borders gets one partial per chunk, summed afterwards in chunk order (deterministic).
 // - Within a chunk, tiles of TW columns of every row are streamed once from memory: read in place
 //   (float32/float64 rows; bfloat16 where the CPU multiplies bfloat16 pairs; float16 where it
-//   widens them in registers), or converted into a per-thread staging buffer (the other half-type
-//   cases, the ragged tail, or rows computed on the fly such as MoCo's Y + b (J - Y)).
+//   widens them in registers; a ragged end read as a partial vector), or converted into a
+//   per-thread staging buffer (the other half-type cases, or rows computed on the fly such as
+//   MoCo's Y + b (J - Y)).
 // - While a tile is multiplied, its block pairs prefetch the next tile's rows (a few cache lines
 //   per vector): the next tile's memory reads overlap this tile's multiply-adds. (Not for a
 //   single block of rows read in place, whose few streams the hardware prefetcher follows.)
@@ -41,6 +42,22 @@ inline constexpr int kBlock = 4;                // rows per register block
 inline constexpr int64_t kChunkCols = 16384;    // columns per parallel task
 inline constexpr int64_t kTileBytes = 1 << 18;        // rows read in place: a tile stays in L2
 inline constexpr int64_t kStagedTileBytes = 1 << 14;  // rows converted into a buffer: it stays in L1
+inline constexpr int64_t kInCacheBytes = 1 << 20;     // rows this small are not prefetched (L2)
+
+// Columns per parallel task for R rows of n columns, set by R and n (never by the thread count, so
+// that results do not depend on it): chunks of at least 64 R columns, whose partials for cut groups
+// (2 R^2 float64 per chunk) stay below 1/16 of the float32 rows they sum; kChunkCols at least. A
+// matrix narrower than one such chunk is cut into up to kSmallTasks chunks (of whole cache lines)
+// of at least kTaskMadds multiply-adds each: a small call bound by its multiply-adds (R = 32 in
+// cache) then runs on the threads too.
+inline constexpr int64_t kTaskMadds = 1 << 18;
+inline constexpr int64_t kSmallTasks = 8;
+inline int64_t chunk_cols(int64_t R, int64_t n) {
+  const int64_t big = std::max<int64_t>(kChunkCols, 64 * R);
+  if (n > big) return big;
+  const int64_t tasks = std::clamp<int64_t>(n * (R * (R + 1) / 2) / kTaskMadds, 1, kSmallTasks);
+  return std::max<int64_t>(64, ((n + tasks - 1) / tasks + 63) / 64 * 64);
+}
 
 // Tile width (columns, a multiple of the lane count) for R rows of lane type A.
 template <typename A>
@@ -64,12 +81,43 @@ inline void in_register(V& a0, V& a1, V& a2, V& a3, V& b0, V& b1, V& b2, V& b3) 
 #endif
 }
 
-// Sums over nvec vectors of the pairs (xa[i], xb[j]) of a 4 x 4 block into out[i * 4 + j]
-// (float64). DIAG: xa == xb and only j >= i is needed. Vector v also prefetches the v-th cache
-// line of each of pf[0..NPF), for v < pf_lines.
+// (s[0] + s[N/2]) + ... summed by halving: s[l] + s[l + N/2] for l < N/2, and so on. N is a
+// compile-time constant, so that every step is straight-line vector code: with the halving width
+// a loop variable, the compiler left a scalar loop through memory, which cost a small call as much
+// as its multiply-adds (each 4 x 4 block is summed this way once per tile).
+template <int N>
+inline double halving_sum(const double* s) {
+  if constexpr (N == 1) {
+    return s[0];
+  } else {
+    double t[N / 2];
+    for (int l = 0; l < N / 2; ++l) t[l] = s[l] + s[l + N / 2];
+    return halving_sum<N / 2>(t);
+  }
+}
+
+// acc[i][j] += a[i] b[j] (a[j] when DIAG, for j >= i), lane by lane (bfloat16: pairs of lanes).
+template <typename E, bool DIAG, typename V>
+inline void multiply_add(V (&acc)[kBlock][kBlock], const V (&a)[kBlock], const V (&b)[kBlock]) {
+  for (int i = 0; i < kBlock; ++i)
+    for (int j = DIAG ? i : 0; j < kBlock; ++j) {
+      if constexpr (std::is_same_v<E, c10::BFloat16>) {
+#if defined(__AVX512BF16__)
+        acc[i][j] = V(_mm512_dpbf16_ps(__m512(acc[i][j]), __m512bh(a[i]), __m512bh(DIAG ? a[j] : b[j])));
+#endif
+      } else {
+        acc[i][j] += a[i] * (DIAG ? a[j] : b[j]);
+      }
+    }
+}
+
+// Sums over nvec vectors (then the `tail` < L elements after them, as a vector padded with zeros)
+// of the pairs (xa[i], xb[j]) of a 4 x 4 block into out[i * 4 + j] (float64). DIAG: xa == xb and
+// only j >= i is needed. Vector v also prefetches the v-th cache line of each of pf[0..NPF), for
+// v < pf_lines.
 template <typename E, bool DIAG, int NPF>
-inline void block_pairs(const E* const* xa, const E* const* xb, int64_t nvec, double* out, const char* const* pf,
-                        int64_t pf_lines) {
+inline void block_pairs(const E* const* xa, const E* const* xb, int64_t nvec, int64_t tail, double* out,
+                        const char* const* pf, int64_t pf_lines) {
   using S = Simd<E>;
   using V = typename S::V;
   constexpr int L = S::L;
@@ -90,36 +138,33 @@ inline void block_pairs(const E* const* xa, const E* const* xb, int64_t nvec, do
       for (int j = 0; j < kBlock; ++j) b[j] = S::load(xb[j] + v * L);
       in_register(a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]);
     }
-    for (int i = 0; i < kBlock; ++i)
-      for (int j = DIAG ? i : 0; j < kBlock; ++j) {
-        if constexpr (std::is_same_v<E, c10::BFloat16>) {
-#if defined(__AVX512BF16__)
-          acc[i][j] = V(_mm512_dpbf16_ps(__m512(acc[i][j]), __m512bh(a[i]), __m512bh(DIAG ? a[j] : b[j])));
-#endif
-        } else {
-          acc[i][j] += a[i] * (DIAG ? a[j] : b[j]);
-        }
-      }
+    multiply_add<E, DIAG>(acc, a, b);
   }
-  // each block's lanes summed in float64 by halving (vectorized; a fixed order)
+  if (tail > 0) {
+    V a[kBlock], b[kBlock];
+    for (int i = 0; i < kBlock; ++i) a[i] = S::load_partial(xa[i] + nvec * L, tail);
+    if constexpr (!DIAG)
+      for (int j = 0; j < kBlock; ++j) b[j] = S::load_partial(xb[j] + nvec * L, tail);
+    multiply_add<E, DIAG>(acc, a, b);
+  }
+  // each block's lanes summed in float64 by halving (a fixed order)
   constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(acc[0][0][0]));
   for (int i = 0; i < kBlock; ++i)
     for (int j = DIAG ? i : 0; j < kBlock; ++j) {
       double s[kLanes];
       for (int l = 0; l < kLanes; ++l) s[l] = static_cast<double>(acc[i][j][l]);
-      for (int w = kLanes / 2; w >= 1; w /= 2)
-        for (int l = 0; l < w; ++l) s[l] += s[l + w];
-      out[i * kBlock + j] = s[0];
+      out[i * kBlock + j] = halving_sum<kLanes>(s);
     }
 }
 
 // upper[a * R + b] += sum over the tile of x[a][c] x[b][c], for a <= b. Each x[r] holds `len`
-// values, len a multiple of the lane count; rows beyond R read `zero`. The P block pairs
+// values (the last len % L, if any, read as a vector padded with zeros); rows beyond R read `zero`. The P block pairs
 // prefetch the S streams of `next` (NPF per pair at most; none if S > NPF P): pair p the streams
 // [p S / P, (p + 1) S / P), one cache line of each per vector.
 template <typename A, int NPF>
 void tile_pairs(const A* const* x, int64_t R, int64_t len, const A* zero, double* upper, const Streams& next) {
-  const int64_t nb = (R + kBlock - 1) / kBlock, nvec = len / Simd<A>::L, P = nb * (nb + 1) / 2;
+  const int64_t nb = (R + kBlock - 1) / kBlock, nvec = len / Simd<A>::L, tail = len % Simd<A>::L;
+  const int64_t P = nb * (nb + 1) / 2;
   const int64_t S = next.count <= NPF * P ? next.count : 0;
   const A* xa[kBlock];
   const A* xb[kBlock];
@@ -135,9 +180,9 @@ void tile_pairs(const A* const* x, int64_t R, int64_t len, const A* zero, double
       for (int k = 0; k < NPF; ++k) pf[k] = s1 > s0 ? next.ptr[std::min(s0 + k, s1 - 1)] : nullptr;
       const int64_t lines = s1 > s0 ? (next.bytes[s0] + 63) / 64 : 0;
       if (bj == bi)
-        block_pairs<A, true, NPF>(xa, xa, nvec, blk, pf, lines);
+        block_pairs<A, true, NPF>(xa, xa, nvec, tail, blk, pf, lines);
       else
-        block_pairs<A, false, NPF>(xa, xb, nvec, blk, pf, lines);
+        block_pairs<A, false, NPF>(xa, xb, nvec, tail, blk, pf, lines);
       for (int i = 0; i < kBlock; ++i)
         for (int j = bj == bi ? i : 0; j < kBlock; ++j) {
           const int64_t a = bi * kBlock + i, b = bj * kBlock + j;
@@ -156,19 +201,22 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
   using A = typename Src::A;
   const int64_t k = static_cast<int64_t>(off.size()) - 1, n = off.back(), RR = R * R;
   if (R == 0 || n == 0) return;
-  // chunks of at least 64 R columns: the partials of cut groups (2 R^2 float64 per chunk) stay
-  // below 1/16 of the float32 rows they sum
-  const int64_t chunk = std::max<int64_t>(kChunkCols, 64 * R);
+  const int64_t chunk = chunk_cols(R, n);
+  // rows that fit in L2 are read from the caches after the first call: no prefetches then, each
+  // would cost an issue slot and bring nothing
+  const bool in_cache = R * n * static_cast<int64_t>(sizeof(A)) <= kInCacheBytes;
   const int64_t tasks = (n + chunk - 1) / chunk, TW = tile_cols<A>(R, Src::kStaged);
   const int64_t nb = (R + kBlock - 1) / kBlock, pairs = nb * (nb + 1) / 2;  // block pairs per tile
   // a group cut by a chunk border leaves a partial in its chunk's slot 0 (first segment) or 1
-  std::vector<double> slots(static_cast<size_t>(tasks * 2 * RR), 0.0);
+  // (written before they are read, as their tags say: left uninitialized)
+  const std::unique_ptr<double[]> slots(new double[static_cast<size_t>(tasks * 2 * RR)]);
   std::vector<int64_t> tags(static_cast<size_t>(tasks * 2), -1);
   at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
-    // (the staging tile is written before it is read: left uninitialized, since zeroing it would
-    // cost more than a small call's multiply-adds; the zero row is read only when R is not a
-    // multiple of the block)
-    const std::unique_ptr<A[]> stage(new A[static_cast<size_t>(R * TW)]);
+    // (the staging tile, for rows converted or computed on the fly only, is written before it is
+    // read: left uninitialized, since zeroing it -- or allocating it for rows read in place: a
+    // fresh mapping from the OS past 128 KiB -- would cost more than a small call's multiply-adds;
+    // the zero row is read only when R is not a multiple of the block)
+    const std::unique_ptr<A[]> stage(Src::kStaged ? new A[static_cast<size_t>(R * TW)] : nullptr);
     const std::vector<A> zero(static_cast<size_t>(R % kBlock ? TW : 0), A(0));
     std::vector<const A*> x(static_cast<size_t>(R));
     std::vector<double> acc(static_cast<size_t>(RR));
@@ -181,17 +229,15 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
         std::fill(acc.begin(), acc.end(), 0.0);
         for_each_segment(src.off, s0, s1, [&](int64_t b, int64_t q0, int64_t q1) {  // the block pieces
           for (int64_t p = q0, len = 0; p < q1; p += len) {
-            // rows read in place: whole vectors in place, then the ragged end of the piece (less
-            // than a vector, converted and padded in the staging tile) as a tile of its own
+            // (rows read in place end with a partial vector when len is not a multiple of L)
             len = std::min(TW, q1 - p);
-            if (!Src::kStaged && len > Simd<A>::L) len -= len % Simd<A>::L;
             const int64_t padded = src.tile(R, b, p, len, x.data(), stage.get(), TW);
             // prefetch the next tile of this block (which may lie in the next chunk, most often
             // this thread's) while this one is multiplied; not for a single block of rows read in
             // place, whose few streams the hardware prefetcher follows better
             next.count = 0;
             const int64_t ahead = std::min(TW, src.off[b + 1] - (p + len));
-            if ((R > kBlock || Src::kStaged) && ahead > 0) src.streams(R, b, p + len, ahead, next);
+            if (!in_cache && (R > kBlock || Src::kStaged) && ahead > 0) src.streams(R, b, p + len, ahead, next);
             // 2, 4 or 8 prefetches per vector, the fewest that cover the streams: each costs an
             // issue slot (a pair with one stream prefetches it twice, which measured faster than
             // once)
@@ -207,7 +253,7 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
         if (s0 != off[g] || s1 != off[g + 1]) {  // cut: at most the first and the last segment
           const int64_t slot = 2 * t + (s0 == c0 ? 0 : 1);
           tags[slot] = g;
-          dst = slots.data() + slot * RR;
+          dst = slots.get() + slot * RR;
         }
         for (int64_t a = 0; a < R; ++a)
           for (int64_t b = a; b < R; ++b) dst[a * R + b] = acc[a * R + b];
@@ -217,7 +263,7 @@ void gram_groups(const Src& src, int64_t R, const std::vector<int64_t>& off, dou
   for (int64_t slot = 0; slot < 2 * tasks; ++slot) {  // chunk order: a fixed summation order
     if (tags[slot] < 0) continue;
     double* dst = out + tags[slot] * RR;
-    const double* p = slots.data() + slot * RR;
+    const double* p = slots.get() + slot * RR;
     for (int64_t a = 0; a < R; ++a)
       for (int64_t b = a; b < R; ++b) dst[a * R + b] += p[a * R + b];
   }

@@ -22,8 +22,9 @@ at::Tensor gramian_cpu(at::TensorList J, at::IntArrayRef group_sizes) {
   const int64_t m = B.m;
   const std::vector<int64_t> off = group_offsets(group_sizes, B.n);
   const int64_t k = static_cast<int64_t>(group_sizes.size());
-  at::Tensor out = at::zeros({k, m, m}, at::TensorOptions().dtype(acc_dtype(B.dtype)));
-  if (m == 0 || B.n == 0) return out;
+  const at::TensorOptions options = at::TensorOptions().dtype(acc_dtype(B.dtype));
+  if (m == 0 || B.n == 0) return at::zeros({k, m, m}, options);
+  at::Tensor out = at::empty({k, m, m}, options);  // (every entry written below)
   std::vector<double> G(static_cast<size_t>(k * m * m), 0.0);
   gram_blocks(B, off, G.data());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fusedjd_gramian_cpu_out", [&] {

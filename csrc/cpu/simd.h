@@ -72,6 +72,12 @@ struct Simd {
     std::memcpy(&v, p, sizeof(V));
     return v;
   }
+  // The first `count` (< L) elements at p, zeros after them: the ragged end of a row read in place.
+  static V load_partial(const E* p, int64_t count) {
+    E buf[L] = {};
+    std::memcpy(buf, p, static_cast<size_t>(count) * sizeof(E));
+    return load(buf);
+  }
 };
 
 // dst[c] = src[c] as the lane type, for c < len: vectorized for the half types (bfloat16 is the

@@ -18,9 +18,11 @@ def sync(device: str) -> None:
 
 
 def median_time(fn: Callable[[], object], device: str, budget_s: float = 0.4, min_reps: int = 3,
-                max_reps: int = 200) -> float:
+                max_reps: int = 2000) -> float:
     """Median wall time of fn() in seconds: warm-up first, then repetitions until the time budget
-    (at least min_reps). CUDA: timed with events around each call."""
+    (at least min_reps, at most max_reps). CUDA: timed with events around each call. (Calls of a
+    few microseconds take many repetitions: right after a parallel call, such as the floor's read,
+    torch's idle OpenMP threads spin for a few milliseconds on cores the call shares.)"""
     fn()
     sync(device)
     times: list[float] = []

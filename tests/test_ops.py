@@ -708,6 +708,32 @@ def test_torch_function_modes_see_every_op():
     assert names.count("fusedjd.aggregate.default") == 3 and names.count("fusedjd.moco_step.default") == 1
 
 
+def test_dispatch_modes_see_the_direct_entry_points():
+    """The typed entry points call the op through the dispatcher: a torch-dispatch mode (the
+    profiler's and FakeTensor's mechanism) sees every op a class calls."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    J = torch.randn(3, 50)
+    with Recorder() as rec:
+        out = fusedjd.GradVac()(J)
+        fusedjd.MoCo()(J)
+        ops.gramian(J, [50])
+        ops.combine(J, torch.ones(1, 3), [50])
+    assert out.shape == (50,)
+    for name in ["fusedjd.aggregate.default", "fusedjd.moco_step.default", "fusedjd.gramian.default",
+                 "fusedjd.combine.default"]:
+        assert name in rec.seen, (name, rec.seen)
+
+
 @pytest.mark.parametrize("entry", ["ops", "torch.ops"])
 def test_refused_aggregate_draws_and_writes_nothing(entry):
     """A refused aggregate (targets of the wrong shape, a bad beta, orders of the wrong shape)

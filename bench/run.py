@@ -132,15 +132,16 @@ class Run:
           Gramian engine's own register blocks reach on data in L1 (fusedjd_bench.multiply_adds);
         each measured right before and right after fn is timed, the better of the two: on a shared
         machine what other processes leave moves within a run. The ratio is marked "(madds)" where
-        the multiply-add floor is the larger."""
+        the multiply-add floor is the larger. (At n <= 1e4 a read floor is mostly one call's fixed
+        cost, a few microseconds, which the timed op pays too.)"""
         read = read_time(tensors)
-        peak = multiply_add_rate() if madds else 0.0
+        peak = multiply_add_rate(tensors[0].dtype) if madds else 0.0
         t = median_time(fn, self.device)
         read = min(read, read_time(tensors))
-        peak = max(peak, multiply_add_rate()) if madds else 0.0
+        peak = max(peak, multiply_add_rate(tensors[0].dtype)) if madds else 0.0
         nbytes = sum(x.numel() * x.element_size() for x in tensors)
         self.bandwidths.append(nbytes / read)
-        if madds:
+        if madds and tensors[0].dtype == torch.float32:
             self.peaks.append(peak)
         floor_read, floor_madds = passes * read, (madds / peak if madds else 0.0)
         ratio = t / max(floor_read, floor_madds)
@@ -158,20 +159,18 @@ def read_time(tensors: list[torch.Tensor]) -> float:
     return min(probe, summed)
 
 
-def multiply_add_rate() -> float:
-    """Multiply-adds per second of the Gramian engine's register blocks on data in L1, over
-    torch's threads (fusedjd_bench.multiply_adds: a median of calls of about a millisecond)."""
-    reps = 64
-    count = torch.ops.fusedjd_bench.multiply_adds(reps)
-    return count / median_time(lambda: torch.ops.fusedjd_bench.multiply_adds(reps), "cpu", budget_s=0.1)
+def multiply_add_rate(dtype: torch.dtype) -> float:
+    """Multiply-adds per second of the Gramian engine's register blocks on rows of ``dtype`` (as
+    the engine reads them: float16 widened in registers, bfloat16 pairs where the CPU has them) in
+    L1, over torch's threads (fusedjd_bench.multiply_adds: a median of calls of about a millisecond)."""
+    reps = 1024
+    count = torch.ops.fusedjd_bench.multiply_adds(reps, dtype)
+    return count / median_time(lambda: torch.ops.fusedjd_bench.multiply_adds(reps, dtype), "cpu", budget_s=0.1)
 
 
-def gramian_madds(m: int, n: int, dtype: torch.dtype = torch.float32) -> float:
-    """The Gramian's multiply-adds, in units of the float32 lanes fusedjd_bench.multiply_adds counts:
-    m (m + 1) / 2 per column; half that for bfloat16 rows on the avx512 kernels, whose vdpbf16ps
-    does two multiply-adds per lane and instruction."""
-    pairs = 2 if dtype == torch.bfloat16 and fusedjd.build_info()["cpu_capability"] == "avx512" else 1
-    return m * (m + 1) / 2 * n / pairs
+def gramian_madds(m: int, n: int) -> float:
+    """The Gramian's multiply-adds: m (m + 1) / 2 per column."""
+    return m * (m + 1) / 2 * n
 
 
 def seeded(fn, seed=0):
@@ -213,7 +212,7 @@ def bench_gramian(run: Run, cfg: list[GramCase]):
         tol = 10 * reference.TOLERANCE["gramian"][dtype]
         status = run.check(f"gramian m={m} n={n} {dtype} {name}", fused(), reference.gramian(J, sizes), tol)
         nbytes = J.element_size() * m * n
-        tf, ratio = run.timed(fused, [J], 1, gramian_madds(m, n, dtype) if m >= 16 else 0.0)
+        tf, ratio = run.timed(fused, [J], 1, gramian_madds(m, n) if m >= 16 else 0.0)
         tb = median_time(base, device)
         t.rows.append([str(m), nice_n(n), str(dtype).replace("torch.", ""), name, status, fmt_time(tf),
                        f"{nbytes / tf / 1e9:.0f}", ratio, fmt_time(tb), fmt_x(tb / tf)])
@@ -645,11 +644,12 @@ def main() -> int:
         "- time / floor: each row's floor is the larger of its read floor (the row's passes over its own tensors, "
         "timed with the fastest read, fusedjd_bench.read or torch.sum, in the row's cache state) and, for m ≥ 16, "
         "its multiply-add floor (m(m+1)/2 per column, + m for a combination, at the rate of the Gramian engine's "
-        "own register blocks on data in L1: fusedjd_bench.multiply_adds), both measured right before and right "
-        "after the row (the better of the two); marked (madds) where the multiply-adds bind. Reads ran at "
+        "own register blocks on rows of the row's dtype in L1: fusedjd_bench.multiply_adds), both measured right "
+        "before and right after the row (the better of the two); marked (madds) where the multiply-adds bind. "
+        "At n ≤ 1e4 a read floor is mostly one call's fixed cost (a few µs). Reads ran at "
         f"{min(run.bandwidths) / 1e9:.0f}–{max(run.bandwidths) / 1e9:.0f} GB/s (in cache or streamed) over this "
-        "run" + (f"; the register blocks at {min(run.peaks) / 1e9:.0f}–{max(run.peaks) / 1e9:.0f} G multiply-adds/s"
-                 if run.peaks else ""),
+        "run" + (f"; the register blocks at {min(run.peaks) / 1e9:.0f}–{max(run.peaks) / 1e9:.0f} G float32 "
+                 "multiply-adds/s" if run.peaks else ""),
         f"- load average at start: {load:.1f} on {os.cpu_count()} cores"
         + (" (ABOVE the core count: timings stall and spread)" if busy else ""),
         "",

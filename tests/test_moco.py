@@ -259,3 +259,16 @@ def test_unsupported_dtypes_are_refused_before_the_state_is_touched(dtype):
                                         rf"Found dtype={re.escape(str(dtype))}\."):
         agg(J.to(dtype))
     assert all(torch.equal(v, agg.state_dict()[k]) for k, v in state.items())
+
+
+def test_bad_blocks_are_refused_before_the_state_changes():
+    """A list of blocks (jac_to_grad's form) with a block that is not a matrix is refused with the
+    op's message, the state as it was."""
+    moco = fusedjd.MoCo()
+    moco(torch.randn(2, 5))
+    saved = {k: v.clone() for k, v in moco.state_dict().items()}
+    for blocks, message in [([torch.randn(2, 3, 4)], r"`J\[0\]` must have 2 dimensions, got shape \[2, 3, 4\]"),
+                            ([torch.randn(2, 3), torch.randn(5)], r"`J\[1\]` must have 2 dimensions, got shape \[5\]")]:
+        with pytest.raises(RuntimeError, match=message):
+            moco.weighting.update(blocks, None)
+        assert all(torch.equal(v, saved[k]) for k, v in moco.state_dict().items())

@@ -754,7 +754,7 @@ def test_refused_aggregate_draws_and_writes_nothing(entry):
 def test_bench_probes_read_every_byte_and_count_their_multiply_adds():
     """The benchmark's floors (torch.ops.fusedjd_bench): `read` sums the 64-bit words of every
     tensor it is given (so it read them all), `multiply_adds` returns the multiply-adds its
-    register blocks did: threads x reps x 16 pairs x 1536 columns."""
+    register blocks did: threads x reps x 16 pairs x 2048 columns, for rows of every dtype."""
     gen = torch.Generator().manual_seed(3)
     xs = [torch.randn(8, 4096, generator=gen), torch.randn(3, 64, generator=gen).double()]
     words = sum(int(w) % 2**64 for x in xs for w in x.view(torch.int64).flatten().tolist())
@@ -762,4 +762,5 @@ def test_bench_probes_read_every_byte_and_count_their_multiply_adds():
     assert torch.ops.fusedjd_bench.read([torch.empty(0)]) == 0.0
     with pytest.raises(RuntimeError, match=r"`x\[0\]` must be a contiguous CPU tensor"):
         torch.ops.fusedjd_bench.read([xs[0].T])
-    assert torch.ops.fusedjd_bench.multiply_adds(3) == torch.get_num_threads() * 3 * 16 * 1536
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        assert torch.ops.fusedjd_bench.multiply_adds(3, dtype) == torch.get_num_threads() * 3 * 16 * 2048

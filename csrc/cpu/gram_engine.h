@@ -22,8 +22,9 @@
 //   bfloat16 rows on CPUs with AVX512-BF16 are multiplied in pairs by vdpbf16ps, which treats
 //   subnormal inputs and results as zero: a product below float32's normal range
 //   (|x y| < 1.2e-38) counts as 0 there, and as itself elsewhere.
-// Scratch per thread: a staging tile (R x TW elements), one R x R float64 sum and the next tile's
-// 2 R stream addresses; per chunk: two R x R float64 partials for the groups cut by its borders.
+// Scratch per thread: a staging tile (R x TW elements, for converted rows), one R x R float64 sum
+// and the next tile's 2 R stream addresses; per chunk: two R x R float64 partials for the groups
+// cut by its borders.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -47,16 +48,16 @@ inline constexpr int64_t kInCacheBytes = 1 << 20;     // rows this small are not
 // Columns per parallel task for R rows of n columns, set by R and n (never by the thread count, so
 // that results do not depend on it): chunks of at least 64 R columns, whose partials for cut groups
 // (2 R^2 float64 per chunk) stay below 1/16 of the float32 rows they sum; kChunkCols at least. A
-// matrix narrower than one such chunk is cut into up to kSmallTasks chunks (of whole cache lines)
-// of at least kTaskMadds multiply-adds each: a small call bound by its multiply-adds (R = 32 in
-// cache) then runs on the threads too.
+// matrix of fewer than kSmallTasks such chunks is cut into up to kSmallTasks chunks (of whole cache
+// lines) of at least kTaskMadds multiply-adds each, when that makes more chunks: a small call bound
+// by its multiply-adds (R = 32 in cache) then runs on the threads too.
 inline constexpr int64_t kTaskMadds = 1 << 18;
 inline constexpr int64_t kSmallTasks = 8;
 inline int64_t chunk_cols(int64_t R, int64_t n) {
   const int64_t big = std::max<int64_t>(kChunkCols, 64 * R);
-  if (n > big) return big;
   const int64_t tasks = std::clamp<int64_t>(n * (R * (R + 1) / 2) / kTaskMadds, 1, kSmallTasks);
-  return std::max<int64_t>(64, ((n + tasks - 1) / tasks + 63) / 64 * 64);
+  // (the smaller of the two: no cliff where n passes one big chunk)
+  return std::min(big, std::max<int64_t>(64, ((n + tasks - 1) / tasks + 63) / 64 * 64));
 }
 
 // Tile width (columns, a multiple of the lane count) for R rows of lane type A.

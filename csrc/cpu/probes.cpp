@@ -5,11 +5,13 @@
 //   read(x):           reads every byte of the tensors once over the threads; the fastest read
 //                      this code does (vectors, four independent integer sums, no floating-point
 //                      latency chain). Returns a checksum, so that the reads cannot be dropped.
-//   multiply_adds(r):  r calls per thread of the Gramian engine's own 4 x 4 register block
-//                      (block_pairs, off the diagonal) on rows that stay in L1: the multiply-add
-//                      rate the engine's blocks reach when memory costs nothing. Returns the number
-//                      of (lane) multiply-adds done.
+//   multiply_adds(r, dtype): r calls per thread of the Gramian engine's own 4 x 4 register block
+//                      (block_pairs, off the diagonal) on rows of what the engine reads for rows
+//                      of `dtype` (float32 lanes; float16 widened in registers, bfloat16 pairs
+//                      where the CPU has them), kept in L1: the rate the engine's blocks reach
+//                      when memory costs nothing. Returns the multiply-adds (element pairs) done.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -62,25 +64,26 @@ double read_all(at::TensorList xs) {
   return static_cast<double>(total.load() % (1ull << 52));
 }
 
-double multiply_adds(int64_t reps) {
-  TORCH_CHECK(reps >= 0, "fusedjd_bench.multiply_adds: `reps` must be non-negative, got ", reps);
-  using S = Simd<float>;
-  // 4 rows of 1536 float32 (24 KiB, in L1), read as both rows of an off-diagonal block: the
-  // engine's 8 loads and 16 multiply-adds per vector, 96 vectors per block sum (the engine's tiles:
-  // 32 to 128)
-  constexpr int64_t kCols = 1536, kVec = kCols / S::L;
+// `reps` block sums per thread on rows of the element type E the engine reads for rows of T.
+template <typename T>
+double multiply_adds_of(int64_t reps) {
+  using E = elem_t<T>;
+  using S = Simd<E>;
+  // 2 rows of 2048 elements (16 KiB at most, in L1), read as the rows of an off-diagonal 4 x 4 block
+  // (x = {r0, r1, r0, r1}): the engine's 8 loads and 16 multiply-adds per vector, and its widest
+  // tile, 2048 columns, between two block sums
+  constexpr int64_t kCols = 2048, kVec = kCols / S::L;
   const int64_t threads = at::get_num_threads();
   std::atomic<int64_t> done{0};
   at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> rows(static_cast<size_t>(kBlock * kCols));
-    for (size_t e = 0; e < rows.size(); ++e) rows[e] = 1e-3f * static_cast<float>(e % 7 + 1);
-    const float* x[kBlock];
-    for (int r = 0; r < kBlock; ++r) x[r] = rows.data() + r * kCols;
+    std::vector<E> rows(static_cast<size_t>(2 * kCols));
+    for (size_t e = 0; e < rows.size(); ++e) rows[e] = static_cast<E>(1e-3f * static_cast<float>(e % 7 + 1));
+    const E* x[kBlock] = {rows.data(), rows.data() + kCols, rows.data(), rows.data() + kCols};
     const char* pf[2] = {nullptr, nullptr};
     double out[kBlock * kBlock], sink = 0.0;
     for (int64_t t = lo; t < hi; ++t) {
       for (int64_t r = 0; r < reps; ++r) {
-        block_pairs<float, false, 2>(x, x, kVec, 0, out, pf, 0);
+        block_pairs<E, false, 2>(x, x, kVec, 0, out, pf, 0);
         sink += out[r % (kBlock * kBlock)];
       }
       probe_sink = sink;  // (a volatile store: the calls cannot be dropped)
@@ -90,10 +93,18 @@ double multiply_adds(int64_t reps) {
   return static_cast<double>(done.load()) * static_cast<double>(reps) * kBlock * kBlock * kCols;
 }
 
+double multiply_adds(int64_t reps, at::ScalarType dtype) {
+  TORCH_CHECK(reps >= 0, "fusedjd_bench.multiply_adds: `reps` must be non-negative, got ", reps);
+  double count = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedjd_bench_multiply_adds",
+                                  [&] { count = multiply_adds_of<scalar_t>(reps); });
+  return count;
+}
+
 }  // namespace
 }  // namespace fusedjd::cpu
 
 TORCH_LIBRARY(fusedjd_bench, m) {
   m.def("read(Tensor[] x) -> float", &fusedjd::cpu::read_all);
-  m.def("multiply_adds(int reps) -> float", &fusedjd::cpu::multiply_adds);
+  m.def("multiply_adds(int reps, ScalarType dtype) -> float", &fusedjd::cpu::multiply_adds);
 }

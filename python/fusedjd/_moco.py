@@ -91,10 +91,15 @@ class _MoCoState(_BufferState):
         if isinstance(matrix, Tensor):
             check_matrix(matrix)
             (m, n), first = matrix.shape, matrix
-        elif len(matrix) == 1:  # the op checks the blocks
+        elif len(matrix) == 1 and matrix[0].dim() == 2:  # the op checks the blocks' other properties
             first = matrix[0]
             m, n = first.shape
-        else:
+        else:  # refused with the op's message before the state is touched
+            if not matrix:
+                raise ValueError("fusedjd: `J` must hold at least one matrix, got an empty list")
+            for b, block in enumerate(matrix):
+                if block.dim() != 2:
+                    raise RuntimeError(f"fusedjd: `J[{b}]` must have 2 dimensions, got shape {list(block.shape)}")
             first = matrix[0]
             m, n = first.shape[0], sum(b.shape[1] for b in matrix)
         if group is not None:  # before any change; the Gramian's dtype, as the other aggregators' checks take it

@@ -49,51 +49,59 @@ pybind11::list cpu_supports() {
   return levels;
 }
 
-// Typed entry points of the ops a step calls (aggregate, moco_step; gramian and combine): the same op, called through the C++ dispatcher (every dispatch key, profiler and Python mode
-// included) with pybind11's typed arguments instead of torch.ops' generic parsing of the schema,
-// which costs about 2 us of a small step's 5. fusedjd/ops.py takes them only where torch.ops
-// would add nothing: plain tensors, no torch-function mode, not compiling.
-template <typename Fn>
-struct Op;
-template <typename R, typename... A>
-struct Op<R(A...)> {
-  c10::TypedOperatorHandle<R(A...)> handle;
-  explicit Op(const char* name) : handle(c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<R(A...)>()) {}
-};
+// Typed entry points of the ops a step calls (aggregate, moco_step; gramian and combine): the same
+// op, called through the C++ dispatcher (every dispatch key, profiler and Python mode included)
+// with pybind11's typed arguments instead of torch.ops' generic parsing of the schema, which costs
+// about 2 us of a small step's 9. fusedjd/ops.py takes them only where torch.ops would add
+// nothing: plain tensors, no torch-function mode, not compiling. Errors are translated as torch's
+// own bindings translate them (HANDLE_TH_ERRORS), after the GIL is taken back.
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
 
 at::Tensor gramian(const std::vector<at::Tensor>& J, const std::vector<int64_t>& group_sizes) {
-  static const Op<at::Tensor(at::TensorList, c10::SymIntArrayRef)> op("fusedjd::gramian");
+  HANDLE_TH_ERRORS
+  static const auto op = handle<at::Tensor(at::TensorList, c10::SymIntArrayRef)>("fusedjd::gramian");
   pybind11::gil_scoped_release no_gil;
-  return op.handle.call(J, c10::fromIntArrayRefSlow(group_sizes));
+  return op.call(J, c10::fromIntArrayRefSlow(group_sizes));
+  END_HANDLE_TH_ERRORS_PYBIND
 }
 
 at::Tensor combine(const std::vector<at::Tensor>& J, const at::Tensor& weights, const std::vector<int64_t>& group_sizes) {
-  static const Op<at::Tensor(at::TensorList, const at::Tensor&, c10::SymIntArrayRef)> op("fusedjd::combine");
+  HANDLE_TH_ERRORS
+  static const auto op =
+      handle<at::Tensor(at::TensorList, const at::Tensor&, c10::SymIntArrayRef)>("fusedjd::combine");
   pybind11::gil_scoped_release no_gil;
-  return op.handle.call(J, weights, c10::fromIntArrayRefSlow(group_sizes));
+  return op.call(J, weights, c10::fromIntArrayRefSlow(group_sizes));
+  END_HANDLE_TH_ERRORS_PYBIND
 }
 
 std::tuple<at::Tensor, at::Tensor> aggregate(const std::vector<at::Tensor>& J, const std::vector<int64_t>& group_sizes,
-                                             std::optional<at::Tensor> targets, double beta, double eps, bool pcgrad,
-                                             const std::optional<at::Tensor>& perms) {
-  static const Op<std::tuple<at::Tensor, at::Tensor>(at::TensorList, c10::SymIntArrayRef,
-                                                     const std::optional<at::Tensor>&, double, double, bool,
-                                                     const std::optional<at::Tensor>&)>
-      op("fusedjd::aggregate");
+                                             const std::optional<at::Tensor>& targets, double beta, double eps,
+                                             bool pcgrad, const std::optional<at::Tensor>& perms) {
+  HANDLE_TH_ERRORS
+  static const auto op =
+      handle<std::tuple<at::Tensor, at::Tensor>(at::TensorList, c10::SymIntArrayRef, const std::optional<at::Tensor>&,
+                                                double, double, bool, const std::optional<at::Tensor>&)>(
+          "fusedjd::aggregate");
   pybind11::gil_scoped_release no_gil;
-  return op.handle.call(J, c10::fromIntArrayRefSlow(group_sizes), targets, beta, eps, pcgrad, perms);
+  return op.call(J, c10::fromIntArrayRefSlow(group_sizes), targets, beta, eps, pcgrad, perms);
+  END_HANDLE_TH_ERRORS_PYBIND
 }
 
 std::tuple<at::Tensor, at::Tensor> moco_step(const std::vector<at::Tensor>& J, at::Tensor Y, at::Tensor lam,
                                              at::Tensor step, double beta, double beta_sigma, double gamma,
                                              double gamma_sigma, double rho, bool projection,
                                              const std::optional<at::Tensor>& gram) {
-  static const Op<std::tuple<at::Tensor, at::Tensor>(at::TensorList, at::Tensor&, at::Tensor&, at::Tensor&, double,
-                                                     double, double, double, double, bool,
-                                                     const std::optional<at::Tensor>&)>
-      op("fusedjd::moco_step");
+  HANDLE_TH_ERRORS
+  static const auto op =
+      handle<std::tuple<at::Tensor, at::Tensor>(at::TensorList, at::Tensor&, at::Tensor&, at::Tensor&, double, double,
+                                                double, double, double, bool, const std::optional<at::Tensor>&)>(
+          "fusedjd::moco_step");
   pybind11::gil_scoped_release no_gil;
-  return op.handle.call(J, Y, lam, step, beta, beta_sigma, gamma, gamma_sigma, rho, projection, gram);
+  return op.call(J, Y, lam, step, beta, beta_sigma, gamma, gamma_sigma, rho, projection, gram);
+  END_HANDLE_TH_ERRORS_PYBIND
 }
 
 }  // namespace
@@ -124,43 +132,12 @@ PYBIND11_MODULE(_C, m) {
       },
       "How this library was built: CUDA kernels (bool), the CUDA archs they were compiled for, "
       "the torch version built against, the CPU kernels' instruction-set levels, OpenMP.");
-  // (torch's own translation of C++ errors: the same Python exception and message as torch.ops)
-  m.def(
-      "gramian",
-      [](const std::vector<at::Tensor>& J, const std::vector<int64_t>& group_sizes) {
-        HANDLE_TH_ERRORS
-        return gramian(J, group_sizes);
-        END_HANDLE_TH_ERRORS_PYBIND
-      },
-      "torch.ops.fusedjd.gramian through the C++ dispatcher (fusedjd.ops.gramian's eager fast path).");
-  m.def(
-      "combine",
-      [](const std::vector<at::Tensor>& J, const at::Tensor& weights, const std::vector<int64_t>& group_sizes) {
-        HANDLE_TH_ERRORS
-        return combine(J, weights, group_sizes);
-        END_HANDLE_TH_ERRORS_PYBIND
-      },
-      "torch.ops.fusedjd.combine through the C++ dispatcher (fusedjd.ops.combine's eager fast path).");
-  m.def(
-      "aggregate",
-      [](const std::vector<at::Tensor>& J, const std::vector<int64_t>& group_sizes, std::optional<at::Tensor> targets,
-         double beta, double eps, bool pcgrad, const std::optional<at::Tensor>& perms) {
-        HANDLE_TH_ERRORS
-        return aggregate(J, group_sizes, std::move(targets), beta, eps, pcgrad, perms);
-        END_HANDLE_TH_ERRORS_PYBIND
-      },
-      "torch.ops.fusedjd.aggregate through the C++ dispatcher (fusedjd.ops.aggregate's eager fast path).");
-  m.def(
-      "moco_step",
-      [](const std::vector<at::Tensor>& J, at::Tensor Y, at::Tensor lam, at::Tensor step, double beta,
-         double beta_sigma, double gamma, double gamma_sigma, double rho, bool projection,
-         const std::optional<at::Tensor>& gram) {
-        HANDLE_TH_ERRORS
-        return moco_step(J, std::move(Y), std::move(lam), std::move(step), beta, beta_sigma, gamma, gamma_sigma, rho,
-                         projection, gram);
-        END_HANDLE_TH_ERRORS_PYBIND
-      },
-      "torch.ops.fusedjd.moco_step through the C++ dispatcher (fusedjd.ops.moco_step's eager fast path).");
+  m.def("gramian", &gramian, "torch.ops.fusedjd.gramian through the C++ dispatcher (fusedjd.ops.gramian's eager path).");
+  m.def("combine", &combine, "torch.ops.fusedjd.combine through the C++ dispatcher (fusedjd.ops.combine's eager path).");
+  m.def("aggregate", &aggregate,
+        "torch.ops.fusedjd.aggregate through the C++ dispatcher (fusedjd.ops.aggregate's eager path).");
+  m.def("moco_step", &moco_step,
+        "torch.ops.fusedjd.moco_step through the C++ dispatcher (fusedjd.ops.moco_step's eager path).");
   m.def("cpu_supports", &cpu_supports,
         "The CPU kernels' instruction-set levels this CPU can run, best first (cpuid).");
 }

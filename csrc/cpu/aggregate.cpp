@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> aggregate_cpu(at::TensorList J, at::IntArrayR
   const Blocks B = check_blocks(J);
   const std::vector<int64_t> off = group_offsets(group_sizes, B.n);
   const int64_t k = static_cast<int64_t>(group_sizes.size()), m = B.m;
-  // the Gramians as the gramian op returns them: float64 sums rounded to the accumulation dtype
+  // the Gramians as the gramian op returns them (filled once every check has passed)
   at::Tensor G = at::empty({k, m, m}, at::TensorOptions().dtype(acc_dtype(B.dtype)));
   at::Tensor T = targets.has_value() && !pcgrad ? *targets : at::Tensor();
   if (T.defined()) {
@@ -39,11 +39,7 @@ std::tuple<at::Tensor, at::Tensor> aggregate_cpu(at::TensorList J, at::IntArrayR
     perms = *given_perms;
     check_loop_args(G, perms);
   }
-  std::vector<double> sums(static_cast<size_t>(k * m * m), 0.0);
-  if (m > 0 && B.n > 0) gram_blocks(B, off, sums.data());
-  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "fusedjd_aggregate_gramian", [&] {
-    std::copy(sums.begin(), sums.end(), G.data_ptr<scalar_t>());
-  });
+  gramian_into(B, off, G);
   if (!perms.defined()) {
     perms = at::empty({k, m, m > 0 ? m - 1 : 0}, at::TensorOptions().dtype(at::kLong));
     draw_perms_into(k, m, pcgrad, perms.data_ptr<int64_t>());

@@ -12,9 +12,9 @@
 
 namespace fusedjd::cpu {
 
-// gramian.cpp: the Gramians of B's column groups (`off`: k + 1 offsets), float64, into `out`
-// (k * m * m zeros on entry), by the streaming engine.
-void gram_blocks(const Blocks& B, const std::vector<int64_t>& off, double* out);
+// gramian.cpp: the Gramians of B's column groups (`off`: k + 1 offsets) into `out` ([k, m, m],
+// contiguous, float32 or float64: float64 sums rounded to its dtype), by the streaming engine.
+void gramian_into(const Blocks& B, const std::vector<int64_t>& off, const at::Tensor& out);
 
 // gradvac.cpp: the GradVac (targets given) or PCGrad (targets null) loop on the Gramians G
 // [k, m, m] with the visit orders perms, after check_loop_args: the weights [k, m]; NaN weights

@@ -71,10 +71,7 @@ class _Fused(nn.Module):
         """Checks of jac_to_grad's column counts (GroupedGradVac: its groups are whole tensors)."""
 
     def _submodules_hooked(self) -> bool:
-        for mod in self._hook_modules():
-            if mod._forward_hooks or mod._forward_pre_hooks:
-                return True
-        return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+        return _hooked(*self._hook_modules())
 
     def _jac_to_grad_hooked(self) -> bool:
         """Whether jac_to_grad, which calls no module, would skip hooks: they go to torchjd's."""

@@ -36,3 +36,14 @@ def matrix(m: int, n: int, dtype: torch.dtype, gen: torch.Generator, kind: str =
     if kind == "scaled":
         J = J * 1e3
     return J.to(dtype)
+
+
+# scripts/check_mutants.sh: with FUSEDJD_MUTANT set, one planted wrong answer (tests/mutants.py)
+# replaces an op before any test module is imported; without it nothing is planted.
+import mutants as _mutants  # noqa: E402
+
+MUTANT = _mutants.plant()
+
+
+def pytest_report_header(config):
+    return f"fusedjd: the mutant {MUTANT!r} is planted (tests/mutants.py): tests are expected to fail" if MUTANT else None

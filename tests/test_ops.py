@@ -764,3 +764,10 @@ def test_bench_probes_read_every_byte_and_count_their_multiply_adds():
         torch.ops.fusedjd_bench.read([xs[0].T])
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         assert torch.ops.fusedjd_bench.multiply_adds(3, dtype) == torch.get_num_threads() * 3 * 16 * 2048
+        # the count's 16 x 2048: one block sum of the probe is the 16 dot products of its rows
+        # (x = r0, r1, r0, r1) over all 2048 columns, checked here against float64 sums
+        rows, sums = torch.ops.fusedjd_bench.block_sums(dtype)
+        assert rows.shape == (2, 2048) and (rows > 0).all() and not torch.equal(rows[0], rows[1])
+        x = rows[[0, 1, 0, 1]]
+        torch.testing.assert_close(sums, x @ x.T, rtol=1e-6, atol=0)  # (float32 lane sums)
+        assert not torch.allclose(sums, x[:, :2047] @ x[:, :2047].T, rtol=1e-6, atol=0)  # a column short shows

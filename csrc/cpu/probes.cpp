@@ -10,6 +10,8 @@
 //                      of `dtype` (float32 lanes; float16 widened in registers, bfloat16 pairs
 //                      where the CPU has them), kept in L1: the rate the engine's blocks reach
 //                      when memory costs nothing. Returns the multiply-adds (element pairs) done.
+//   block_sums(dtype): one such block sum, its rows and its 16 results (what the test of
+//                      multiply_adds' count checks against the rows' own dot products).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -17,6 +19,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "gram_engine.h"
@@ -64,33 +67,60 @@ double read_all(at::TensorList xs) {
   return static_cast<double>(total.load() % (1ull << 52));
 }
 
-// `reps` block sums per thread on rows of the element type E the engine reads for rows of T.
+// The probe's rows: 2 rows of 2048 elements (16 KiB at most, in L1) of the element type E the
+// engine reads for rows of T, read as the rows of an off-diagonal 4 x 4 block (x = {r0, r1, r0, r1}):
+// the engine's 8 loads and 16 multiply-adds per vector, and its widest tile, 2048 columns, between
+// two block sums.
+template <typename T>
+struct ProbeRows {
+  using E = elem_t<T>;
+  static constexpr int64_t kCols = 2048, kVec = kCols / Simd<E>::L;
+  std::vector<E> rows;
+  const E* x[kBlock];
+  ProbeRows() : rows(static_cast<size_t>(2 * kCols)) {
+    for (size_t e = 0; e < rows.size(); ++e) rows[e] = static_cast<E>(1e-3f * static_cast<float>(e % 7 + 1));
+    x[0] = x[2] = rows.data();
+    x[1] = x[3] = rows.data() + kCols;
+  }
+  // one block sum: out[a * 4 + b] = <x[a], x[b]> over the 2048 columns
+  void block(double* out) const {
+    const char* pf[2] = {nullptr, nullptr};
+    block_pairs<E, false, 2>(x, x, kVec, 0, out, pf, 0);
+  }
+};
+
+// `reps` block sums per thread: the multiply-adds the loop does are 16 pairs x 2048 columns a block
+// sum (block_sums below returns one block sum's results, for the test that checks this count).
 template <typename T>
 double multiply_adds_of(int64_t reps) {
-  using E = elem_t<T>;
-  using S = Simd<E>;
-  // 2 rows of 2048 elements (16 KiB at most, in L1), read as the rows of an off-diagonal 4 x 4 block
-  // (x = {r0, r1, r0, r1}): the engine's 8 loads and 16 multiply-adds per vector, and its widest
-  // tile, 2048 columns, between two block sums
-  constexpr int64_t kCols = 2048, kVec = kCols / S::L;
   const int64_t threads = at::get_num_threads();
   std::atomic<int64_t> done{0};
   at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<E> rows(static_cast<size_t>(2 * kCols));
-    for (size_t e = 0; e < rows.size(); ++e) rows[e] = static_cast<E>(1e-3f * static_cast<float>(e % 7 + 1));
-    const E* x[kBlock] = {rows.data(), rows.data() + kCols, rows.data(), rows.data() + kCols};
-    const char* pf[2] = {nullptr, nullptr};
+    const ProbeRows<T> probe;
     double out[kBlock * kBlock], sink = 0.0;
     for (int64_t t = lo; t < hi; ++t) {
       for (int64_t r = 0; r < reps; ++r) {
-        block_pairs<E, false, 2>(x, x, kVec, 0, out, pf, 0);
+        probe.block(out);
         sink += out[r % (kBlock * kBlock)];
       }
       probe_sink = sink;  // (a volatile store: the calls cannot be dropped)
       done += 1;
     }
   });
-  return static_cast<double>(done.load()) * static_cast<double>(reps) * kBlock * kBlock * kCols;
+  return static_cast<double>(done.load()) * static_cast<double>(reps) * kBlock * kBlock * ProbeRows<T>::kCols;
+}
+
+// One block sum of the probe: its rows (float64, [2, 2048], the values the engine read) and its
+// 4 x 4 results, so that a test can check that all 16 pairs were summed over all 2048 columns.
+std::tuple<at::Tensor, at::Tensor> block_sums(at::ScalarType dtype) {
+  at::Tensor rows, out = at::empty({kBlock, kBlock}, at::TensorOptions().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedjd_bench_block_sums", [&] {
+    const ProbeRows<scalar_t> probe;
+    rows = at::empty({2, ProbeRows<scalar_t>::kCols}, at::TensorOptions().dtype(at::kDouble));
+    for (int64_t e = 0; e < rows.numel(); ++e) rows.data_ptr<double>()[e] = static_cast<double>(probe.rows[e]);
+    probe.block(out.data_ptr<double>());
+  });
+  return {rows, out};
 }
 
 double multiply_adds(int64_t reps, at::ScalarType dtype) {
@@ -107,4 +137,5 @@ double multiply_adds(int64_t reps, at::ScalarType dtype) {
 TORCH_LIBRARY(fusedjd_bench, m) {
   m.def("read(Tensor[] x) -> float", &fusedjd::cpu::read_all);
   m.def("multiply_adds(int reps, ScalarType dtype) -> float", &fusedjd::cpu::multiply_adds);
+  m.def("block_sums(ScalarType dtype) -> (Tensor, Tensor)", &fusedjd::cpu::block_sums);
 }

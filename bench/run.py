@@ -83,7 +83,7 @@ class LoopCase:
 
 @dataclass(frozen=True)
 class AggCase:
-    kind: str  # "GradVac", "PCGrad" or "GroupedGradVac"
+    kind: str  # "GradVac", "PCGrad", "UPGrad", "DualProj" or "GroupedGradVac"
     m: int
     n: int
     grouping: tuple[str, list[int]] | None = None
@@ -296,7 +296,8 @@ def bench_aggregators(run: Run, cfg: list[AggCase]):
             label = f"GroupedGradVac ({name})"
             plain = None
         else:
-            ours_cls, theirs_cls = {"GradVac": (fusedjd.GradVac, ta.GradVac), "PCGrad": (fusedjd.PCGrad, ta.PCGrad)}[kind]
+            ours_cls, theirs_cls = {"GradVac": (fusedjd.GradVac, ta.GradVac), "PCGrad": (fusedjd.PCGrad, ta.PCGrad),
+                                    "UPGrad": (fusedjd.UPGrad, ta.UPGrad), "DualProj": (fusedjd.DualProj, ta.DualProj)}[kind]
             ours, theirs = ours_cls(), theirs_cls()
             theirs_call = lambda: theirs(J)  # noqa: E731
             status = run.check(f"{kind} m={m} n={n}", seeded(lambda: ours_cls()(J))(), seeded(lambda: theirs_cls()(J))(), 1e-3)
@@ -509,6 +510,8 @@ def configs(device: str, full: bool):
                                          for g in (None, groups64)]
     gram += [GramCase(32, 10**6, None, dt) for dt in (torch.bfloat16, torch.float16)]
     agg = [AggCase(kind, m, n) for kind in ("GradVac", "PCGrad") for m in (2, 8, 32) for n in ns]
+    # UPGrad and DualProj on the same fused route (Gramian, weighting, combination), next to GradVac's rows
+    agg += [AggCase(kind, m, n) for kind in ("UPGrad", "DualProj") for m in (8, 32) for n in (10**4, 10**6, 4 * 10**6)]
     agg += [AggCase("GroupedGradVac", 8, 0, grouping)]
     moco = [MocoCase(m, n) for m in (2, 8, 32) for n in ns]
     train = TrainCase(256, 512, 8, 128)

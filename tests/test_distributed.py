@@ -60,6 +60,7 @@ def _aggregators(group):
         "GroupedGradVac": (lambda blocks: fusedjd.GroupedGradVac(_group_sizes(blocks), beta=0.4, **kw), True, True),
         "MoCo": (lambda blocks: fusedjd.MoCo(gamma=0.5, simplex="projection", **kw), True, True),
         "UPGrad": (lambda blocks: UPGrad(), False, False),
+        "fusedjd UPGrad": (lambda blocks: fusedjd.UPGrad(**kw), True, False),
     }
 
 
@@ -282,7 +283,7 @@ def _tol(dtype, name=""):
     program on a Gramian whose scaled columns make it ill-conditioned) at about 1e-4."""
     if dtype == torch.float64:
         return 1e-12
-    return 1e-3 if name == "UPGrad" else 1e-4
+    return 1e-3 if name.endswith("UPGrad") else 1e-4
 
 
 def _assemble(world: int, per_rank: list[torch.Tensor]) -> torch.Tensor:

@@ -10,10 +10,14 @@
 import torch  # noqa: F401  (first: fusedjd._C links against the libraries torch loads)
 
 from . import _C, _cpu, groups, ops, reference
-from ._gradvac import GradVac, GradVacWeighting, GroupedGradVac, PCGrad, PCGradWeighting
+from ._dualproj import DualProj, DualProjWeighting
+from ._gradvac import GradVac, GradVacWeighting
+from ._grouped_gradvac import GroupedGradVac
 from ._jac_to_grad import jac_to_grad
 from ._moco import MoCo, MoCoWeighting
-from ._projector import DualProj, DualProjWeighting, Projector, UPGrad, UPGradWeighting
+from ._pcgrad import PCGrad, PCGradWeighting
+from ._projector import Projector
+from ._upgrad import UPGrad, UPGradWeighting
 
 __version__ = "0.1.0"
 

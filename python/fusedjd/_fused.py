@@ -6,6 +6,11 @@ the process group already resolved. ``forward`` (written here, once) and ``jac_t
 it; the sharded path is the same call with a group. Only when hooks are registered on the
 aggregator's submodules does ``forward`` go through them instead (``_hooked_forward``), as torchjd's
 aggregators do, so that the hooks run.
+
+Every Gramian-weighted aggregator (UPGrad, DualProj, GradVac, PCGrad) derives from
+:class:`_GramianWeighted`, whose route is :func:`gramian_weighted`: the fused Gramian, the
+weighting, the fused combination (GradVac and PCGrad run the three in one kernel call).
+``jac_to_grad`` takes the same function for torchjd's own Gramian-weighted aggregators.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from ._distributed import ProcessGroup
+from . import ops
+from ._distributed import ProcessGroup, all_reduce_sum, from_first_rank, sharded_aggregate
 from ._validation import check_matrix
 
 
@@ -91,3 +97,60 @@ def _hooked(*modules: nn.Module) -> bool:
         if mod._forward_hooks or mod._forward_pre_hooks:
             return True
     return False
+
+
+class _FusedGramian:
+    """The Gramian of a whole matrix through the fused op, summed over the aggregator's process
+    group when it has one: what a Gramian-weighted aggregator's ``weighting`` composes its
+    ``gramian_weighting`` with (torchjd composes it with ``J @ J.T``), so that a hooked forward
+    runs the hooks on the fused Gramian."""
+
+    def __init__(self, aggregator: _GramianWeighted) -> None:
+        self.aggregator = aggregator  # (read at each call: its process group may change)
+
+    def __call__(self, matrix: Tensor) -> Tensor:
+        check_matrix(matrix)
+        agg = self.aggregator
+        return all_reduce_sum(ops.gramian(matrix, [matrix.shape[1]]), agg.process_group, agg._agreement)[0]
+
+
+def gramian_weighted(blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None,
+                     gramian_weighting: nn.Module, agreement: str) -> tuple[Tensor, Tensor]:
+    """The route of a Gramian-weighted aggregator: the fused Gramian of ``[blocks[0] blocks[1]
+    ...]`` (summed over ``group``, the ranks' agreement checked first under the name
+    ``agreement``), ``gramian_weighting`` on it (every rank runs it; the first rank's weights
+    count), the fused combination: ``(combination [n], weights [1, m])``. fusedjd's UPGrad and
+    DualProj take it, and so does :func:`fusedjd.jac_to_grad` for torchjd's Gramian-weighted
+    aggregators."""
+
+    def weigh(G: Tensor) -> Tensor:
+        return from_first_rank(gramian_weighting(G[0]), group).unsqueeze(0)
+
+    return sharded_aggregate(blocks, [sum(sizes)], group, weigh, agreement)
+
+
+class _GramianWeighted(_Fused):
+    """Base of fusedjd's Gramian-weighted aggregators (placed before torchjd's
+    ``GramianWeightedAggregator``): the fused Gramian of the whole matrix, the weighting, the
+    fused combination (:func:`gramian_weighted`). ``jac_to_grad`` returns its weights. A class with
+    a one-call kernel for the three (GradVac, PCGrad) overrides ``_fused``.
+
+    Its ``weighting`` is ``gramian_weighting`` composed with the fused Gramian
+    (:class:`_FusedGramian`), which a forward with hooks on either goes through."""
+
+    _returns_weights = True
+    _agreement = "a torchjd weighting"  # the name the ranks of a group check they agree on
+    process_group: ProcessGroup | None = None
+
+    def _fuse_weighting(self) -> None:
+        """``weighting``: ``gramian_weighting`` on the fused Gramian (called by ``__init__``)."""
+        self.weighting = self.gramian_weighting << _FusedGramian(self)
+
+    def _hook_modules(self) -> tuple[nn.Module, ...]:
+        return self._modules["weighting"], self._modules["gramian_weighting"]
+
+    def _hooked_forward(self, matrix: Tensor) -> Tensor:
+        return ops.combine(matrix, self._modules["weighting"](matrix).unsqueeze(0), [matrix.shape[1]])
+
+    def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+        return gramian_weighted(blocks, sizes, group, self._modules["gramian_weighting"], self._agreement)

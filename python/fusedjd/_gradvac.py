@@ -1,29 +1,17 @@
-"""GradVac and PCGrad: drop-in replacements for torchjd's, on fused kernels."""
+"""GradVac (and its weighting): a drop-in replacement for torchjd's, on fused kernels."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchjd import Stateful
-from torchjd.aggregation import Aggregator, GramianWeightedAggregator, Weighting
+from torchjd.aggregation import GramianWeightedAggregator, Weighting
 
 from . import _distributed, ops
 from ._distributed import ProcessGroup
-from ._fused import _Fused
+from ._fused import _GramianWeighted
 from ._state import _BufferState, _NonDifferentiable
-from ._validation import (
-    check_group_sizes,
-    check_matrix,
-    check_sizes_cover,
-    check_square,
-    check_whole_tensors,
-    draws_mode,
-    forwarded,
-    in_unit_interval,
-    non_negative,
-)
+from ._validation import check_square, draws_mode, draws_repr, forwarded, in_unit_interval, non_negative
 
 
 def _refuse_impossible_targets(state_dict: dict, prefix: str, error_msgs: list[str]) -> bool:
@@ -45,40 +33,6 @@ def _refuse_impossible_targets(state_dict: dict, prefix: str, error_msgs: list[s
             return True
         state_dict[key] = T.clamp(-1.0, 1.0)
     return False
-
-
-def _draws_repr(draws: str) -> str:
-    """``", draws='device'"`` in a repr when the visit orders are not torchjd's (empty otherwise, so
-    the default repr is torchjd's)."""
-    return "" if draws == "torchjd" else f", draws={draws!r}"
-
-
-class _WholeGramian:
-    """The Gramian of the whole matrix through the fused op, summed over the aggregator's process
-    group when it has one: what GradVac's and PCGrad's ``weighting`` composes with."""
-
-    def __init__(self, weighting: nn.Module) -> None:
-        self.weighting = weighting  # holds the process group
-
-    def __call__(self, matrix: Tensor) -> Tensor:
-        check_matrix(matrix)
-        name = "PCGrad" if isinstance(self.weighting, PCGradWeighting) else "GradVac"
-        return _distributed.all_reduce_sum(ops.gramian(matrix, [matrix.shape[1]]), self.weighting.process_group,
-                                           name)[0]
-
-
-class _WholeMatrixWeighted(_Fused):
-    """GradVac's and PCGrad's shared part: one weighting of the whole matrix, whose hooks a hooked
-    forward runs through ``weighting`` (the fused Gramian, then ``gramian_weighting``), and whose
-    weights ``jac_to_grad`` returns."""
-
-    def _hook_modules(self) -> tuple[nn.Module, ...]:
-        return self._modules["weighting"], self._modules["gramian_weighting"]
-
-    def _hooked_forward(self, matrix: Tensor) -> Tensor:
-        return ops.combine(matrix, self._modules["weighting"](matrix).unsqueeze(0), [matrix.shape[1]])
-
-    _returns_weights = True
 
 
 class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
@@ -161,7 +115,7 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
                                       unexpected_keys, error_msgs)
 
     def __repr__(self) -> str:  # torchjd's "GradVacWeighting()", with the draws when not torchjd's
-        return f"{self.__class__.__name__}({_draws_repr(self.draws)[2:]})"
+        return f"{self.__class__.__name__}({draws_repr(self.draws)[2:]})"
 
     def forward(self, gramian: Tensor, /) -> Tensor:
         """The weights ``[m]`` of a Gramian ``[m, m]``, as torchjd's; or the weights ``[k, m]`` of a
@@ -206,7 +160,7 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         return ops.aggregate(J, group_sizes, T, self._beta, self._eps, False, perms)
 
 
-class GradVac(_WholeMatrixWeighted, GramianWeightedAggregator, Stateful, _NonDifferentiable):
+class GradVac(_GramianWeighted, GramianWeightedAggregator, Stateful, _NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.GramianWeightedAggregator`
     implementing Gradient Vaccine (GradVac) from `Gradient Vaccine: Investigating and Improving
@@ -245,7 +199,7 @@ class GradVac(_WholeMatrixWeighted, GramianWeightedAggregator, Stateful, _NonDif
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, *, process_group: ProcessGroup | None = None,
                  draws: str = "torchjd") -> None:
         super().__init__(GradVacWeighting(beta=beta, eps=eps, process_group=process_group, draws=draws))
-        self.weighting = self.gramian_weighting << _WholeGramian(self.gramian_weighting)
+        self._fuse_weighting()
 
     beta = forwarded("beta", to="gramian_weighting")
     eps = forwarded("eps", to="gramian_weighting")
@@ -256,7 +210,10 @@ class GradVac(_WholeMatrixWeighted, GramianWeightedAggregator, Stateful, _NonDif
         """Clears the EMA targets so the next call starts from zero targets."""
         self.gramian_weighting.reset()
 
+    _agreement = "GradVac"
+
     def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+        # the Gramian, the loop and the combination in one call (ops.aggregate) on one process
         return self._modules["gramian_weighting"].aggregate(blocks, [sum(sizes)], group)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -270,144 +227,4 @@ class GradVac(_WholeMatrixWeighted, GramianWeightedAggregator, Stateful, _NonDif
                                       unexpected_keys, error_msgs)
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(beta={self.beta!r}, eps={self.eps!r}{_draws_repr(self.draws)})"
-
-
-class GroupedGradVac(_Fused, Aggregator, Stateful, _NonDifferentiable):
-    r"""
-    :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Aggregator` applying GradVac
-    independently to consecutive column groups of the Jacobian (the paper's ``whole_model``,
-    ``enc_dec``, ``all_layer`` and ``all_matrix`` granularities; see :mod:`fusedjd.groups`).
-
-    Each group has its own Gramian, EMA targets and visit orders; all groups run in one kernel
-    launch. The permutations are drawn group by group, so the result equals torchjd's grouping
-    recipe (one :class:`torchjd.aggregation.GradVac` per group, called in group order) under the
-    same ``torch.manual_seed``.
-
-    :param group_sizes: Number of columns of each group, in column order; must sum to ``n``.
-        With a process group: this rank's columns of each group (0 where it holds none).
-    :param beta: EMA rate for :math:`\hat{\phi}`, in [0, 1].
-    :param eps: Small non-negative constant added to denominators.
-    :param process_group: Sharded aggregation, as for :class:`~fusedjd.GradVac`: each group's
-        Gramian is summed over the ranks.
-    :param draws: Where the visit orders are drawn, as for :class:`~fusedjd.GradVac`.
-    """
-
-    def __init__(self, group_sizes: Sequence[int], beta: float = 0.5, eps: float = 1e-8, *,
-                 process_group: ProcessGroup | None = None, draws: str = "torchjd") -> None:
-        super().__init__()
-        self.gramian_weighting = GradVacWeighting(beta=beta, eps=eps, process_group=process_group, draws=draws)
-        self.group_sizes = group_sizes
-
-    @property
-    def group_sizes(self) -> list[int]:
-        return list(self._group_sizes)
-
-    @group_sizes.setter
-    def group_sizes(self, value: Sequence[int]) -> None:
-        self._group_sizes = check_group_sizes(value)
-        self.gramian_weighting.reset()
-
-    beta = forwarded("beta", to="gramian_weighting")
-    eps = forwarded("eps", to="gramian_weighting")
-    draws = forwarded("draws", to="gramian_weighting")
-    process_group = forwarded("process_group", to="gramian_weighting")
-
-    def reset(self) -> None:
-        """Clears the EMA targets of every group."""
-        self.gramian_weighting.reset()
-
-    def _hook_modules(self) -> tuple[nn.Module, ...]:
-        return (self._modules["gramian_weighting"],)
-
-    def _hooked_forward(self, matrix: Tensor) -> Tensor:
-        # the groups' Gramians [k, m, m] (summed over the process group), their weights [k, m]
-        # through gramian_weighting's call, so that its hooks run, then the combination
-        sizes = self._group_sizes
-        G = _distributed.all_reduce_sum(ops.gramian(matrix, sizes), self.process_group, "GradVac")
-        return ops.combine(matrix, self._modules["gramian_weighting"](G), sizes)
-
-    def _check_matrix_columns(self, matrix: Tensor) -> None:
-        check_sizes_cover(self._group_sizes, matrix)
-
-    def _check_tensor_columns(self, sizes: list[int]) -> None:
-        check_whole_tensors(self._group_sizes, sizes)
-
-    def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, None]:
-        return self._modules["gramian_weighting"].aggregate(blocks, self._group_sizes, group)[0], None
-
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}(group_sizes={self._group_sizes!r}, beta={self.beta!r}, "
-            f"eps={self.eps!r}{_draws_repr(self.draws)})"
-        )
-
-
-class PCGradWeighting(Weighting, _NonDifferentiable):
-    """
-    :class:`~torchjd.aggregation.Weighting` giving the weights of :class:`~fusedjd.PCGrad`,
-    computed from the Gramian by a C++/CUDA kernel; equal to
-    :class:`torchjd.aggregation.PCGradWeighting` under the same ``torch.manual_seed``.
-
-    :param draws: Where the visit orders are drawn, as for :class:`~fusedjd.GradVacWeighting`.
-    """
-
-    def __init__(self, *, process_group: ProcessGroup | None = None, draws: str = "torchjd") -> None:
-        super().__init__()
-        self.draws = draws
-        self.process_group = process_group
-
-    draws = draws_mode()
-
-    def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({_draws_repr(self.draws)[2:]})"
-
-    def forward(self, gramian: Tensor, /) -> Tensor:
-        check_square(gramian)
-        return self.pcgrad(gramian, self.process_group)
-
-    def pcgrad(self, gramian: Tensor, group: ProcessGroup | None) -> Tensor:
-        """The PCGrad weights ``[m]`` of a checked Gramian ``[m, m]`` (visit orders drawn on the
-        first rank of ``group`` when there is one)."""
-        G = gramian.to(ops.acc_dtype(gramian.dtype)).unsqueeze(0)
-        perms = _distributed.draw_perms(1, G.shape[1], True, G.device, group, self._draws)
-        return ops.pcgrad_loop(G, perms)[0]
-
-    def aggregate(self, J: list[Tensor], n: int, group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
-        """The PCGrad combination of ``J`` (its column blocks, ``n`` columns) and its weights
-        ``[1, m]``: one call (``ops.aggregate``) on one process; with ``group``, this rank's
-        columns, the Gramian summed over the group."""
-        if group is not None:
-            return _distributed.sharded_aggregate(J, [n], group, lambda G: self.pcgrad(G[0], group).unsqueeze(0),
-                                                  "PCGrad")
-        perms = ops.draw_perms_device(1, J[0].shape[0], J[0].device) if self._draws == "device" else None
-        return ops.aggregate(J, [n], None, 0.0, 0.0, True, perms)
-
-
-class PCGrad(_WholeMatrixWeighted, GramianWeightedAggregator, _NonDifferentiable):
-    """
-    :class:`~torchjd.aggregation.GramianWeightedAggregator` as defined in Algorithm 1 of
-    `Gradient Surgery for Multi-Task Learning <https://arxiv.org/pdf/2001.06782.pdf>`_, a drop-in
-    replacement for :class:`torchjd.aggregation.PCGrad` on fused kernels.
-
-    :param process_group: Sharded aggregation, as for :class:`~fusedjd.GradVac`.
-    :param draws: Where the visit orders are drawn, as for :class:`~fusedjd.GradVac`.
-    """
-
-    gramian_weighting: PCGradWeighting
-
-    def __init__(self, *, process_group: ProcessGroup | None = None, draws: str = "torchjd") -> None:
-        super().__init__(PCGradWeighting(process_group=process_group, draws=draws))
-        self.weighting = self.gramian_weighting << _WholeGramian(self.gramian_weighting)
-
-    draws = forwarded("draws", to="gramian_weighting")
-    process_group = forwarded("process_group", to="gramian_weighting")
-
-    def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({_draws_repr(self.draws)[2:]})"
-
-    def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
-        return self._modules["gramian_weighting"].aggregate(blocks, sum(sizes), group)
-
-
-__all__ = ["GradVac", "GradVacWeighting", "GroupedGradVac", "PCGrad", "PCGradWeighting"]
+        return f"{self.__class__.__name__}(beta={self.beta!r}, eps={self.eps!r}{draws_repr(self.draws)})"

@@ -12,9 +12,8 @@ from torchjd.autojac._accumulation import _check_expects_grad, accumulate_grads,
 from torchjd.autojac._jac_to_grad import _can_skip_jacobian_combination, _disunite_gradient, _free_jacs
 from torchjd.autojac._utils import check_consistent_first_dimension
 
-from . import _distributed
 from ._distributed import ProcessGroup
-from ._fused import _Fused, _hooked
+from ._fused import _Fused, _hooked, gramian_weighted
 from ._validation import check_floating
 
 # The fused path of one aggregator: from the list of Jacobian blocks [m, n_b] to (the combined
@@ -162,32 +161,24 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], sizes: list[int],
     if first.shape[0] == 0 or not first.is_floating_point() or any(
             j.dtype != first.dtype or j.device != first.device for j in jacobians):
         return None
-    n = sum(sizes)
 
     check_floating(first, "tensors.jac")  # a float8 .jac: refused by name before anything changes
     if isinstance(aggregator, _Fused):  # fusedjd's: its one route
         if aggregator._jac_to_grad_hooked():
             return None
         aggregator._check_tensor_columns(sizes)
-
-        def fused(blocks: list[Tensor]) -> tuple[Tensor, Tensor | None]:
-            out, W = aggregator._fused(blocks, sizes, group)
-            return out, (W[0] if aggregator._returns_weights else None)
-
-        return fused
-
-    if isinstance(aggregator, GramianWeightedAggregator):  # torchjd's: the sharded Gramian path
+        fused, returns_weights = (lambda blocks: aggregator._fused(blocks, sizes, group)), aggregator._returns_weights
+    elif isinstance(aggregator, GramianWeightedAggregator):  # torchjd's: the route of fusedjd's UPGrad
         gw = aggregator.gramian_weighting
         if _hooked(aggregator, aggregator.weighting, gw):
             return None
+        fused, returns_weights = (lambda blocks: gramian_weighted(blocks, sizes, group, gw, "a torchjd weighting")), True
+    else:
+        return None
 
-        def weighted(blocks: list[Tensor]) -> tuple[Tensor, Tensor]:
-            # torchjd's weighting: every rank runs it on the same Gramian; the first rank's weights win
-            out, W = _distributed.sharded_aggregate(
-                blocks, [n], group, lambda G: _distributed.from_first_rank(gw(G[0]), group).unsqueeze(0),
-                "a torchjd weighting")
-            # returned in the dtype of the .jac tensors, as torchjd's (its Gramian has that dtype)
-            return out, W[0].to(first.dtype)
+    def route(blocks: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        out, W = fused(blocks)
+        # the weights [m] in the dtype of the .jac tensors, as torchjd's (its Gramian has that dtype)
+        return out, (W[0].to(first.dtype) if returns_weights else None)
 
-        return weighted
-    return None
+    return route

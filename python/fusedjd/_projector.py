@@ -1,12 +1,10 @@
-"""UPGrad and DualProj without quadprog: :class:`Projector`, a :class:`torchjd.linalg.DualConeProjector`
-on the fused ``dual_cone`` op, and torchjd's UPGrad / DualProj classes with it as their default."""
+"""The fused dual-cone projector: :class:`Projector`, a :class:`torchjd.linalg.DualConeProjector` on
+the ``dual_cone`` op, and the ``projector`` property that makes it UPGrad's and DualProj's default."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchjd import aggregation as ta
-from torchjd.aggregation import GramianWeightedAggregator
 from torchjd.linalg import DualConeProjector
 
 from . import ops
@@ -70,49 +68,3 @@ class _FusedDefault:
     @projector.setter
     def projector(self, value: DualConeProjector | None) -> None:
         self._projector = _projector(value)
-
-
-class UPGradWeighting(_FusedDefault, ta.UPGradWeighting):
-    """:class:`torchjd.aggregation.UPGradWeighting` with :class:`~fusedjd.Projector` as its default
-    projector: same arguments and results (to the solver's precision), no quadprog, no host
-    round trip.
-
-    :param pref_vector: The preference vector to use (default: the mean).
-    :param projector: The :class:`~torchjd.linalg.DualConeProjector`; ``None``: ``fusedjd.Projector()``.
-    """
-
-
-class DualProjWeighting(_FusedDefault, ta.DualProjWeighting):
-    """:class:`torchjd.aggregation.DualProjWeighting` with :class:`~fusedjd.Projector` as its
-    default projector.
-
-    :param pref_vector: The preference vector to use (default: the mean).
-    :param projector: The :class:`~torchjd.linalg.DualConeProjector`; ``None``: ``fusedjd.Projector()``.
-    """
-
-
-class UPGrad(ta.UPGrad):
-    """:class:`torchjd.aggregation.UPGrad` (Jacobian descent's flagship aggregator) with
-    :class:`~fusedjd.Projector` as its default projector: switching is changing the import. Works
-    with :func:`fusedjd.jac_to_grad` and its sharded path like any torchjd Gramian-weighted
-    aggregator; on CUDA a step has no host synchronisation.
-
-    :param pref_vector: The preference vector used to combine the projected rows (default: the
-        mean).
-    :param projector: The :class:`~torchjd.linalg.DualConeProjector`; ``None``: ``fusedjd.Projector()``.
-    """
-
-    def __init__(self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None) -> None:
-        GramianWeightedAggregator.__init__(self, UPGradWeighting(pref_vector, projector=projector))
-
-
-class DualProj(ta.DualProj):
-    """:class:`torchjd.aggregation.DualProj` with :class:`~fusedjd.Projector` as its default
-    projector.
-
-    :param pref_vector: The preference vector used to combine the rows (default: the mean).
-    :param projector: The :class:`~torchjd.linalg.DualConeProjector`; ``None``: ``fusedjd.Projector()``.
-    """
-
-    def __init__(self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None) -> None:
-        GramianWeightedAggregator.__init__(self, DualProjWeighting(pref_vector, projector=projector))

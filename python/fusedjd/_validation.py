@@ -160,3 +160,9 @@ def check_whole_tensors(groups: list[int], sizes: list[int]) -> None:
                 f"(the tensors end at columns {sorted(ends)}): in jac_to_grad every group must be whole "
                 "tensors, in the order of `tensors`. fusedjd.groups builds such groupings."
             )
+
+
+def draws_repr(draws: str) -> str:
+    """``", draws='device'"`` in a repr when the visit orders are not torchjd's (empty otherwise, so
+    the default repr is torchjd's)."""
+    return "" if draws == "torchjd" else f", draws={draws!r}"

@@ -19,6 +19,7 @@ import glob
 import os
 import platform
 import re
+import runpy
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -40,13 +41,7 @@ def _want_cuda() -> bool:
 # fusedjd loads the best one the CPU supports (python/fusedjd/_cpu.py): a wheel built anywhere runs
 # on any x86-64 CPU. Only one of them is ever loaded in a process, so no inline function compiled
 # for one level can end up called on a CPU of a lower one.
-CPU_LEVELS_X86 = {
-    # AVX-512 (F, BW, DQ, VL, CD) with AVX2, FMA, F16C, and the bfloat16 dot product (Zen 4,
-    # Sapphire Rapids, Cooper Lake)
-    "avx512": ["-march=x86-64-v4", "-mavx512bf16"],
-    "avx2": ["-march=x86-64-v3"],  # AVX2, FMA, F16C (Haswell, Zen 1-3)
-    "default": ["-march=x86-64"],  # SSE2: any x86-64 CPU
-}
+CPU_LEVELS_X86 = runpy.run_path(os.path.join(ROOT, "python", "fusedjd", "_levels.py"))["X86"]
 
 
 def _cpu_levels() -> dict[str, list[str]]:
@@ -116,7 +111,7 @@ setup(
     packages=["fusedjd"],
     ext_modules=_extensions(),
     cmdclass={"build_ext": _BuildExt},
-    install_requires=["torch>=2.4", "torchjd>=0.18"],
+    install_requires=["torch>=2.8", "torchjd>=0.18"],  # torch: the oldest tested is 2.8 (README)
     extras_require={"plot": ["matplotlib"], "test": ["pytest", "numpy"]},
     python_requires=">=3.10",
 )

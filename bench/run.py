@@ -36,6 +36,7 @@ from torchjd.autojac import jac_to_grad, mtl_backward
 
 import fusedjd
 import gpu_grid  # bench/gpu_grid.py
+import probes  # bench/probes.py: the floors' kernels, built for the CPU level loaded here
 from common import (Progress, Table, fmt_mib, fmt_time, fmt_x, median_time, peak_bytes,  # bench/ is sys.path[0]
                     save_figure, sync)
 from fusedjd import reference
@@ -623,6 +624,7 @@ def main() -> int:
     if busy:
         print(f"note: load average {load:.1f} is above the {os.cpu_count()} cores: timings will stall and spread",
               file=sys.stderr)
+    print(f"[bench] the floors' probes (bench/probes.cpp) for the {probes.load()} CPU kernels: ready", file=sys.stderr)
     gram, loops, agg, moco, train = configs(device, args.full)
     run = Run(device, Progress(len(gram) + 2 * len(loops) + 2 * len(PROJECTOR_MS) + len(agg) + len(moco) + TRAIN_ROWS))
     tables = [

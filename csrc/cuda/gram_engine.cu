@@ -15,7 +15,7 @@
 // address in one warp: one transaction) and each its own OFFB `b` rows, so a thread keeps
 // BASE x OFFB sums in registers while the tile reads each of its rows once.
 // Row reads per column over the rows, i.e. reads of J through L2 (the tiles of one item run
-// side by side, so DRAM should see about one read; that is not yet measured on a GPU):
+// side by side, so DRAM should see about one read; scripts/gpu_run.sh measures it on a GPU):
 //   float32/16/bf16: m <= 16: 1;  17 <= m <= 32: 2;  m = 33: 3;  m = 64: 4;  m = 128: 8
 //   float64:         m <= 8: 1;   m = 16: 2;  m = 17: 2.53;  m = 24: 2.67;  m = 32: 3.5;  m = 64: 6.5
 // (float64 keeps 8-row diagonal tiles: a 16-row one would need 136 double sums per thread; MoCo's

@@ -1,7 +1,7 @@
-// Measurement kernels for the benchmark (bench/run.py), compiled with the CPU kernels of each
-// instruction-set level so that they measure with the instructions the kernels use: the floors the
-// benchmark divides its CPU rows by. Not part of fusedjd's ops: they live in their own namespace,
-// torch.ops.fusedjd_bench (one CPU kernels' library is loaded per process, which defines it).
+// Measurement kernels for the benchmark (bench/run.py): the floors it divides its CPU rows by. Not
+// part of fusedjd: built by the benchmark (bench/probes.py) with the flags of the CPU kernels'
+// level that its process loaded, so that they measure with the instructions the kernels use, and
+// registered in their own namespace, torch.ops.fusedjd_bench.
 //   read(x):           reads every byte of the tensors once over the threads; the fastest read
 //                      this code does (vectors, four independent integer sums, no floating-point
 //                      latency chain). Returns a checksum, so that the reads cannot be dropped.

@@ -1,10 +1,12 @@
 // The visit orders of GradVac and PCGrad drawn on the host from the default CPU generator, exactly
-// as torchjd draws them: the draw_perms op (composite/draw_perms.cpp) and the CPU aggregate kernel
-// (cpu/aggregate.cpp) both draw through draw_perms_into.
+// as torchjd draws them: the draw_perms op (composite/draw_perms.cpp) and the aggregate op
+// (aggregate.h, every backend) both draw through draw_perms_on.
 #pragma once
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <mutex>
@@ -44,6 +46,16 @@ inline void draw_perms_into(int64_t k, int64_t m, bool pcgrad, int64_t* o) {
       for (int64_t a = 0; a + 1 < m; ++a) dst[a] = perm[a] + (perm[a] >= i ? 1 : 0);
     }
   }
+}
+
+// The visit orders [k, m, m-1] (int64) drawn on the host, on `device`: for CUDA through pinned
+// memory with a non-blocking copy, so that the caller's stream never waits on the host.
+inline at::Tensor draw_perms_on(int64_t k, int64_t m, bool pcgrad, const at::Device& device) {
+  at::Tensor out = at::empty({k, m, m > 0 ? m - 1 : 0}, at::TensorOptions().dtype(at::kLong));
+  draw_perms_into(k, m, pcgrad, out.data_ptr<int64_t>());
+  if (device.is_cpu()) return out;
+  if (device.is_cuda()) out = out.pin_memory();
+  return out.to(device, /*non_blocking=*/true);
 }
 
 }  // namespace fusedjd

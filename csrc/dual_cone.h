@@ -26,7 +26,8 @@
 
 #include <cstdint>
 
-#include "math.h"
+#include "common.h"
+#include "hd.h"
 
 namespace fusedjd {
 
@@ -183,6 +184,45 @@ FUSEDJD_HD int64_t dual_cone_solve(const double* G, int64_t m, const double* u, 
   }
   for (int64_t a = 0; a < m; ++a) v[a] = u[a] + x[a];
   return steps;
+}
+
+// Checks of the dual_cone op on every backend: G [m, m], U [..., m], both float16, bfloat16,
+// float32 or float64, on one device.
+inline void check_dual_cone_args(const at::Tensor& U, const at::Tensor& G) {
+  const auto half_to_double = [](at::ScalarType t) {
+    return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+  };
+  TORCH_CHECK(G.dim() == 2 && G.size(0) == G.size(1), "fusedjd: `G` must be a square Gramian [m, m], got shape ",
+              G.sizes());
+  TORCH_CHECK(half_to_double(G.scalar_type()), "fusedjd: `G` must be float16, bfloat16, float32 or float64, got ",
+              G.scalar_type());
+  TORCH_CHECK(U.dim() >= 1 && U.size(-1) == G.size(0), "fusedjd: `U` must have shape [..., m] with m = ", G.size(0),
+              " (the size of `G`), got shape ", U.sizes());
+  TORCH_CHECK(half_to_double(U.scalar_type()), "fusedjd: `U` must be float16, bfloat16, float32 or float64, got ",
+              U.scalar_type());
+  FUSEDJD_CHECK_SAME_DEVICE(U, G);
+}
+
+// The dual_cone op's inputs as its kernels solve them: G [m, m] and U as k rows [k, m], both
+// float64 and contiguous (empty when m or U is), and the output V [k, m] float64 to fill; `finish`
+// returns V in U's shape and G's dtype.
+struct DualConeProblem {
+  at::Tensor G, U, V;
+  int64_t k = 0, m = 0;
+  at::Tensor finish(const at::Tensor& U_in, const at::Tensor& G_in) const {
+    return V.to(G_in.scalar_type()).reshape(U_in.sizes());
+  }
+};
+
+inline DualConeProblem dual_cone_problem(const at::Tensor& U, const at::Tensor& G) {
+  check_dual_cone_args(U, G);
+  DualConeProblem p;
+  p.m = G.size(0);
+  p.k = p.m == 0 ? 0 : U.numel() / p.m;
+  p.G = G.to(at::kDouble).contiguous();
+  p.U = U.reshape({p.k, p.m}).to(at::kDouble).contiguous();
+  p.V = at::empty({p.k, p.m}, p.U.options());
+  return p;
 }
 
 }  // namespace fusedjd

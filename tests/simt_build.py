@@ -1,7 +1,6 @@
 """Test-only build of the CUDA sources for the CPU: every ``csrc/cuda/*.cu`` compiled as plain C++
 against the SIMT emulator (``tests/simt``), registered as ``torch.ops.fusedjd_simt.*`` on CPU
-tensors, with the composite aggregate op (``csrc/composite/aggregate.cpp``) registered for that
-namespace. Never installed for users.
+tensors (the aggregate op too: ``csrc/cuda/aggregate.cu``). Never installed for users.
 
 ``load()`` builds once (cached by ninja under ``build/fusedjd_simt``) and loads the library into
 this process; ``python tests/simt_build.py`` does that ahead of a test run. With ``--asan`` (or
@@ -48,15 +47,14 @@ def load(asan: bool = ASAN, verbose: bool = False) -> None:
     build_dir = ROOT / "build" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     # csrc/ and the emulator on the include path: the CUDA sources reach simt.h, the emulation's
-    # ops.cpp the schemas and the composite op
+    # ops.cpp the schemas
     flags = ["-O2", "-std=c++17", "-DFUSEDJD_SIMT", f"-I{ROOT / 'csrc'}", f"-I{SIMT}"]
     ldflags: list[str] = []
     if asan:
         san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
         flags = ["-O1", "-g"] + flags[1:] + san
         ldflags = san
-    sources = [SIMT / "simt.cpp", SIMT / "ops.cpp", ROOT / "csrc" / "composite" / "aggregate.cpp",
-               _unity_source(build_dir)]
+    sources = [SIMT / "simt.cpp", SIMT / "ops.cpp", _unity_source(build_dir)]
     cpp_extension.load(
         name=name,
         sources=[str(s) for s in sources],

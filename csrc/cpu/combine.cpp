@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../combine.h"
 #include "../common.h"
 #include "block_rows.h"
 #include "kernels.h"

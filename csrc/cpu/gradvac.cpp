@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "../common.h"
-#include "../math.h"
+#include "../gradvac.h"
 #include "kernels.h"
 
 namespace fusedjd::cpu {

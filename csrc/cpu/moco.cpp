@@ -4,7 +4,7 @@
 //           the streaming engine (gram_engine.h) and rounded to Y's dtype exactly as pass 2 will
 //           store it; Y is not written -- a non-finite J shows as a non-finite Gramian (skipped
 //           when the caller gives the Gramian; moco_gramian is this pass alone);
-//   step:   step sizes, the weight update and the skip decision (math.h);
+//   step:   step sizes, the weight update and the skip decision (moco.h);
 //   pass 2: Y <- Yn in place and out = lam^T Yn, fused.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "../common.h"
-#include "../math.h"
+#include "../moco.h"
 #include "gram_engine.h"
 
 namespace fusedjd::cpu {

@@ -7,8 +7,10 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../combine.h"
 #include "../common.h"
 #include "cuda_common.cuh"
+#include "kernels.cuh"
 
 namespace fusedjd::cuda {
 namespace {
@@ -54,29 +56,32 @@ __global__ void __launch_bounds__(kCombineThreads)
 
 at::Tensor combine_cuda(at::TensorList J, const at::Tensor& weights, at::IntArrayRef group_sizes) {
   const CombineArgs a = prepare_combine(J, weights, group_sizes);
-  const DeviceGuard guard(a.B.device);
-  if (a.done) return a.out;
-  // float32 and float64 weights are read as they are (float64 J: float64 weights, as its loops
-  // return them; a float32-weights variant of the float64 kernel spills); others are widened first
-  const bool wide = weights.scalar_type() == at::kDouble || a.B.dtype == at::kDouble;
-  const at::Tensor W = weights.to(wide ? at::kDouble : at::kFloat).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.B.dtype, "fusedjd_combine_cuda", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    constexpr int V = 16 / static_cast<int>(sizeof(scalar_t));
-    at::Tensor table;
-    const WorkTable tab = work_table(a.B, a.off, /*chunk=*/int64_t{4} * kCombineThreads * V, &table);
-    const dim3 grid(static_cast<unsigned>(tab.items));
-    if (wide)
-      launch("combine_kernel", combine_kernel<scalar_t, opmath_t, V, double>, grid, kCombineThreads, 0, tab, a.B.m,
-             W.data_ptr<double>(), a.out.data_ptr<scalar_t>());
-    else if constexpr (!std::is_same_v<scalar_t, double>)
-      launch("combine_kernel", combine_kernel<scalar_t, opmath_t, V, float>, grid, kCombineThreads, 0, tab, a.B.m,
-             W.data_ptr<float>(), a.out.data_ptr<scalar_t>());
-  });
+  if (!a.done) combine_into(a.B, a.off, weights, a.out);
   return a.out;
 }
 
 }  // namespace
+
+void combine_into(const Blocks& B, const std::vector<int64_t>& off, const at::Tensor& weights, const at::Tensor& out) {
+  const DeviceGuard guard(B.device);
+  // float32 and float64 weights are read as they are (float64 J: float64 weights, as its loops
+  // return them; a float32-weights variant of the float64 kernel spills); others are widened first
+  const bool wide = weights.scalar_type() == at::kDouble || B.dtype == at::kDouble;
+  const at::Tensor W = weights.to(wide ? at::kDouble : at::kFloat).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, B.dtype, "fusedjd_combine_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    constexpr int V = 16 / static_cast<int>(sizeof(scalar_t));
+    at::Tensor table;
+    const WorkTable tab = work_table(B, off, /*chunk=*/int64_t{4} * kCombineThreads * V, &table);
+    const dim3 grid(static_cast<unsigned>(tab.items));
+    if (wide)
+      launch("combine_kernel", combine_kernel<scalar_t, opmath_t, V, double>, grid, kCombineThreads, 0, tab, B.m,
+             W.data_ptr<double>(), out.data_ptr<scalar_t>());
+    else if constexpr (!std::is_same_v<scalar_t, double>)
+      launch("combine_kernel", combine_kernel<scalar_t, opmath_t, V, float>, grid, kCombineThreads, 0, tab, B.m,
+             W.data_ptr<float>(), out.data_ptr<scalar_t>());
+  });
+}
 
 FUSEDJD_CUDA_IMPL(m) {
   m.impl("combine", &combine_cuda);

@@ -13,8 +13,9 @@
 #include <limits>
 
 #include "../common.h"
-#include "../math.h"
+#include "../gradvac.h"
 #include "cuda_common.cuh"
+#include "kernels.cuh"
 
 namespace fusedjd::cuda {
 namespace {
@@ -166,6 +167,10 @@ at::Tensor pcgrad_loop_cuda(const at::Tensor& G, const at::Tensor& perms) {
 }
 
 }  // namespace
+
+at::Tensor loop_core(const at::Tensor& G, const at::Tensor& perms, at::Tensor* targets, double beta, double eps) {
+  return targets != nullptr ? loop_cuda<false>(G, perms, targets, beta, eps) : loop_cuda<true>(G, perms, nullptr, 0.0, 0.0);
+}
 
 FUSEDJD_CUDA_IMPL(m) {
   m.impl("gradvac_loop", &gradvac_loop_cuda);

@@ -29,7 +29,7 @@
 #include <type_traits>
 
 #include "../common.h"
-#include "../math.h"
+#include "../moco.h"
 #include "gram_engine.cuh"
 
 namespace fusedjd::cuda {

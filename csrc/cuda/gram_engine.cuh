@@ -7,7 +7,7 @@
 namespace fusedjd::cuda {
 
 // MoCo's first pass: the rows are Y_r + b (J_r - Y_r) instead of J_r (Y [m, n] contiguous; as
-// math.h's moco_row_update rounds them), with the step's rate b = beta / (*step + 1)^beta_sigma
+// moco.h's moco_row_update rounds them), with the step's rate b = beta / (*step + 1)^beta_sigma
 // read on the device: the Gramian of the Y that pass 2 stores.
 struct Update {
   const void* y;

@@ -7,16 +7,14 @@
 #include "blas_gram.cuh"
 #include "../common.h"
 #include "gram_engine.cuh"
+#include "kernels.cuh"
 
 namespace fusedjd::cuda {
-namespace {
 
-at::Tensor gramian_cuda(at::TensorList J, at::IntArrayRef group_sizes) {
-  const Blocks B = check_blocks(J);
+at::Tensor gramian_core(const Blocks& B, const std::vector<int64_t>& off) {
   const DeviceGuard guard(B.device);
-  const std::vector<int64_t> off = group_offsets(group_sizes, B.n);
   if (B.m > gram_rows_max(B.dtype)) {  // group by group, block piece by block piece
-    const int64_t k = static_cast<int64_t>(group_sizes.size());
+    const int64_t k = static_cast<int64_t>(off.size()) - 1;
     at::Tensor out = at::zeros({k, B.m, B.m}, at::TensorOptions().dtype(acc_dtype(B.dtype)).device(B.device));
     for (int64_t g = 0; g < k; ++g)
       for (size_t b = 0; b < B.J.size(); ++b) {
@@ -26,6 +24,13 @@ at::Tensor gramian_cuda(at::TensorList J, at::IntArrayRef group_sizes) {
     return out;
   }
   return gram_blocks(B, off, nullptr);
+}
+
+namespace {
+
+at::Tensor gramian_cuda(at::TensorList J, at::IntArrayRef group_sizes) {
+  const Blocks B = check_blocks(J);
+  return gramian_core(B, group_offsets(group_sizes, B.n));
 }
 
 }  // namespace

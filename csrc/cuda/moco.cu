@@ -5,7 +5,7 @@
 //           [Y; J] by blas_gram (no m x n temporary either), folded into the m x m one. Skipped
 //           when the caller gives the Gramian; moco_gramian is this pass alone;
 //   step:   one warp reads the device step counter, computes the step sizes, the weight
-//           update (its O(m^2) product over the lanes) and the skip decision (math.h), and
+//           update (its O(m^2) product over the lanes) and the skip decision (moco.h), and
 //           updates lam and step;
 //   pass 2: Y <- Y + b (J - Y) in place and out = lam^T Y, or NaN and no write when the
 //           step was refused (non-finite J).
@@ -19,7 +19,7 @@
 
 #include "blas_gram.cuh"
 #include "../common.h"
-#include "../math.h"
+#include "../moco.h"
 #include "gram_engine.cuh"
 
 namespace fusedjd::cuda {
@@ -27,7 +27,7 @@ namespace {
 
 // scratch (float64): [lam_old m | lam_new m | tmp 2m | b | ok]; `gram` the (m x m) Gramian of the
 // updated rows. One warp: each lane takes rows r = lane, lane + 32, ... of (M + rho I) lam, each
-// summed over s in order as math.h's moco_lambda_step sums it (so the result is what one thread
+// summed over s in order as moco.h's moco_lambda_step sums it (so the result is what one thread
 // running moco_lambda_step on the device gives, bit for bit); lane 0 then applies the softmax or the simplex projection (O(m), and the projection's
 // O(m^2) sort only with simplex="projection").
 template <typename acc_t, typename lam_t>

@@ -160,7 +160,21 @@ class GradVacWeighting(Weighting, Stateful, _BufferState, _NonDifferentiable):
         return ops.aggregate(J, group_sizes, T, self._beta, self._eps, False, perms)
 
 
-class GradVac(_GramianWeighted, GramianWeightedAggregator, Stateful, _NonDifferentiable):
+class _GradVacSettings:
+    """GradVac's settings and state, held by its ``gramian_weighting`` (a :class:`GradVacWeighting`):
+    what :class:`GradVac` and :class:`~fusedjd.GroupedGradVac` both forward to it."""
+
+    beta = forwarded("beta", to="gramian_weighting")
+    eps = forwarded("eps", to="gramian_weighting")
+    draws = forwarded("draws", to="gramian_weighting")
+    process_group = forwarded("process_group", to="gramian_weighting")
+
+    def reset(self) -> None:
+        """Clears the EMA targets (of every group) so the next call starts from zero targets."""
+        self.gramian_weighting.reset()
+
+
+class GradVac(_GradVacSettings, _GramianWeighted, GramianWeightedAggregator, Stateful, _NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.GramianWeightedAggregator`
     implementing Gradient Vaccine (GradVac) from `Gradient Vaccine: Investigating and Improving
@@ -201,14 +215,6 @@ class GradVac(_GramianWeighted, GramianWeightedAggregator, Stateful, _NonDiffere
         super().__init__(GradVacWeighting(beta=beta, eps=eps, process_group=process_group, draws=draws))
         self._fuse_weighting()
 
-    beta = forwarded("beta", to="gramian_weighting")
-    eps = forwarded("eps", to="gramian_weighting")
-    draws = forwarded("draws", to="gramian_weighting")
-    process_group = forwarded("process_group", to="gramian_weighting")
-
-    def reset(self) -> None:
-        """Clears the EMA targets so the next call starts from zero targets."""
-        self.gramian_weighting.reset()
 
     _agreement = "GradVac"
 

@@ -11,12 +11,12 @@ from torchjd.aggregation import Aggregator
 from . import _distributed, ops
 from ._distributed import ProcessGroup
 from ._fused import _Fused
-from ._gradvac import GradVacWeighting
+from ._gradvac import GradVacWeighting, _GradVacSettings
 from ._state import _NonDifferentiable
-from ._validation import check_group_sizes, check_sizes_cover, check_whole_tensors, draws_repr, forwarded
+from ._validation import check_group_sizes, check_sizes_cover, check_whole_tensors, draws_repr
 
 
-class GroupedGradVac(_Fused, Aggregator, Stateful, _NonDifferentiable):
+class GroupedGradVac(_GradVacSettings, _Fused, Aggregator, Stateful, _NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Aggregator` applying GradVac
     independently to consecutive column groups of the Jacobian (the paper's ``whole_model``,
@@ -49,15 +49,6 @@ class GroupedGradVac(_Fused, Aggregator, Stateful, _NonDifferentiable):
     @group_sizes.setter
     def group_sizes(self, value: Sequence[int]) -> None:
         self._group_sizes = check_group_sizes(value)
-        self.gramian_weighting.reset()
-
-    beta = forwarded("beta", to="gramian_weighting")
-    eps = forwarded("eps", to="gramian_weighting")
-    draws = forwarded("draws", to="gramian_weighting")
-    process_group = forwarded("process_group", to="gramian_weighting")
-
-    def reset(self) -> None:
-        """Clears the EMA targets of every group."""
         self.gramian_weighting.reset()
 
     def _hook_modules(self) -> tuple[nn.Module, ...]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchjd.aggregation import GramianWeightedAggregator
 from torchjd.linalg import DualConeProjector
 
 from . import ops
+from ._distributed import ProcessGroup
+from ._fused import _GramianWeighted
 from ._validation import non_negative
 
 
@@ -68,3 +71,18 @@ class _FusedDefault:
     @projector.setter
     def projector(self, value: DualConeProjector | None) -> None:
         self._projector = _projector(value)
+
+
+class _Projected(_GramianWeighted):
+    """UPGrad's and DualProj's shared constructor (placed before torchjd's class): torchjd's
+    arguments, its weighting class (``_weighting``) with :class:`Projector` as the default
+    projector, and a process group for sharded aggregation, on the fused route."""
+
+    _weighting: type
+
+    def __init__(self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None, *,
+                 process_group: ProcessGroup | None = None) -> None:
+        GramianWeightedAggregator.__init__(self, self._weighting(pref_vector, projector=projector))
+        self.process_group = process_group
+        self._fuse_weighting()
+

@@ -3,14 +3,9 @@
 
 from __future__ import annotations
 
-from torch import Tensor
 from torchjd import aggregation as ta
-from torchjd.aggregation import GramianWeightedAggregator
-from torchjd.linalg import DualConeProjector
 
-from ._distributed import ProcessGroup
-from ._fused import _GramianWeighted
-from ._projector import _FusedDefault
+from ._projector import _FusedDefault, _Projected
 
 
 class UPGradWeighting(_FusedDefault, ta.UPGradWeighting):
@@ -23,7 +18,7 @@ class UPGradWeighting(_FusedDefault, ta.UPGradWeighting):
     """
 
 
-class UPGrad(_GramianWeighted, ta.UPGrad):
+class UPGrad(_Projected, ta.UPGrad):
     """:class:`torchjd.aggregation.UPGrad` (Jacobian descent's flagship aggregator) on the fused
     route: the Gramian (:func:`fusedjd.ops.gramian`, float32 for float32 and half-precision
     matrices), the weighting with :class:`~fusedjd.Projector` as its default projector, and the
@@ -34,14 +29,8 @@ class UPGrad(_GramianWeighted, ta.UPGrad):
     :param pref_vector: The preference vector used to combine the projected rows (default: the
         mean).
     :param projector: The :class:`~torchjd.linalg.DualConeProjector`; ``None``: ``fusedjd.Projector()``.
-    :param process_group: Sharded aggregation, as for :class:`~fusedjd.GradVac`: the matrix is this
-        rank's columns of the Jacobian, the Gramian is summed over the group, every rank weighs it
-        (the first rank's weights count), and the result is this rank's part of the aggregated
-        gradient.
+    :param process_group: Sharded aggregation, as for :class:`~fusedjd.GradVac` (the first rank's
+        weights count).
     """
 
-    def __init__(self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None, *,
-                 process_group: ProcessGroup | None = None) -> None:
-        GramianWeightedAggregator.__init__(self, UPGradWeighting(pref_vector, projector=projector))
-        self.process_group = process_group
-        self._fuse_weighting()
+    _weighting = UPGradWeighting

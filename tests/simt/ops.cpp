@@ -7,7 +7,6 @@
 
 #include <string>
 
-#include "composite/aggregate.h"  // (include path: csrc/)
 #include "cuda/cuda_common.cuh"
 #include "schemas.h"
 
@@ -142,5 +141,3 @@ TORCH_LIBRARY(fusedjd_simt, m) {
   m.def("stats() -> Tensor", &stats);
   m.def("selftest(str name) -> Tensor", &selftest);
 }
-
-TORCH_LIBRARY_IMPL(fusedjd_simt, CompositeExplicitAutograd, m) { fusedjd::register_aggregate(m, "fusedjd_simt"); }

@@ -1,95 +1,12 @@
-// Scalar math shared by the CPU and CUDA kernels: the GradVac correction, the
-// MoCo step sizes and the MoCo weight update (softmax or simplex projection).
-// Everything here is plain arithmetic on small arrays, callable from host and
-// device code, so that both backends compute the same thing.
+// MoCo's checks and scalar math, shared by the CPU and CUDA kernels (cpu/moco.cpp, cuda/moco.cu,
+// cuda/gram_engine.cu): the row update, the step sizes, the weight update (softmax or simplex
+// projection) and the checks of J, Y, lam, step and a given Gramian.
 #pragma once
 
-#include <cmath>
-#include <cstdint>
-
-#if defined(__CUDACC__)
-#define FUSEDJD_HD __host__ __device__ __forceinline__
-#else
-#define FUSEDJD_HD inline
-#endif
+#include "common.h"
+#include "hd.h"
 
 namespace fusedjd {
-
-#if !defined(__CUDA_ARCH__)
-using std::exp;
-using std::fma;
-using std::fmax;
-using std::fmin;
-using std::isfinite;
-using std::pow;
-using std::sqrt;
-#endif
-
-// Machine epsilon of the dtype the GradVac targets are stored in.
-template <typename T> struct StateEps;
-template <> struct StateEps<float> { static constexpr double value = 1.1920928955078125e-07; };
-template <> struct StateEps<double> { static constexpr double value = 2.220446049250313e-16; };
-
-// Floor on sqrt(1 - t^2) in the GradVac weight. For every target t the state
-// dtype can hold strictly inside (-1, 1), sqrt(1 - t^2) >= sqrt(eps_dtype), so
-// half of that never changes a result; it only acts once an EMA target has
-// saturated at exactly +-1, where the closed form divides by `eps` alone and
-// overflows (the blow-up torchjd shows on collinear rows at large scale).
-template <typename S>
-FUSEDJD_HD double target_sine_floor() {
-  return 0.5 * sqrt(StateEps<S>::value);
-}
-
-// Relative precision of a Gramian stored in S: one machine epsilon. Each entry of fusedjd's
-// Gramians is within about eps |g_a| |g_b| of the exact inner product of the stored rows (measured
-// up to 0.95 eps for float32), so |p|^2 = C^T G C is within precision * M^2 of |p|^2, with
-// M = sum_a |C_a| |g_a| (>= |p|) the size of the terms p is made of, and the cosine
-// <p, g_j> / (|p| |g_j|) within about delta = precision * M^2 / |p|^2.
-template <typename S>
-FUSEDJD_HD double gramian_precision() {
-  return StateEps<S>::value;
-}
-
-// One GradVac step for the pair (i, j), given |p|^2, <p, g_j>, |g_j|^2, the
-// current target t, and M = sum_a |C_a| |g_a|.
-// Returns the cosine c (written to *cos_out: the value the EMA target moves toward) and the
-// coefficient w to add to C[i, j] (0 when no correction applies).
-//   PCGRAD = true: PCGrad's rule, w = -<p, g_j> / |g_j|^2 when <p, g_j> < 0 (t, eps,
-//   sine_floor, magnitude and precision unused, *cos_out = 0).
-template <bool PCGRAD>
-FUSEDJD_HD double gradvac_pair(double norm_i_sq, double dot, double gjj, double t, double eps,
-                               double sine_floor, double magnitude, double precision, double* cos_out) {
-  if (PCGRAD) {
-    *cos_out = 0.0;
-    return (dot < 0.0 && gjj > 0.0) ? -dot / gjj : 0.0;
-  }
-  // The fourth guard, rounding (docs/CONTRACT.md section 1). A p whose squared norm the Gramian
-  // cannot resolve (the row has cancelled, delta >= 1) is zero for this pair: cosine 0, no
-  // correction. Otherwise the cosine is known within delta, and:
-  // - a correction applies only when c < t - delta: the cosine of collinear rows computes to
-  //   +-(1 - delta), and against a target saturated at +-1 a correction driven by that noise
-  //   divides by the sine floor;
-  // - sqrt(1 - c^2), which turns delta into sqrt(2 delta), is 0 when 1 - c^2 <= 2 delta: rows
-  //   collinear up to rounding are cancelled exactly by the correction, as in float64;
-  // - the cosine the target moves toward is kept within 1 - delta of +-1, so that noise does not
-  //   saturate a target that a later, better resolved, cosine is then compared with.
-  const double rounding_sq = precision * magnitude * magnitude;
-  *cos_out = 0.0;
-  if (!(norm_i_sq > rounding_sq)) return 0.0;
-  const double delta = rounding_sq / norm_i_sq;
-  const double ni = sqrt(norm_i_sq);
-  const double nj = sqrt(fmax(gjj, 0.0));
-  const double denom = ni * nj + eps;
-  // A zero row with eps = 0 would give 0/0: its cosine is taken as 0 (guard 2). A cosine is in
-  // [-1, 1] (Cauchy-Schwarz); rounding can push it slightly out, so it is clamped (guard 1).
-  const double c = denom > 0.0 ? fmin(fmax(dot / denom, -1.0), 1.0) : 0.0;
-  *cos_out = fmin(fmax(c, delta - 1.0), 1.0 - delta);
-  if (!(c < t - delta) || nj == 0.0) return 0.0;  // adding w * 0 changes nothing but the weights
-  const double sin_sq = 1.0 - c * c;
-  const double sc = sin_sq > 2.0 * delta ? sqrt(sin_sq) : 0.0;
-  const double st = fmax(sqrt(fmax(1.0 - t * t, 0.0)), sine_floor);  // guard 3
-  return ni * (t * sc - c * st) / (nj * st + eps);
-}
 
 // MoCo's row update Y + b (J - Y) in the op math type O, rounded to the storage type T. The
 // second pass (which stores Y) and the engine's first pass (which takes the Gramian of the
@@ -192,6 +109,45 @@ FUSEDJD_HD double moco_stacked_entry(const GT* gram, int64_t m, double b, int64_
   const double jy = static_cast<double>(gram[s * w + (m + r)]);  // <Y_s, J_r>
   const double jj = static_cast<double>(gram[(m + r) * w + (m + s)]);
   return a * a * yy + a * b * (yj + jy) + b * b * jj;
+}
+
+// Checks of MoCo's J, Y and step (the moco_gramian op's arguments); returns J's blocks.
+inline Blocks check_moco_state(at::TensorList J, const at::Tensor& Y, const at::Tensor& step) {
+  Blocks B = check_blocks(J);
+  FUSEDJD_CHECK_ON_J(Y, "Y", B);
+  TORCH_CHECK(Y.dim() == 2 && Y.size(0) == B.m && Y.size(1) == B.n, "fusedjd: `Y` must have shape [m, n] = [", B.m,
+              ", ", B.n, "], got ", Y.sizes());
+  TORCH_CHECK(Y.scalar_type() == B.dtype, "fusedjd: `Y` must have the dtype of `J` (", B.dtype, "), got ",
+              Y.scalar_type());
+  FUSEDJD_CHECK_CONTIGUOUS(Y);
+  for (size_t b = 0; b < J.size(); ++b)  // Y is updated in place while J is read (pass 2: __restrict__)
+    TORCH_CHECK(!Y.is_alias_of(J[b]), "fusedjd: `Y` (updated in place) must not share memory with `J[", b, "]`");
+  FUSEDJD_CHECK_ON_J(step, "step", B);
+  FUSEDJD_CHECK_DIM(step, 0);
+  FUSEDJD_CHECK_DTYPE(step, at::kLong);
+  return B;
+}
+
+// Checks of the moco_step op: J, Y and step, then lam, then the Gramian when one is given.
+inline Blocks check_moco_args(at::TensorList J, const at::Tensor& Y, const at::Tensor& lam, const at::Tensor& step,
+                              const c10::optional<at::Tensor>& gram) {
+  Blocks B = check_moco_state(J, Y, step);
+  FUSEDJD_CHECK_ON_J(lam, "lam", B);
+  FUSEDJD_CHECK_DIM(lam, 1);
+  TORCH_CHECK(lam.size(0) == B.m, "fusedjd: `lam` must have length m=", B.m, ", got ", lam.size(0));
+  FUSEDJD_CHECK_DTYPE(lam, acc_dtype(B.dtype));
+  FUSEDJD_CHECK_CONTIGUOUS(lam);
+  if (gram.has_value()) {
+    const at::Tensor& G = *gram;
+    FUSEDJD_CHECK_ON_J(G, "gram", B);
+    TORCH_CHECK(G.dim() == 2 && G.size(0) == B.m && G.size(1) == B.m, "fusedjd: `gram` must have shape [m, m] = [",
+                B.m, ", ", B.m, "], got ", G.sizes());
+    TORCH_CHECK(G.scalar_type() == acc_dtype(B.dtype), "fusedjd: `gram` must have dtype ", acc_dtype(B.dtype),
+                ", got ", G.scalar_type());
+    TORCH_CHECK(G.is_contiguous(), "fusedjd: `gram` must be contiguous, got strides ", G.strides(), " for shape ",
+                G.sizes());
+  }
+  return B;
 }
 
 }  // namespace fusedjd

@@ -44,8 +44,9 @@ def _nan_on_rank_deficient_float32() -> None:
 
 
 def _mean_for_half_jacobians() -> None:
-    """jac_to_grad with a torchjd Gramian-weighted aggregator (UPGrad) on float16/bfloat16 .jac
-    weighs the rows uniformly (Mean) instead of calling the weighting."""
+    """The Gramian-weighted route (fusedjd's UPGrad and DualProj, and torchjd's Gramian-weighted
+    aggregators in jac_to_grad) weighs the rows of a float16/bfloat16 Jacobian uniformly (Mean)
+    instead of calling the weighting."""
     right = _distributed.sharded_aggregate
 
     def wrong(J, sizes, group, weigh, aggregator):

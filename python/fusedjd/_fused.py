@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from . import ops
-from ._distributed import ProcessGroup, all_reduce_sum, from_first_rank, sharded_aggregate
+from . import _distributed, ops
+from ._distributed import ProcessGroup, all_reduce_sum, from_first_rank
 from ._validation import check_matrix
 
 
@@ -126,7 +126,7 @@ def gramian_weighted(blocks: list[Tensor], sizes: list[int], group: ProcessGroup
     def weigh(G: Tensor) -> Tensor:
         return from_first_rank(gramian_weighting(G[0]), group).unsqueeze(0)
 
-    return sharded_aggregate(blocks, [sum(sizes)], group, weigh, agreement)
+    return _distributed.sharded_aggregate(blocks, [sum(sizes)], group, weigh, agreement)
 
 
 class _GramianWeighted(_Fused):

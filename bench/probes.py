@@ -25,7 +25,7 @@ def load() -> str:
     if hasattr(torch.ops, "fusedjd_bench") and hasattr(torch.ops.fusedjd_bench, "read"):
         return level
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    flags = X86.get(level, X86["default"]) if x86 else []  # ("built-in": the sanitizer build, any level)
+    flags = X86.get(level, X86["default"]) if x86 else []  # ("built-in", the sanitizer build: the default level's)
     cpp_extension.load(
         name=f"fusedjd_bench_{level.replace('-', '_')}",
         sources=[os.path.join(HERE, "probes.cpp")],

@@ -116,6 +116,18 @@ def main(level: str, quick: bool, report: bool) -> None:
                 G = _pd(m, gen).to(dtype)
                 U = torch.cat([torch.eye(m, dtype=dtype), torch.randn(3, m, generator=gen, dtype=F64).to(dtype)])
                 _check(worst, "dual_cone", dtype, rel_err(ops.dual_cone(U, G), reference.dual_cone(U, G)), (level, m))
+    # draw_perms: torchjd's draws, torch.randperm from the default generator row by row (GradVac:
+    # randperm(m - 1) mapped onto the other rows; PCGrad: randperm(m) without the row itself)
+    for pcgrad in (False, True):
+        torch.manual_seed(11)
+        got_perms = ops.draw_perms(2, 5, pcgrad)
+        torch.manual_seed(11)
+        expected = []
+        for _ in range(2 * 5):
+            i = len(expected) % 5
+            p = torch.randperm(5 if pcgrad else 4)
+            expected.append(p[p != i] if pcgrad else p + (p >= i).long())
+        assert torch.equal(got_perms, torch.stack(expected).view(2, 5, 4)), (level, "draw_perms", pcgrad)
     if report:
         for (op, dtype), err in sorted(worst.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
             print(f"  {op:13s} {str(dtype):15s} {err:9.2e}  (bound {BOUNDS[op][dtype]:.0e})")

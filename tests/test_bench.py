@@ -36,5 +36,6 @@ def test_bench_probes_read_every_byte_and_count_their_multiply_adds():
         rows, sums = torch.ops.fusedjd_bench.block_sums(dtype)
         assert rows.shape == (2, 2048) and (rows > 0).all() and not torch.equal(rows[0], rows[1])
         x = rows[[0, 1, 0, 1]]
-        torch.testing.assert_close(sums, x @ x.T, rtol=1e-6, atol=0)  # (float32 lane sums)
-        assert not torch.allclose(sums, x[:, :2047] @ x[:, :2047].T, rtol=1e-6, atol=0)  # a column short shows
+        # (float32 lane sums: 4 to 16 lanes by level, up to about 1.4e-6 apart from float64)
+        torch.testing.assert_close(sums, x @ x.T, rtol=2e-5, atol=0)
+        assert not torch.allclose(sums, x[:, :2047] @ x[:, :2047].T, rtol=2e-5, atol=0)  # a column short (5e-4) shows

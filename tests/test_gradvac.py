@@ -499,7 +499,8 @@ def test_device_draws_are_uniform_permutations_of_the_other_rows():
     """draws="device" (ops.draw_perms_device) is documented as uniformly random visit orders: each
     row's order is a permutation of the other rows, and over 60,000 seeded draws at m = 4 each of
     the 3! orders of each row, and each row at each position, comes up equally often (Pearson's
-    chi-square below its 0.999 quantile; a draw that favoured one order by 3 % fails it)."""
+    chi-square below its 0.999 quantile; a draw that favoured one order by 18 %, 450 more of
+    15,000, fails it)."""
     import math
 
     m, k = 4, 15_000
@@ -525,7 +526,7 @@ def test_device_draws_are_uniform_permutations_of_the_other_rows():
             at = torch.bincount(perms[:, i, pos], minlength=m).double()
             at = torch.cat([at[:i], at[i + 1:]])
             assert chi2(at) < 13.82, (i, pos, at.tolist())
-    # a 3 % preference for one order would be seen: the same statistic on a biased sample
+    # an 18 % preference for one order would be seen: the same statistic on a biased sample
     biased = torch.cat([torch.full((450,), 0.0), torch.arange(6).repeat(k // 6).double()])
     assert chi2(torch.unique(biased, return_counts=True)[1].double()) > 20.52
     # the generator is the device's: the same seed gives the same orders
@@ -714,9 +715,10 @@ def test_float32_on_rank_deficient_jacobians_stays_near_the_float64_result():
     reference at float32's precision (what the kernel computes, in exact arithmetic) median
     1e-7 / 1.5e-7 / 7.5e-7, 90 % within 5e-4 / 9e-4 / 2.1e-3, at most 2.2e-2 / 3.9e-2 / 2.2e-2;
     against the float64 result median 1.4e-7 / 2.1e-7 / 7.2e-7, 75 % within 2e-5 / 5e-5 / 2.1e-4,
-    at most 1.6 / 1.5 / 1.5 (a cosine resolvable in float64 and not in float32 changes a
-    correction). The bounds below hold those with margins of 2.5× or more; a zero or NaN result
-    fails them.
+    90 % within 1.5e-2 / 1.2e-2 / 1.6e-2, at most 1.6 / 1.5 / 1.5 (a cosine resolvable in float64
+    and not in float32 changes a correction: chaotic, so only a loose maximum is held). The bounds
+    below hold those with margins of 5× or more; a zero or NaN result fails them. On the cases
+    where torchjd's float64 GradVac blows up, the only float64 answer is the reference's.
     """
     ours_vs_own, ours_vs_f64, agree = [], [], 0
     for rank in (1, 2):
@@ -737,7 +739,7 @@ def test_float32_on_rank_deficient_jacobians_stays_near_the_float64_result():
     assert agree >= 40, agree  # the reference is torchjd's GradVac where torchjd's does not blow up
     own, f64 = sorted(ours_vs_own), sorted(ours_vs_f64)
     assert own[48] <= 1e-5 and own[86] <= 1e-2 and own[-1] <= 0.1, (own[48], own[86], own[-5:])
-    assert f64[48] <= 1e-5 and f64[72] <= 2e-3 and f64[-1] <= 4.0, (f64[48], f64[72], f64[-5:])
+    assert f64[48] <= 1e-5 and f64[72] <= 2e-3 and f64[86] <= 0.1 and f64[-1] <= 10.0, (f64[48], f64[72], f64[-5:])
 
 
 def test_float64_generic_rows_are_untouched_by_the_rounding_guard():

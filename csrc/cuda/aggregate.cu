@@ -1,6 +1,7 @@
 // CUDA kernel of the aggregate op: GradVac or PCGrad in one call, the sequence of ../aggregate.h on
 // the CUDA kernels' cores (kernels.cuh): at most 5 kernels (the Gramian's two, the loop's two, the
-// combination) and one host-to-device copy of the visit orders, no host synchronisation.
+// combination) while m fits the Gramian engine (128 rows; 64 for float64; beyond, the Gramian is
+// taken group by group), one host-to-device copy of the visit orders, no host synchronisation.
 #include <torch/library.h>
 
 #include "../aggregate.h"

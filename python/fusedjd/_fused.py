@@ -149,8 +149,15 @@ class _GramianWeighted(_Fused):
     def _hook_modules(self) -> tuple[nn.Module, ...]:
         return self._modules["weighting"], self._modules["gramian_weighting"]
 
+    # whether the route sends the first rank's weights to the others (gramian_weighted does; GradVac
+    # and PCGrad instead draw their visit orders on the first rank, so every rank computes the same)
+    _broadcasts_weights = True
+
     def _hooked_forward(self, matrix: Tensor) -> Tensor:
-        return ops.combine(matrix, self._modules["weighting"](matrix).unsqueeze(0), [matrix.shape[1]])
+        weights = self._modules["weighting"](matrix)
+        if self._broadcasts_weights:  # the same collectives as the unhooked route, the same weights
+            weights = from_first_rank(weights, self.process_group)
+        return ops.combine(matrix, weights.unsqueeze(0), [matrix.shape[1]])
 
     def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
         return gramian_weighted(blocks, sizes, group, self._modules["gramian_weighting"], self._agreement)

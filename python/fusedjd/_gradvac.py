@@ -217,6 +217,7 @@ class GradVac(_GradVacSettings, _GramianWeighted, GramianWeightedAggregator, Sta
 
 
     _agreement = "GradVac"
+    _broadcasts_weights = False
 
     def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
         # the Gramian, the loop and the combination in one call (ops.aggregate) on one process

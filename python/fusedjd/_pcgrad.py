@@ -78,6 +78,7 @@ class PCGrad(_GramianWeighted, GramianWeightedAggregator, _NonDifferentiable):
         return f"{self.__class__.__name__}({draws_repr(self.draws)[2:]})"
 
     _agreement = "PCGrad"
+    _broadcasts_weights = False
 
     def _fused(self, blocks: list[Tensor], sizes: list[int], group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
         # the Gramian, the loop and the combination in one call (ops.aggregate) on one process

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(HERE)
 def load() -> str:
     """Builds (once per level and flags) and loads the probes; returns the level they were built for."""
     level = fusedjd.build_info()["cpu_capability"]
-    if hasattr(torch.ops, "fusedjd_bench") and hasattr(torch.ops.fusedjd_bench, "read"):
+    if hasattr(torch.ops.fusedjd_bench, "read"):  # (loaded already in this process)
         return level
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     flags = X86.get(level, X86["default"]) if x86 else []  # ("built-in", the sanitizer build: the default level's)

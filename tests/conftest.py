@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 GPU = torch.cuda.is_available()
@@ -36,6 +37,23 @@ def matrix(m: int, n: int, dtype: torch.dtype, gen: torch.Generator, kind: str =
     if kind == "scaled":
         J = J * 1e3
     return J.to(dtype)
+
+
+class DispatchRecorder(TorchDispatchMode):
+    """A torch-dispatch mode (the profiler's and FakeTensor's mechanism) that records the name of
+    every op it sees, e.g. ``"fusedjd.gramian.default"``, in ``seen``."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def packets(self) -> set[str]:
+        """The ops seen, without their overload: ``{"fusedjd.gramian", "aten.mm", ...}``."""
+        return {name.rsplit(".", 1)[0] for name in self.seen}
 
 
 # scripts/check_mutants.sh: with FUSEDJD_MUTANT set, one planted wrong answer (tests/mutants.py)

@@ -13,7 +13,7 @@ from fusedjd import ops
 from fusedjd import reference
 from fusedjd.reference import TOLERANCE, rel_err
 
-from conftest import DEVICES, group_sizes
+from conftest import DEVICES, DispatchRecorder, group_sizes
 
 SHAPES = [(1, 1), (1, 17), (2, 1), (3, 5), (5, 33), (8, 1001), (16, 257), (7, 70001), (32, 129)]
 
@@ -711,19 +711,8 @@ def test_torch_function_modes_see_every_op():
 def test_dispatch_modes_see_the_direct_entry_points():
     """The typed entry points call the op through the dispatcher: a torch-dispatch mode (the
     profiler's and FakeTensor's mechanism) sees every op a class calls."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     J = torch.randn(3, 50)
-    with Recorder() as rec:
+    with DispatchRecorder() as rec:
         out = fusedjd.GradVac()(J)
         fusedjd.MoCo()(J)
         ops.gramian(J, [50])

@@ -14,6 +14,8 @@ import fusedjd
 from fusedjd import ops, reference
 from fusedjd.reference import rel_err
 
+from conftest import DispatchRecorder
+
 F64 = torch.float64
 
 
@@ -296,27 +298,16 @@ def test_classes_take_the_fused_route(cls, theirs):
     """UPGrad and DualProj on a matrix: the fused Gramian, the projector's op and the fused
     combination, no J @ J.T or w @ J of torchjd's (a dispatch mode sees every op); with hooks on
     ``weighting`` or ``gramian_weighting`` they run, on the same route, with the same result."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     J = torch.randn(6, 300, dtype=F64, generator=torch.Generator().manual_seed(4))
-    with Seen() as seen:
+    with DispatchRecorder() as rec:
         out = cls()(J)
-    assert {"fusedjd.gramian", "fusedjd.dual_cone", "fusedjd.combine"} <= set(seen.ops), seen.ops
-    assert not {"aten.mm", "aten.matmul"} & set(seen.ops), seen.ops
+    assert {"fusedjd.gramian", "fusedjd.dual_cone", "fusedjd.combine"} <= rec.packets(), rec.seen
+    assert not {"aten.mm", "aten.matmul"} & rec.packets(), rec.seen
     assert rel_err(out, theirs()(J)) < 1e-9
     for module in ("weighting", "gramian_weighting"):
         agg, calls = cls(), []
         getattr(agg, module).register_forward_hook(lambda mod, args, result: calls.append(result))
-        with Seen() as seen:
+        with DispatchRecorder() as rec:
             hooked = agg(J)
-        assert len(calls) == 1 and "fusedjd.gramian" in seen.ops and "aten.mm" not in seen.ops, module
+        assert len(calls) == 1 and "fusedjd.gramian" in rec.packets() and "aten.mm" not in rec.packets(), module
         assert rel_err(hooked, out) < 1e-12, module

@@ -167,12 +167,18 @@ def _route(aggregator: Aggregator, jacobians: list[Tensor], sizes: list[int],
         if aggregator._jac_to_grad_hooked():
             return None
         aggregator._check_tensor_columns(sizes)
-        fused, returns_weights = (lambda blocks: aggregator._fused(blocks, sizes, group)), aggregator._returns_weights
+        returns_weights = aggregator._returns_weights
+
+        def fused(blocks: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+            return aggregator._fused(blocks, sizes, group)
     elif isinstance(aggregator, GramianWeightedAggregator):  # torchjd's: the route of fusedjd's UPGrad
         gw = aggregator.gramian_weighting
         if _hooked(aggregator, aggregator.weighting, gw):
             return None
-        fused, returns_weights = (lambda blocks: gramian_weighted(blocks, sizes, group, gw, "a torchjd weighting")), True
+        returns_weights = True
+
+        def fused(blocks: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+            return gramian_weighted(blocks, sizes, group, gw, "a torchjd weighting")
     else:
         return None
 

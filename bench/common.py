@@ -18,16 +18,21 @@ def sync(device: str) -> None:
 
 
 def median_time(fn: Callable[[], object], device: str, budget_s: float = 0.4, min_reps: int = 3,
-                max_reps: int = 2000) -> float:
+                max_reps: int = 2000, warmup: bool = True, flush: torch.Tensor | None = None) -> float:
     """Median wall time of fn() in seconds: warm-up first, then repetitions until the time budget
-    (at least min_reps, at most max_reps). CUDA: timed with events around each call. (Calls of a
-    few microseconds take many repetitions: right after a parallel call, such as the floor's read,
-    torch's idle OpenMP threads spin for a few milliseconds on cores the call shares.)"""
-    fn()
-    sync(device)
+    (at least min_reps, at most max_reps). CUDA: timed with events around each call. ``flush``: a
+    buffer zeroed before each timed call (untimed), larger than the cache, so that every call reads
+    its tensors from memory. (Calls of a few microseconds take many repetitions: right after a
+    parallel call, such as the floor's read, torch's idle OpenMP threads spin for a few
+    milliseconds on cores the call shares.)"""
+    if warmup:
+        fn()
+        sync(device)
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        if flush is not None:
+            flush.zero_()
         if device == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -72,6 +77,61 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int:
         total += e.self_cpu_memory_usage
         peak = max(peak, total)
     return peak
+
+
+def rel_err_here(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """``‖got − expected‖ / ‖expected‖`` in float64 on ``got``'s device (no host copy of a large
+    tensor); inf when ``got`` is not finite."""
+    a = got.detach().double()
+    b = expected.detach().to(a.device, torch.float64)
+    if not bool(torch.isfinite(a).all()):
+        return float("inf")
+    d, r = float((a - b).norm()), float(b.norm())
+    return d / r if r > 0 else d
+
+
+@dataclass
+class Floors:
+    """A device's floors, in the CUDA grid: a device copy (bytes read + written per second), a
+    read-only kernel (torch.sum and torch.amax: bytes read per second), and float32 multiply-adds
+    per second (a square product, TF32 off)."""
+
+    copy_bw: float
+    sum_bw: float
+    amax_bw: float
+    fma_rate: float
+
+    @property
+    def bw(self) -> float:
+        return max(self.copy_bw, self.sum_bw, self.amax_bw)
+
+    def describe(self) -> str:
+        return (f"copy {self.copy_bw / 1e9:,.0f} GB/s (read + write), read {max(self.sum_bw, self.amax_bw) / 1e9:,.0f} "
+                f"GB/s (sum {self.sum_bw / 1e9:,.0f}, amax {self.amax_bw / 1e9:,.0f}); floor bandwidth "
+                f"{self.bw / 1e9:,.0f} GB/s; float32 multiply-adds {self.fma_rate / 1e9:,.0f} G/s")
+
+
+def measure_floors(device: str, elems: int, gemm: int, flush: torch.Tensor | None) -> Floors:
+    """The floors on ``device``: buffers of ``elems`` float32, a ``gemm`` x ``gemm`` product."""
+    timed = lambda fn: median_time(fn, device, budget_s=0.1, max_reps=100, flush=flush)  # noqa: E731
+    src = torch.empty(elems, device=device).uniform_()
+    dst = torch.empty_like(src)
+    nbytes = src.numel() * 4
+    t_copy = timed(lambda: dst.copy_(src))
+    del dst
+    t_sum, t_amax = timed(lambda: torch.sum(src)), timed(lambda: torch.amax(src))
+    del src
+    allow = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a = torch.randn(gemm, gemm, device=device)
+        t_mm = timed(lambda: a @ a)
+        del a
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return Floors(2 * nbytes / t_copy, nbytes / t_sum, nbytes / t_amax, gemm**3 / t_mm)
 
 
 def fmt_mib(b: int | None) -> str:

@@ -1,18 +1,32 @@
-"""fusedjd benchmark: fusedjd against torchjd 0.18 and plain PyTorch, on the device at hand.
+"""fusedjd benchmark: fusedjd against torchjd 0.18 and plain PyTorch, on a grid per device.
 
-    python bench/run.py               # default set, a few minutes on a 2-core CPU
-    python bench/run.py --full        # the full grid
-    python bench/run.py --device cuda # the GPU grid (bench/gpu_grid.py), about 4 minutes on an H200
-    python bench/run.py --tiny        # the GPU grid's code on a tiny grid, on the CPU (a dry run)
+    python bench/run.py               # the CPU grid, a few minutes on a 2-core CPU
+    python bench/run.py --full        # the full CPU grid
+    python bench/run.py --device cuda # the CUDA grid, about 4 minutes on an H100 or H200
+    python bench/run.py --tiny        # the CUDA grid's code on a tiny grid, on the CPU (a dry run)
 
 Every row checks fusedjd's result against the baseline (or fusedjd.reference) before it times
 anything; a row whose check fails is marked MISMATCH and the run exits non-zero. Times are
-medians (CUDA events on a GPU). time / floor divides by the row's floor: on the CPU the larger of
-the time of reading the row's own tensors (as many passes as the op makes, with the fastest read,
-in the row's cache state) and, for m >= 16, of its multiply-adds at the rate the Gramian engine's
-register blocks reach in L1; on a GPU the time of moving the same bytes at the device-to-device
-copy's bandwidth. Floors are measured right before and right after the row is timed: on a shared
-machine they move within a run.
+medians (CUDA events on a GPU).
+
+The CPU grid: time / floor divides by the larger of the time of reading the row's own tensors (as
+many passes as the op makes, with the fastest read, in the row's cache state) and, for m >= 16, of
+its multiply-adds at the rate the Gramian engine's register blocks reach in L1, both measured
+right before and right after the row is timed (on a shared machine they move within a run).
+
+The CUDA grid (CUDA_GRID): n = 1e7 and 1e8, m from 2 to 64, float32 and bfloat16; the Gramian,
+the combination, the GradVac aggregator (torchjd's timed only where a call is expected to take
+less than --torchjd-max-s: its pairwise loop runs on the host) and the MoCo step; then, while the
+time budget lasts, eager calls against CUDA-graph replays and the CPU grid's loops and training
+steps. Floors, measured at the start and again at the end: a device copy (bytes read + written)
+and a read-only kernel (torch.sum, torch.amax), the faster bandwidth of the two; float32
+multiply-adds at cuBLAS' rate on a square product (TF32 off). A row's floor is the larger of its
+bytes over that bandwidth and its multiply-adds over that rate. The L2 cache is flushed before
+every timed call. Each row is checked against its baseline on the device at its n, and each
+(m, dtype) once against fusedjd.reference in float64 at a small n. Rows that do not fit in the free
+memory are skipped, saying so; the sections share --budget-s, each its share of what is left, and
+each table is written as soon as its section ends, so a run cut short keeps the finished tables.
+
 The markdown tables are printed and written, with a speedup plot when matplotlib is installed,
 to bench/results/local/ (not tracked); --save writes them to bench/results/ instead, the
 snapshot the README shows.
@@ -23,10 +37,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import math
 import os
 import platform
 import sys
+import time
+import traceback
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -35,12 +53,10 @@ from torchjd.autogram import Engine
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 import fusedjd
-import gpu_grid  # bench/gpu_grid.py
 import probes  # bench/probes.py: the floors' kernels, built for the CPU level loaded here
-from common import (Progress, Table, fmt_mib, fmt_time, fmt_x, median_time, peak_bytes,  # bench/ is sys.path[0]
-                    save_figure, sync)
-from fusedjd import reference
-from fusedjd.reference import rel_err
+from common import (Floors, Progress, Table, fmt_mib, fmt_time, fmt_x, measure_floors,  # bench/ is sys.path[0]
+                    median_time, peak_bytes, rel_err_here, save_figure, sync)
+from fusedjd import ops, reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,7 +64,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class PlainMoCo(ta.Aggregator):
     """MoCo written as tightly as plain PyTorch allows (default hyper-parameters, softmax), as a
     torchjd aggregator so that jac_to_grad takes it: ``Y.lerp_(J, b)`` in place, then
-    ``λ = softmax(λ − c (Y Yᵀ) λ)`` and ``λᵀ Y``."""
+    ``λ = softmax(λ − c (Y Yᵀ) λ)`` and ``λᵀ Y``; ``λ`` in float32 for half-precision ``J``."""
 
     def __init__(self, beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5):
         super().__init__()
@@ -59,13 +75,14 @@ class PlainMoCo(ta.Aggregator):
         beta, beta_sigma, gamma, gamma_sigma = self.hyper
         if self.Y is None or self.Y.shape != J.shape or self.Y.dtype != J.dtype or self.Y.device != J.device:
             self.Y = torch.zeros_like(J)
-            self.lam = torch.full((J.shape[0],), 1.0 / max(J.shape[0], 1), dtype=J.dtype, device=J.device)
+            self.lam = torch.full((J.shape[0],), 1.0 / max(J.shape[0], 1), dtype=ops.acc_dtype(J.dtype),
+                                  device=J.device)
             self.k = 0
         self.k += 1
         b, c = beta / self.k**beta_sigma, gamma / self.k**gamma_sigma
         self.Y.lerp_(J, b)
-        self.lam = torch.softmax(self.lam - c * ((self.Y @ self.Y.T) @ self.lam), 0)
-        return self.lam @ self.Y
+        self.lam = torch.softmax(self.lam - c * ((self.Y @ self.Y.T).to(self.lam.dtype) @ self.lam), 0)
+        return self.lam.to(self.Y.dtype) @ self.Y
 
 
 @dataclass(frozen=True)
@@ -113,12 +130,15 @@ class Run:
     speedups: dict = field(default_factory=lambda: {"m": [], "n": []})
     mismatches: list[str] = field(default_factory=list)
 
-    def check(self, label: str, got: torch.Tensor, expected: torch.Tensor, tol: float) -> str:
-        err = rel_err(got, expected)
+    def check(self, label: str, got: torch.Tensor, expected: torch.Tensor, tol: float, show: bool = False) -> str:
+        """"ok" or "MISMATCH" (with the relative error when ``show``), computed on ``got``'s device."""
+        return self.verdict(label, rel_err_here(got, expected), tol, show)
+
+    def verdict(self, label: str, err: float, tol: float, show: bool = False) -> str:
         if not err < tol:
             self.mismatches.append(f"{label}: relative error {err:.2e} > {tol:.0e}")
-            return "MISMATCH"
-        return "ok"
+            return f"MISMATCH ({err:.1e})" if show else "MISMATCH"
+        return f"ok ({err:.0e})" if show else "ok"
 
     bandwidths: list[float] = field(default_factory=list)
     peaks: list[float] = field(default_factory=list)
@@ -502,7 +522,7 @@ def bench_training(run: Run, cfg: TrainCase):
 
 
 def configs(device: str, full: bool):
-    """The CPU grid (the GPU's is bench/gpu_grid.py)."""
+    """The CPU grid (the CUDA grid: CUDA_GRID)."""
     grouping = per_parameter_sizes()
     ns = [10**3, 10**4, 10**5, 10**6, 4 * 10**6] + ([10**7] if full else [])
     groups64 = ("64 groups", [4 * 10**6 // 64] * 64)
@@ -527,20 +547,356 @@ PROJECTOR_MS = [2, 8, 32, 64, 128]
 TRAIN_ROWS = 5 + 3  # the rows of bench_training and bench_jac_to_grad
 
 
-def gpu_extras(device: str, tiny: bool):
-    """The CPU benchmark's tables that the GPU run adds after its grid, while time is left: the
-    (title, table maker) pairs, and the list their checks' mismatches go to."""
-    if tiny:
-        loops, train = [LoopCase(2, True), LoopCase(8, True)], TrainCase(32, 64, 3, 16)
+# ---- the CUDA grid ------------------------------------------------------------------------------
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The CUDA grid's sizes and what its run spends."""
+
+    ns: tuple[int, ...]
+    ms: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    n_check: int  # n of the float64 reference checks
+    fn_budget_s: float  # timing budget of one function in one row
+    floor_elems: int  # float32 elements of the floors' buffers
+    gemm: int  # side of the square product that measures the multiply-add rate
+    flush_bytes: int  # zeroed before every timed call: larger than the L2 cache
+    budget_s: float  # --budget-s by default
+    graph_ns: tuple[int, ...]  # n of the eager-against-replay rows (m = 8)
+    loops: tuple[LoopCase, ...]
+    train: TrainCase
+
+
+CUDA_GRID = Grid(ns=(10**7, 10**8), ms=(2, 8, 16, 32, 64), dtypes=(F32, BF16), n_check=10**5, fn_budget_s=0.1,
+                 floor_elems=2**28, gemm=8192, flush_bytes=256 * 2**20, budget_s=240.0, graph_ns=(10**5, 10**7),
+                 loops=(LoopCase(2, True), LoopCase(8, True), LoopCase(32, True), LoopCase(64, False),
+                        LoopCase(256, False)),
+                 train=TrainCase(512, 1024, 8, 256))
+TINY_GRID = Grid(ns=(10**4,), ms=(2, 8), dtypes=(F32, BF16), n_check=10**3, fn_budget_s=0.01, floor_elems=2**24,
+                 gemm=512, flush_bytes=4 * 2**20, budget_s=60.0, graph_ns=(10**4,),
+                 loops=(LoopCase(2, True), LoopCase(8, True)), train=TrainCase(32, 64, 3, 16))
+
+
+def dname(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass
+class GridRun(Run):
+    """A run of the CUDA grid: its floors, the cache flush, the time budget, the output file that
+    every finished table is appended to."""
+
+    grid: Grid = CUDA_GRID
+    floors: Floors | None = None
+    flush: torch.Tensor | None = None
+    out: str = ""
+    budget_s: float = 240.0
+    torchjd_max_s: float = 1.0
+    torchjd_pair_s: float = 1.2e-4  # torchjd GradVac's host loop, seconds per pair (learned as rows run)
+    errors: list[str] = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.elapsed():6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def emit(self, text: str) -> None:
+        """Printed and appended to the output file at once (a run cut short keeps what it wrote)."""
+        print(text, flush=True)
+        with open(self.out, "a") as fh:
+            fh.write(text + "\n")
+
+    def randn(self, m: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return torch.randn(m, n, dtype=dtype, device=self.device)
+
+    def free_bytes(self) -> int:
+        """Free device memory once the allocator's cache is released (on the CPU: available memory)."""
+        sync(self.device)
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+            return torch.cuda.mem_get_info()[0]
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+    def time(self, fn, min_reps: int = 3, max_reps: int = 100, warmup: bool = True) -> float:
+        return median_time(fn, self.device, self.grid.fn_budget_s, min_reps, max_reps, warmup, self.flush)
+
+    def timed_cells(self, fn, nbytes: float, fmas: float) -> tuple[float, list[str]]:
+        """fn's median time, and its cells: time, GB/s, the floor (and what binds it), time / floor."""
+        t = self.time(fn)
+        t_mem, t_fma = nbytes / self.floors.bw, fmas / self.floors.fma_rate
+        floor, bound = (t_mem, "memory") if t_mem >= t_fma else (t_fma, "multiply-adds")
+        return t, [fmt_time(t), f"{nbytes / t / 1e9:,.0f}", f"{fmt_time(floor)} ({bound})", f"{t / floor:.2f}"]
+
+
+def gramian_row(b: GridRun, m: int, n: int, dtype: torch.dtype) -> list[str]:
+    J = b.randn(m, n, dtype, seed=m + n)
+    fused, base = (lambda: ops.gramian(J, [n])), (lambda: J @ J.T)
+    check = b.check(f"gramian m={m} n={nice_n(n)} {dname(dtype)} vs J @ J.T", fused()[0], base(),
+                    1e-3 if dtype == F32 else 2e-2, show=True)
+    t, cells = b.timed_cells(fused, J.element_size() * m * n, m * (m + 1) / 2 * n)
+    tb = b.time(base)
+    return [check] + cells + [fmt_time(tb), fmt_x(tb / t)]
+
+
+def gramian_check(b: GridRun, m: int, dtype: torch.dtype) -> str:
+    n = b.grid.n_check
+    J = b.randn(m, n, dtype, seed=7 * m)
+    return b.check(f"gramian m={m} n={n} {dname(dtype)} vs float64 reference", ops.gramian(J, [n]),
+                   reference.gramian(J, [n]), 10 * reference.TOLERANCE["gramian"][dtype], show=True)
+
+
+def combine_row(b: GridRun, m: int, n: int, dtype: torch.dtype) -> list[str]:
+    J = b.randn(m, n, dtype, seed=m + n + 1)
+    w = torch.randn(1, m, device=b.device)
+    wj = w[0].to(dtype)
+    fused, base = (lambda: ops.combine(J, w, [n])), (lambda: wj @ J)
+    check = b.check(f"combine m={m} n={nice_n(n)} {dname(dtype)} vs w @ J", fused(), base(),
+                    1e-4 if dtype == F32 else 2e-2, show=True)
+    t, cells = b.timed_cells(fused, J.element_size() * (m + 1) * n, m * n)
+    tb = b.time(base)
+    return [check] + cells + [fmt_time(tb), fmt_x(tb / t)]
+
+
+def combine_check(b: GridRun, m: int, dtype: torch.dtype) -> str:
+    n = b.grid.n_check
+    J = b.randn(m, n, dtype, seed=7 * m + 1)
+    w = torch.randn(2, m, device=b.device)
+    sizes = [n // 3, n - n // 3]
+    return b.check(f"combine m={m} n={n} {dname(dtype)} vs float64 reference", ops.combine(J, w, sizes),
+                   reference.combine(J, w, sizes), 10 * reference.TOLERANCE["combine"][dtype], show=True)
+
+
+def gradvac_row(b: GridRun, m: int, n: int, dtype: torch.dtype) -> list[str]:
+    J = b.randn(m, n, dtype, seed=m + n + 2)
+    nbytes = 2 * J.element_size() * m * n
+    torch.manual_seed(0)
+    ours = fusedjd.GradVac()
+    first = ours(J).clone()  # (a later call may reuse its memory)
+    t, cells = b.timed_cells(lambda: ours(J), nbytes, (m * (m + 1) / 2 + m) * n)
+    reads = nbytes / b.floors.bw
+    estimate = b.torchjd_pair_s * m * (m - 1) + 10 * reads
+    if estimate > b.torchjd_max_s:
+        return ["not compared (torchjd not run)"] + cells + [
+            f"not run: ~{fmt_time(estimate)} a call (estimated), over --torchjd-max-s", "—"]
+    got: list = []
+    Jc = J if dtype == F32 else J.float()  # torchjd computes in J's dtype: check it in float32
+    torch.manual_seed(0)
+    try:  # torchjd's first call, under the seed of fusedjd's first call: the check, and the estimate
+        t1 = b.time(lambda: got.append(ta.GradVac()(Jc)), min_reps=1, max_reps=1, warmup=False)
+        check = b.check(f"GradVac m={m} n={nice_n(n)} {dname(dtype)} vs torchjd on float32 (first call, same seed)",
+                        first, got.pop(), 1e-3 if dtype == F32 else 2e-2, show=True)
+        del Jc
+        theirs = ta.GradVac()
+        calls = max(1, min(5, int(1.5 * b.torchjd_max_s / max(t1, 1e-6))))
+        tt = b.time(lambda: theirs(J), min_reps=min(3, calls), max_reps=calls, warmup=dtype != F32)
+    except Exception as e:  # torchjd may refuse a dtype
+        return ["—"] + cells + [f"torchjd failed: {type(e).__name__}: {str(e)[:60]}", "—"]
+    if m >= 8:  # (at m = 2 torchjd's fixed cost per call dominates: it says little about the pairs)
+        b.torchjd_pair_s = max(1e-6, (tt - 10 * reads) / (m * (m - 1)))
+    if dtype == F32:
+        b.speedups["n"].append((m, n, tt / t))
+    note = "" if calls >= 3 else f" ({calls} call{'s' if calls > 1 else ''})"
+    return [check] + cells + [fmt_time(tt) + note, fmt_x(tt / t)]
+
+
+def gradvac_check(b: GridRun, m: int, dtype: torch.dtype) -> str:
+    n = b.grid.n_check
+    J = b.randn(m, n, dtype, seed=7 * m + 2)
+    torch.manual_seed(11)
+    perms = ops.draw_perms(1, m, pcgrad=False)
+    torch.manual_seed(11)
+    got = fusedjd.GradVac()(J)
+    W = reference.gradvac_loop(reference.gramian(J, [n]), perms, torch.zeros(1, m, m, dtype=torch.float64), 0.5, 1e-8)
+    return b.check(f"GradVac m={m} n={n} {dname(dtype)} vs float64 reference", got, reference.combine(J, W, [n]),
+                   1e-3 if dtype == F32 else 2e-2, show=True)
+
+
+def moco_row(b: GridRun, m: int, n: int, dtype: torch.dtype) -> list[str]:
+    # gradient-sized rows (|g_i| ~ 1): the softmax stays well conditioned
+    J = b.randn(m, n, dtype, seed=m + n + 3).mul_(1 / math.sqrt(n))
+    size = J.element_size() * m * n
+    ours = fusedjd.MoCo()
+    first = ours(J).clone()  # (a later call may reuse its memory)
+    mem = f"{peak_bytes(lambda: ours(J), b.device) / size:.2f}" if b.device == "cuda" else "—"
+    t, cells = b.timed_cells(lambda: ours(J), 5 * size, (m * (m + 1) / 2 + m) * n)
+    del ours
+    b.free_bytes()
+    plain = PlainMoCo()
+    check = b.check(f"MoCo m={m} n={nice_n(n)} {dname(dtype)} vs plain PyTorch MoCo (first step)", first, plain(J),
+                    1e-3 if dtype == F32 else 6e-2, show=True)
+    del first
+    if b.device == "cuda":
+        mem += f" / {peak_bytes(lambda: plain(J), b.device) / size:.2f}"
+    tp = b.time(lambda: plain(J))
+    return [check] + cells + [fmt_time(tp), fmt_x(tp / t), mem]
+
+
+def moco_check(b: GridRun, m: int, dtype: torch.dtype) -> str:
+    n = b.grid.n_check
+    J = b.randn(m, n, dtype, seed=7 * m + 3).mul_(1 / math.sqrt(n))
+    ours, ref = fusedjd.MoCo(), reference.MoCo()
+    worst = max(rel_err_here(ours(J), ref(J)[1]) for _ in range(3))
+    tol = 1e-4 if dtype == F32 else reference.TOLERANCE["moco"][dtype]
+    return b.verdict(f"MoCo m={m} n={n} {dname(dtype)} vs float64 reference (3 steps)", worst, tol, show=True)
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    title: str
+    columns: list[str]  # after m, n, dtype and the float64 check
+    row: Callable  # (run, m, n, dtype) -> cells
+    mem_factor: float  # bytes needed / bytes of J
+    check: Callable  # (run, m, dtype) -> the float64 reference check's cell, at a small n
+
+
+TIMING = ["fusedjd", "GB/s", "floor (bound)", "time / floor"]
+SECTIONS = [
+    Section("Gramian", "Gramian: fusedjd.ops.gramian vs torch `J @ J.T` (floor: one read of J)",
+            ["check vs J @ J.T (this n)"] + TIMING + ["torch J @ J.T", "speedup"], gramian_row, 1.05, gramian_check),
+    Section("combine", "Combine: fusedjd.ops.combine vs torch `w @ J` (floor: one read of J, one write of n)",
+            ["check vs w @ J (this n)"] + TIMING + ["torch w @ J", "speedup"], combine_row, 1.1, combine_check),
+    Section("GradVac", "GradVac aggregator: fusedjd.GradVac vs torchjd 0.18 GradVac (floor: two reads of J)",
+            ["check vs torchjd in float32 (this n)"] + TIMING + ["torchjd", "speedup"], gradvac_row, 3.2,
+            gradvac_check),
+    Section("MoCo", "MoCo step: fusedjd.MoCo vs plain PyTorch MoCo (`Y.lerp_(J, b)`, `Y @ Y.T`, softmax, `λ @ Y`; "
+            "floor: five passes over J's size)",
+            ["check vs plain (this n, first step)"] + TIMING + ["plain PyTorch", "speedup",
+                                                                 "peak extra memory fusedjd / plain (× J)"],
+            moco_row, 2.2, moco_check),
+]
+
+
+def run_section(b: GridRun, sec: Section, deadline: float) -> Table:
+    t = Table(sec.title, ["m", "n", "dtype", "check (small n, float64)"] + sec.columns)
+    checks: dict = {}
+    for n in b.grid.ns:
+        for dtype in b.grid.dtypes:
+            for m in b.grid.ms:
+                head = [str(m), nice_n(n), dname(dtype)]
+                need = sec.mem_factor * torch.empty((), dtype=dtype).element_size() * m * n
+                free = b.free_bytes()
+                if time.perf_counter() > deadline:
+                    skip = "skipped: this section's share of --budget-s is spent"
+                elif need > 0.92 * free:
+                    skip = f"skipped: needs ~{need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
+                else:
+                    skip = None
+                try:
+                    if skip is None:
+                        if (m, dtype) not in checks:
+                            checks[m, dtype] = sec.check(b, m, dtype)
+                        cells = sec.row(b, m, n, dtype)
+                        t.rows.append(head + [checks[m, dtype]] + cells)
+                        b.log(f"{sec.name} m={m} n={nice_n(n)} {dname(dtype)}: {' | '.join(cells[1:5])}")
+                        continue
+                except Exception as e:  # one row's failure (say, out of memory) is reported, not fatal
+                    skip = f"error: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+                    b.errors.append(f"{sec.name} m={m} n={nice_n(n)} {dname(dtype)}: {skip}")
+                    traceback.print_exc()
+                t.rows.append(head + [skip] + ["—"] * len(sec.columns))
+    b.free_bytes()
+    return t
+
+
+def bench_graphs(run: Run, ns: tuple[int, ...]) -> Table:
+    """One step called eagerly against its replay from a captured CUDA graph: what a graph saves of
+    the host's work per step (on the CPU, which has no graphs, the eager time alone)."""
+    device = run.device
+    t = Table("CUDA graphs: one step called eagerly vs replayed from a captured graph (fp32, m = 8)",
+              ["aggregator", "n", "eager", "graph replay", "speedup"])
+    for n in ns:
+        for name, make in [('GradVac(draws="device")', lambda: fusedjd.GradVac(draws="device")),
+                           ("MoCo", fusedjd.MoCo)]:
+            agg, J = make(), torch.randn(8, n, device=device)
+            step = lambda agg=agg, J=J: agg(J)  # noqa: E731
+            te, tg = median_time(step, device), None
+            if device == "cuda":  # (captured after the eager calls: their lazy set-up is done)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                tg = median_time(graph.replay, device)
+            t.rows.append([name, nice_n(n), fmt_time(te), fmt_time(tg) if tg else "— (no CUDA graphs on the CPU)",
+                           fmt_x(te / tg) if tg else "—"])
+            run.progress.step(f"graph {name} n={nice_n(n)}")
+    return t
+
+
+def run_grid(args, device: str, device_name: str, out: str) -> int:
+    """The CUDA grid on ``device`` (the CPU with --tiny), each table appended to ``out`` as it ends;
+    then the extras while --budget-s lasts. Returns the exit status (1 on a mismatch or an error)."""
+    grid = TINY_GRID if args.tiny else CUDA_GRID
+    budget = args.budget_s if args.budget_s is not None else grid.budget_s
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        free, total = torch.cuda.mem_get_info()
+        hw = (f"{p.multi_processor_count} SMs, {total / 2**30:.0f} GiB ({free / 2**30:.0f} free), "
+              f"L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
     else:
-        loops = [LoopCase(m, True) for m in (2, 8, 32)] + [LoopCase(64, False), LoopCase(256, False)]
-        train = TrainCase(512, 1024, 8, 256)
-    run = Run(device, Progress(2 * len(loops) + TRAIN_ROWS))
-    return [
-        ("GradVac / PCGrad loop on the Gramian", lambda: bench_loops(run, loops)),
-        ("Training step with jac_to_grad", lambda: bench_jac_to_grad(run, train)),
-        ("Training step through torchjd's jac_to_grad", lambda: bench_training(run, train)),
-    ], run.mismatches
+        hw = f"{os.cpu_count()} cores"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    open(out, "w").close()
+    t0 = time.perf_counter()
+    flush = torch.empty(grid.flush_bytes // 4, device=device)
+    floors = measure_floors(device, grid.floor_elems, grid.gemm, flush)
+    b = GridRun(device, Progress(2 * len(grid.graph_ns) + 2 * len(grid.loops) + TRAIN_ROWS), grid=grid,
+                floors=floors, flush=flush, out=out, budget_s=budget, torchjd_max_s=args.torchjd_max_s, t0=t0)
+    b.emit("\n".join([
+        f"# fusedjd benchmark, CUDA grid{' (tiny, a dry run)' if args.tiny else ''} — {device_name}",
+        "",
+        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; {hw}",
+        f"- torch {torch.__version__}, torchjd {importlib.metadata.version('torchjd')}, fusedjd {fusedjd.__version__} "
+        f"({fusedjd.build_info()}), Python {platform.python_version()}",
+        f"- command: `python bench/run.py {' '.join(sys.argv[1:])}`",
+        f"- floors at the start: {floors.describe()}",
+        "- time / floor: median time over max(bytes / floor bandwidth, multiply-adds / rate); the cache flushed "
+        f"({grid.flush_bytes / 2**20:.0f} MiB written) before every timed call",
+        f"- time budget: {budget:.0f} s over the four sections (each its share of what is left), then the extras",
+        "",
+    ]))
+    b.log(f"floors: {floors.describe()}")
+    for i, sec in enumerate(SECTIONS):
+        share = max(budget - b.elapsed(), 0) / (len(SECTIONS) - i)
+        b.log(f"section {sec.name}: {share:.0f} s")
+        b.emit(run_section(b, sec, time.perf_counter() + share).markdown())
+    extras = [
+        ("CUDA graphs: eager against replay", lambda: bench_graphs(b, grid.graph_ns)),
+        ("GradVac / PCGrad loop on the Gramian", lambda: bench_loops(b, list(grid.loops))),
+        ("Training step with jac_to_grad", lambda: bench_jac_to_grad(b, grid.train)),
+        ("Training step through torchjd's jac_to_grad", lambda: bench_training(b, grid.train)),
+    ]
+    for name, make in extras:
+        left = budget - b.elapsed()
+        if left < (2 if args.tiny else 20):
+            b.emit(f"### {name}\n\nnot run: {max(left, 0):.0f} s of --budget-s left\n")
+            continue
+        b.log(f"extra: {name} ({left:.0f} s left)")
+        try:
+            b.emit(make().markdown())
+        except Exception as e:
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            b.errors.append(f"{name}: {msg}")
+            traceback.print_exc()
+            b.emit(f"### {name}\n\nerror: {msg}\n")
+        b.free_bytes()
+    tail = [f"- floors at the end: {measure_floors(device, grid.floor_elems, grid.gemm, flush).describe()}",
+            f"- total time: {b.elapsed():.0f} s"]
+    png = plot(b.speedups, os.path.splitext(out)[0] + ".png", device_name)
+    if png:
+        tail.append(f"\n![speedup]({os.path.basename(png)})")
+    if b.mismatches:
+        tail.append("\nMISMATCHES:\n" + "\n".join(f"- {x}" for x in b.mismatches))
+    if b.errors:
+        tail.append("\nERRORS:\n" + "\n".join(f"- {x}" for x in b.errors))
+    b.emit("\n".join(tail))
+    print(f"results written to {out}" + (f" and {png}" if png else " (no plot: matplotlib not installed)"))
+    return 1 if b.mismatches or b.errors else 0
 
 
 def plot(speedups, path, device_name):
@@ -595,11 +951,11 @@ def main() -> int:
                     help="write to bench/results/<device>.md (the committed snapshot) instead of bench/results/local/")
     ap.add_argument("--out", default=None, help="results file (overrides the two above)")
     ap.add_argument("--tiny", action="store_true",
-                    help="the GPU grid's code on a tiny grid (n = 1e4), on the CPU unless --device cuda")
+                    help="the CUDA grid's code on a tiny grid (n = 1e4), on the CPU unless --device cuda")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="GPU grid: seconds for the whole run (default 240; 60 with --tiny)")
+                    help="CUDA grid: seconds for the whole run (default 240; 60 with --tiny)")
     ap.add_argument("--torchjd-max-s", type=float, default=1.0,
-                    help="GPU grid: torchjd's GradVac is timed only where a call is expected to take less")
+                    help="CUDA grid: torchjd's GradVac is timed only where a call is expected to take less")
     args = ap.parse_args()
     auto = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     device = args.device if args.device != "auto" else auto
@@ -618,7 +974,7 @@ def main() -> int:
     if device == "cuda" or args.tiny:
         folder = os.path.join(HERE, "results") if args.save else os.path.join(HERE, "results", "local")
         out = args.out or os.path.join(folder, f"{tag if device == 'cuda' else 'cpu'}{'-tiny' if args.tiny else ''}.md")
-        return gpu_grid.main(args, device, *gpu_extras(device, args.tiny), out)
+        return run_grid(args, device, device_name, out)
     load = os.getloadavg()[0]
     busy = load > (os.cpu_count() or 1)
     if busy:

@@ -12,7 +12,7 @@ Sections: every op at test sizes in every dtype (m = 1, odd n, empty column grou
 129 (beyond it); misaligned and strided views; a Jacobian given as a list of blocks; the GradVac
 and PCGrad loops at m = 256 (rows in shared memory) and m = 800 (rows in global scratch, beyond
 768) and with 300 groups; aggregate; the classes, with orders drawn on the host (the default) and
-on the device (``draws="device"``, when this build has it); jac_to_grad.
+on the device (``draws="device"``); jac_to_grad; the dual-cone projector (UPGrad, DualProj).
 """
 
 from __future__ import annotations
@@ -110,15 +110,12 @@ def aggregate(ops, gen):
 def classes(fusedjd, gen):
     J = on(torch.randn(8, 50000, generator=gen))
     G = J @ J.T
-    aggs = [fusedjd.GradVac(), fusedjd.PCGrad(), fusedjd.GroupedGradVac([50] * 1000), fusedjd.MoCo(),
-            fusedjd.MoCo(simplex="projection")]
-    weightings = [fusedjd.GradVacWeighting(), fusedjd.PCGradWeighting()]
-    try:
-        aggs += [fusedjd.GradVac(draws="device"), fusedjd.PCGrad(draws="device"),
-                 fusedjd.GroupedGradVac([50] * 1000, draws="device")]
-        weightings += [fusedjd.GradVacWeighting(draws="device"), fusedjd.PCGradWeighting(draws="device")]
-    except TypeError as e:
-        print(f"smoke: draws='device' not in this build ({e}): the device draws are not exercised", flush=True)
+    aggs = [fusedjd.MoCo(), fusedjd.MoCo(simplex="projection")]
+    weightings = []
+    for draws in ("torchjd", "device"):
+        aggs += [fusedjd.GradVac(draws=draws), fusedjd.PCGrad(draws=draws),
+                 fusedjd.GroupedGradVac([50] * 1000, draws=draws)]
+        weightings += [fusedjd.GradVacWeighting(draws=draws), fusedjd.PCGradWeighting(draws=draws)]
     for agg in aggs:
         agg(J)
         agg(J)

@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torchjd import aggregation as ta
+from torchjd import linalg as ta_linalg
 from torchjd.autogram import Engine
 from torchjd.autojac import jac_to_grad, mtl_backward
 
@@ -269,26 +270,147 @@ def bench_loops(run: Run, cfg: list[LoopCase]):
     return t
 
 
+# UPGrad's projector at batch size: the targets of its m right-hand sides (2 threads), and DualProj's
+# one right-hand side at m = 256
+PROJECTOR_TARGETS = {64: 0.5e-3, 128: 3e-3, 256: 15e-3, 512: 100e-3}
+DUALPROJ_TARGET = (256, 0.2e-3)
+
+
+def projector_gramian(family: str, m: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """The Gramian of a random J of one of torchjd's matrix families: "normal" (n = 2 m) or "weak"
+    (strictly weakly stationary: a non-negative combination of the rows, with zeros, vanishes)."""
+    gen = torch.Generator().manual_seed(m)
+    if family == "normal":
+        J = torch.randn(m, 2 * m, generator=gen, dtype=torch.float64)
+    else:
+        w = torch.rand(m, generator=gen, dtype=torch.float64) + 0.1
+        w[: m // 3] = 0.0
+        A = torch.randn(m, max(1, m // 2), generator=gen, dtype=torch.float64)
+        J = A - torch.outer(w, w @ A) / (w @ w)
+    return (J @ J.T).to(device=device, dtype=dtype)
+
+
+def kkt_residual(V: torch.Tensor, U: torch.Tensor, G: torch.Tensor, projector: fusedjd.Projector) -> float:
+    """The largest KKT residual of the projections V (rows) of U on the Gramian the projector solves
+    (trace-normalised, reg_eps I added), in float64, relative to max_i G_ii |v|_1: v >= u, Gv >= 0,
+    (v - u)_i (Gv)_i = 0."""
+    G = G.double()
+    trace = G.trace()
+    G = (G / trace if trace >= projector.norm_eps else torch.zeros_like(G)) + projector.reg_eps * torch.eye(
+        G.shape[0], dtype=G.dtype, device=G.device)
+    V, U = V.double(), U.double()
+    Y, X = V @ G, V - U
+    scale = G.diagonal().max() * V.abs().sum(1, keepdim=True)
+    return max(float((-X).clamp(min=0).max() / V.abs().max()), float(((-Y).clamp(min=0) / scale).max()),
+               float(((X * Y).abs() / (scale * X.abs().amax(1, keepdim=True).clamp(min=1e-300))).max()))
+
+
 def bench_projector(run: Run, ms: list[int]):
-    """UPGrad's and DualProj's weightings on an m x m Gramian: fusedjd's projector (the dual_cone
-    op) against torchjd 0.18's default, quadprog through numpy. The Gramian is that of a
-    rank-deficient J (n = m / 2 + 1 columns), so the projections are not trivial."""
+    """The dual-cone projector on UPGrad's m right-hand sides (U = I) and DualProj's one (the mean):
+    fusedjd.Projector (the dual_cone op) against torchjd 0.18's default, quadprog through numpy, on
+    Gramians of two of torchjd's matrix families in float32 and float64. The check: equal to
+    quadprog (1e-9 in float64, 1e-5 in float32) where quadprog ran, and the KKT conditions within
+    1e-12 (float64) or 1e-6 (float32: the weights' rounding) everywhere."""
     device = run.device
-    t = Table("UPGrad / DualProj weighting on the Gramian (fp32): fusedjd.Projector vs torchjd's quadprog",
-              ["weighting", "m", "check", "fusedjd", "torchjd 0.18", "speedup"])
-    for m in ms:
-        gen = torch.Generator().manual_seed(m)
-        A = torch.randn(m, m // 2 + 1, generator=gen).to(device)
-        G = A @ A.T
-        for ours_cls, theirs_cls in [(fusedjd.UPGradWeighting, ta.UPGradWeighting),
-                                     (fusedjd.DualProjWeighting, ta.DualProjWeighting)]:
-            ours, theirs = ours_cls(), theirs_cls()
-            # float32 Gramian, float64 solvers: the weights agree to the Gramian's precision
-            status = run.check(f"{ours_cls.__name__} m={m}", ours(G), theirs(G), 1e-4)
-            tf = median_time(lambda: ours(G), device)
-            tt = median_time(lambda: theirs(G), device, budget_s=1.0, min_reps=2)
-            t.rows.append([ours_cls.__name__, str(m), status, fmt_time(tf), fmt_time(tt), fmt_x(tt / tf)])
-            run.progress.step(f"{ours_cls.__name__} m={m}")
+    ours, theirs = fusedjd.Projector(), ta_linalg.QuadprogProjector()
+    t = Table("UPGrad / DualProj projector at batch size: fusedjd.Projector vs torchjd's quadprog "
+              f"({torch.get_num_threads()} threads)",
+              ["family", "dtype", "m", "check (KKT residual)", "UPGrad: fusedjd", "target", "quadprog", "speedup",
+               "DualProj: fusedjd", "quadprog", "speedup"])
+    for family in ("normal", "weak"):
+        for dtype in (torch.float32, torch.float64):
+            for m in ms:
+                G = projector_gramian(family, m, dtype, device)
+                cells = []
+                worst = 0.0
+                for U, quadprog_up_to in ((torch.eye(m, dtype=dtype, device=device), 128),
+                                          (torch.full((1, m), 1.0 / m, dtype=dtype, device=device), 512)):
+                    V = ours(U, G)
+                    worst = max(worst, kkt_residual(V, U, G, ours))
+                    tf = median_time(lambda: ours(U, G), device, budget_s=1.0 if m >= 256 else 0.4)
+                    tt = None
+                    if m <= quadprog_up_to:
+                        expected = theirs(U, G)
+                        run.check(f"Projector {family} {dtype} m={m}", V, expected,
+                                  1e-9 if dtype == torch.float64 else 1e-5)
+                        tt = median_time(lambda: theirs(U, G), device, budget_s=1.0, min_reps=1)
+                    cells.append((tf, tt))
+                # (the weights are rounded to G's dtype: float32 holds the conditions to its own rounding)
+                status = run.verdict(f"Projector KKT {family} {dtype} m={m}", worst,
+                                     1e-12 if dtype == torch.float64 else 1e-6, show=True)
+                (tf, tt), (tf1, tt1) = cells
+                target = PROJECTOR_TARGETS.get(m)
+                t.rows.append([family, str(dtype).replace("torch.", ""), str(m), status, fmt_time(tf),
+                               f"≤ {fmt_time(target)}" if target else "—",
+                               fmt_time(tt) if tt else "not run (seconds)", fmt_x(tt / tf) if tt else "—",
+                               fmt_time(tf1) + (f" (target ≤ {fmt_time(DUALPROJ_TARGET[1])})"
+                                                if m == DUALPROJ_TARGET[0] else ""),
+                               fmt_time(tt1) if tt1 else "—", fmt_x(tt1 / tf1) if tt1 else "—"])
+                run.progress.step(f"Projector {family} {dtype} m={m}")
+    return t
+
+
+class SmallCNN(nn.Module):
+    """Two convolutions and two linear layers on 1 x 28 x 28 inputs, 10 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 5, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 5, stride=2), nn.ReLU(),
+                                 nn.Flatten(), nn.Linear(16 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def bench_iwrm(run: Run, ms: list[int]):
+    """The instance-wise (IWRM) training step of torchjd's documented recipe: one loss per sample,
+    the Gramian from torchjd's autogram Engine, UPGradWeighting's weights, losses.backward(weights),
+    SGD; torchjd's UPGradWeighting (quadprog) against fusedjd's, on a small CNN and an MLP, m = the
+    batch size."""
+    device = run.device
+    t = Table("Instance-wise training step (IWRM, torchjd's autogram recipe): torchjd's UPGradWeighting vs fusedjd's",
+              ["model", "m", "check", "forward + compute_gramian", "weighting: torchjd", "fusedjd", "speedup",
+               "step: torchjd", "fusedjd", "speedup", "weighting / fusedjd step"])
+    for name in ("CNN", "MLP"):
+        for m in ms:
+            torch.manual_seed(m)
+            if name == "CNN":
+                model, x = SmallCNN().to(device), torch.randn(m, 1, 28, 28, device=device)
+            else:
+                model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                                      nn.Linear(256, 10)).to(device)
+                x = torch.randn(m, 784, device=device)
+            y = torch.randint(0, 10, (m,), device=device)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+            engine = Engine(model, batch_dim=0)
+
+            def gramian():
+                losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+                return losses, engine.compute_gramian(losses)
+
+            def step(weighting):
+                def one_step():
+                    losses, G = gramian()
+                    opt.zero_grad()
+                    losses.backward(weighting(G))
+                    opt.step()
+                return one_step
+
+            ours, theirs = fusedjd.UPGradWeighting(), ta.UPGradWeighting()
+            G = gramian()[1].detach()
+            slow = m > 256  # torchjd's weighting takes about a minute at m = 512
+            status = "not run (minutes)" if slow else run.check(f"IWRM {name} m={m}", ours(G), theirs(G), 1e-4)
+            tg = median_time(lambda: gramian(), device, budget_s=0.5)
+            tf = median_time(lambda: ours(G), device, budget_s=0.5)
+            sf = median_time(step(ours), device, budget_s=0.5)
+            tt = st = None
+            if not slow:
+                tt = median_time(lambda: theirs(G), device, budget_s=0.5, min_reps=1)
+                st = median_time(step(theirs), device, budget_s=0.5, min_reps=1)
+            t.rows.append([name, str(m), status, fmt_time(tg), fmt_time(tt) if tt else "—", fmt_time(tf),
+                           fmt_x(tt / tf) if tt else "—", fmt_time(st) if st else "—", fmt_time(sf),
+                           fmt_x(st / sf) if st else "—", f"{100 * tf / sf:.0f} %"])
+            run.progress.step(f"IWRM {name} m={m}")
     return t
 
 
@@ -541,7 +663,8 @@ def configs(device: str, full: bool):
     return gram, loops, agg, moco, train
 
 
-PROJECTOR_MS = [2, 8, 32, 64, 128]
+PROJECTOR_MS = [8, 32, 64, 128, 256, 512]
+IWRM_MS = [32, 64, 128, 256, 512]
 
 
 TRAIN_ROWS = 5 + 3  # the rows of bench_training and bench_jac_to_grad
@@ -982,7 +1105,7 @@ def main() -> int:
               file=sys.stderr)
     print(f"[bench] the floors' probes (bench/probes.cpp) for the {probes.load()} CPU kernels: ready", file=sys.stderr)
     gram, loops, agg, moco, train = configs(device, args.full)
-    run = Run(device, Progress(len(gram) + 2 * len(loops) + 2 * len(PROJECTOR_MS) + len(agg) + len(moco) + TRAIN_ROWS))
+    run = Run(device, Progress(len(gram) + 2 * len(loops) + 4 * len(PROJECTOR_MS) + 2 * len(IWRM_MS) + len(agg) + len(moco) + TRAIN_ROWS))
     tables = [
         bench_jac_to_grad(run, train),
         bench_gramian(run, gram),
@@ -992,6 +1115,7 @@ def main() -> int:
         # after the small rows: torchjd's quadprog goes through numpy, whose idle BLAS threads then
         # spin on the cores for a while (they made the next few microsecond-rows 50 % slower)
         bench_projector(run, PROJECTOR_MS),
+        bench_iwrm(run, IWRM_MS),
         bench_training(run, train),
     ]
     sync(device)

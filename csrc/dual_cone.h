@@ -1,27 +1,46 @@
 // The dual-cone projection shared by the CPU and CUDA kernels of the dual_cone op (UPGrad's and
-// DualProj's projector). For a Gramian G (m x m) and a vector u it finds the v >= u minimising
-// v^T G v (Proposition 1 of arXiv 2406.16232: J^T v is the projection of J^T u onto the dual cone
-// of J's rows). With v = u + x it is the nonnegative quadratic program
+// DualProj's projector). For a Gramian G (m x m, symmetric) and a vector u it finds the v >= u
+// minimising v^T G v (Proposition 1 of arXiv 2406.16232: J^T v is the projection of J^T u onto the
+// dual cone of J's rows). With v = u + x it is the linear complementarity problem
 //
-//     min 1/2 x^T G x + c^T x   subject to x >= 0,   c = G u,
+//     x >= 0,   y = c + G x >= 0,   x_i y_i = 0 for every i,   c = G u
 //
-// solved exactly by a primal active-set method: Lawson and Hanson's NNLS, in the Gramian form
-// (Bro and de Jong's FNNLS), on G itself. The free set P (the rows with x > 0) grows by the row
-// whose gradient c + G x is the most negative; the equality-constrained minimiser on P comes from a
-// Cholesky factor of G_PP, extended by one row per entering row (O(|P|^2)) and rebuilt when rows
-// leave (rarer). Each outer step strictly lowers the objective and no free set repeats, so the
-// method ends after finitely many steps; in floating point two safeguards keep it finite: a row
-// whose own coefficient comes out non-positive right after entering (rounding, at the optimum) ends
-// the solve, and a cap of 3 m + 30 steps (outer and inner) returns the current iterate, which is
-// always feasible (v >= u). Everything is float64 and sequential per right-hand side: the result
-// does not depend on the thread count or the backend beyond the compiler's contraction of
-// multiply-adds.
+// (the KKT conditions of min 1/2 x^T G x + c^T x subject to x >= 0), solved exactly in float64.
 //
-// Exact for a positive-definite G (fusedjd.Projector adds reg_eps I, as torchjd's quadprog
-// projector does). A row that depends on the free rows within rounding (its squared Cholesky pivot
-// below 4 m eps of its diagonal: a singular or nearly singular G) cannot enter P as it stands; the
-// next most negative gradient enters instead, and the row may enter again once a row has left P.
-// Between two changes of P at most m rows are set aside, so this keeps the method finite.
+// First, block principal pivoting (Judice and Pires, Comput. Oper. Res. 21, 1994; Kim and Park's
+// NNLS form): guess the free set P (the rows with x > 0; first the rows with c_i < 0), solve
+// G_PP x_P = -c_P (Cholesky), and exchange every row that violates its condition (x_i < 0 in P,
+// y_i < 0 outside it) at once. When the number of violations has not dropped for three exchanges,
+// only the violation with the largest index is exchanged (Murty's rule) until it drops; for a
+// positive-definite G (a P-matrix) this ends after finitely many exchanges at the solution. The
+// factor of G_PP is kept across exchanges: the rows that stay keep their order, the entering rows
+// are appended, and only the part of the factor from the first leaving row on is recomputed. Each
+// exchange costs O(m |P|) for y and at most O(|P|^3) for the factor; UPGrad's right-hand sides take
+// 3 to 10 exchanges on random Gramians (independent of m), so a solve costs a few factorisations
+// of a |P| x |P| matrix (|P| is about m / 2 on them).
+//
+// The solution is accepted only when it satisfies the conditions within rounding: x_i >= -t /
+// max_i G_ii in P (then set to 0), y_i >= -t outside P, with t = 16 m eps (|c|_max + max_i G_ii
+// |x|_1) bounding the rounding of y. When G_PP is singular within rounding (a pivot below 4 m eps
+// of its diagonal, possible only for a singular or nearly singular G) or the exchanges pass
+// 30 + m / 4, the right-hand side is solved again by the primal active-set method below.
+//
+// The fallback: Lawson and Hanson's NNLS, in the Gramian form (Bro and de Jong's FNNLS), on G
+// itself. The free set P grows by the row whose gradient c + G x is the most negative; the
+// equality-constrained minimiser on P comes from a Cholesky factor of G_PP, extended by one row per
+// entering row (O(|P|^2)) and rebuilt when rows leave (rarer). Each outer step strictly lowers the
+// objective and no free set repeats, so the method ends after finitely many steps; in floating
+// point two safeguards keep it finite: a row whose own coefficient comes out non-positive right
+// after entering (rounding, at the optimum) ends the solve, and a cap of 3 m + 30 steps (outer and
+// inner) returns the current iterate, which is always feasible (v >= u). A row that depends on the
+// free rows within rounding (its squared Cholesky pivot below 4 m eps of its diagonal) cannot enter
+// P as it stands; the next most negative gradient enters instead, and the row may enter again once
+// a row has left P. Between two changes of P at most m rows are set aside, so this keeps the method
+// finite.
+//
+// Everything is float64 and sequential per right-hand side: the result does not depend on the
+// thread count or the backend beyond the compiler's contraction of multiply-adds. Exact for a
+// positive-definite G (fusedjd.Projector adds reg_eps I, as torchjd's quadprog projector does).
 #pragma once
 
 #include <cstdint>
@@ -31,12 +50,15 @@
 
 namespace fusedjd {
 
-// float64 scratch per right-hand side: the factor (m x m), x, the solution on P, c, and the rows
-// that cannot enter P as it stands.
-FUSEDJD_HD int64_t dual_cone_scratch(int64_t m) { return m * m + 4 * m; }
+// float64 scratch per right-hand side: the factor (m x m) and five vectors.
+FUSEDJD_HD int64_t dual_cone_scratch(int64_t m) { return m * m + 5 * m; }
 
-// The iteration cap of one right-hand side.
+// int64 scratch per right-hand side: the order of P and the entering rows.
+FUSEDJD_HD int64_t dual_cone_index_scratch(int64_t m) { return 2 * m; }
+
+// The step cap of the fallback (active-set steps) and of the exchanges.
 FUSEDJD_HD int64_t dual_cone_max_steps(int64_t m) { return 3 * m + 30; }
+FUSEDJD_HD int64_t dual_cone_max_exchanges(int64_t m) { return 30 + m / 4; }
 
 namespace detail {
 
@@ -72,20 +94,186 @@ FUSEDJD_HD void chol_solve(const double* L, int64_t m, const int64_t* rows, int6
   }
 }
 
+
+// The factor U (upper, row-major, stride m: G_PP = U^T U for P = rows[0..p) in that order) from
+// its leading `pos` rows and columns, which are kept, to all p: row t of U from the rows above it
+// (the inner loops run along rows of U, four rows above at a time, so that row t stays in cache).
+// False when a pivot falls below 4 m eps of its diagonal (G_PP singular within rounding).
+FUSEDJD_HD bool chol_extend(const double* G, int64_t m, double* U, const int64_t* rows, int64_t pos, int64_t p) {
+  const double tiny = 4.0 * static_cast<double>(m) * 2.220446049250313e-16;
+  for (int64_t t = 0; t < p; ++t) {
+    const int64_t r0 = t > pos ? t : pos;  // the columns of row t to compute
+    const double* g = G + rows[t] * m;
+    double* Ut = U + t * m;
+    for (int64_t r = r0; r < p; ++r) Ut[r] = g[rows[r]];
+    int64_t k = 0;
+    for (; k + 4 <= t; k += 4) {
+      const double* U0 = U + k * m;
+      const double* U1 = U0 + m;
+      const double* U2 = U1 + m;
+      const double* U3 = U2 + m;
+      const double a0 = U0[t], a1 = U1[t], a2 = U2[t], a3 = U3[t];
+      for (int64_t r = r0; r < p; ++r) Ut[r] -= (a0 * U0[r] + a1 * U1[r]) + (a2 * U2[r] + a3 * U3[r]);
+    }
+    for (; k < t; ++k) {
+      const double* Uk = U + k * m;
+      const double a = Uk[t];
+      for (int64_t r = r0; r < p; ++r) Ut[r] -= a * Uk[r];
+    }
+    if (t >= pos) {
+      const double gtt = g[rows[t]];
+      if (!(gtt > 0.0) || !(Ut[t] > tiny * gtt)) return false;
+      Ut[t] = sqrt(Ut[t]);
+    }
+    const double inv = 1.0 / Ut[t];
+    for (int64_t r = t >= pos ? t + 1 : r0; r < p; ++r) Ut[r] *= inv;
+  }
+  return true;
+}
+
+// z[0..p) = the solution of G_PP z = -c_P from chol_extend's factor U.
+FUSEDJD_HD void chol_solve_upper(const double* U, int64_t m, const int64_t* rows, int64_t p, const double* c,
+                                 double* z) {
+  for (int64_t q = 0; q < p; ++q) z[q] = -c[rows[q]];
+  for (int64_t q = 0; q < p; ++q) {  // U^T w = -c_P, w in z
+    const double* Uq = U + q * m;
+    const double w = z[q] / Uq[q];
+    z[q] = w;
+    for (int64_t r = q + 1; r < p; ++r) z[r] -= w * Uq[r];
+  }
+  for (int64_t q = p - 1; q >= 0; --q) {  // U z = w; the dot product in 8 partial sums (vectorised)
+    const double* Uq = U + q * m;
+    double part[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    int64_t r = q + 1;
+    for (; r + 8 <= p; r += 8) {
+      for (int j = 0; j < 8; ++j) part[j] += Uq[r + j] * z[r + j];
+    }
+    double s = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    for (; r < p; ++r) s += Uq[r] * z[r];
+    z[q] = (z[q] - s) / Uq[q];
+  }
+}
+
+// Block principal pivoting for one right-hand side (G and u finite): true when it found v (the
+// conditions hold within rounding), false when G_PP came out singular or the exchanges hit their
+// cap (v is then unset). `work`: dual_cone_scratch(m) doubles; `idx`: dual_cone_index_scratch(m).
+FUSEDJD_HD bool dual_cone_bpp(const double* G, int64_t m, const double* u, double* v, double* work, int64_t* idx) {
+  double* U = work;
+  double* c = U + m * m;
+  double* z = c + m;   // x on P, in the order of rows
+  double* y = z + m;   // c + G x
+  double* in = y + m;  // 1 for the rows of P
+  int64_t* rows = idx;
+  int64_t* enter = idx + m;
+  const double eps = 2.220446049250313e-16;
+  double c_max = 0.0, diag_max = 0.0;
+  for (int64_t a = 0; a < m; ++a) c[a] = 0.0;
+  for (int64_t b = 0; b < m; ++b) {  // c = G u, by rows of G (u is often sparse)
+    const double ub = u[b];
+    if (ub == 0.0) continue;
+    const double* g = G + b * m;
+    for (int64_t a = 0; a < m; ++a) c[a] += ub * g[a];
+  }
+  int64_t p = 0;
+  for (int64_t a = 0; a < m; ++a) {
+    c_max = fmax(c_max, fabs(c[a]));
+    diag_max = fmax(diag_max, G[a * m + a]);
+    in[a] = c[a] < 0.0 ? 1.0 : 0.0;
+    if (c[a] < 0.0) rows[p++] = a;
+  }
+  int64_t pos = 0, best = m + 1, tries = 3;
+  const int64_t cap = dual_cone_max_exchanges(m);
+  for (int64_t it = 0; it <= cap; ++it) {
+    if (!chol_extend(G, m, U, rows, pos, p)) return false;
+    chol_solve_upper(U, m, rows, p, c, z);
+    double x_sum = 0.0;
+    for (int64_t a = 0; a < m; ++a) y[a] = c[a];
+    for (int64_t q = 0; q < p; ++q) {
+      const double zq = z[q];
+      x_sum += fabs(zq);
+      const double* g = G + rows[q] * m;
+      for (int64_t a = 0; a < m; ++a) y[a] += zq * g[a];
+    }
+    const double tol = 16.0 * static_cast<double>(m) * eps * (c_max + diag_max * x_sum);
+    const double tol_x = diag_max > 0.0 ? tol / diag_max : 0.0;
+    // the violations: x_i < -tol_x in P, y_i < -tol outside
+    int64_t count = 0, last = -1;
+    for (int64_t q = 0; q < p; ++q) {
+      if (z[q] < -tol_x) {
+        ++count;
+        last = rows[q] > last ? rows[q] : last;
+      }
+    }
+    for (int64_t a = 0; a < m; ++a) {
+      if (in[a] == 0.0 && y[a] < -tol) {
+        ++count;
+        last = a > last ? a : last;
+      }
+    }
+    if (count == 0) {
+      for (int64_t a = 0; a < m; ++a) v[a] = u[a];
+      for (int64_t q = 0; q < p; ++q) v[rows[q]] += z[q] > 0.0 ? z[q] : 0.0;
+      return true;
+    }
+    if (it == cap) break;
+    bool one = false;  // Murty's rule: only the violation with the largest index
+    if (count < best) {
+      best = count;
+      tries = 3;
+    } else if (tries > 0) {
+      --tries;
+    } else {
+      one = true;
+    }
+    int64_t entering = 0;
+    for (int64_t a = 0; a < m; ++a) {
+      if (in[a] == 0.0 && y[a] < -tol && (!one || a == last)) enter[entering++] = a;
+    }
+    int64_t kept = 0;
+    pos = p;
+    for (int64_t q = 0; q < p; ++q) {
+      const int64_t r = rows[q];
+      if (z[q] < -tol_x && (!one || r == last)) {
+        in[r] = 0.0;
+        if (pos == p) pos = kept;
+      } else {
+        z[kept] = z[q];
+        rows[kept++] = r;
+      }
+    }
+    if (pos > kept) pos = kept;
+    if (2 * pos < kept) {
+      // most of the factor is recomputed anyway: the rows of P in decreasing x, so that the rows
+      // likely to leave next (small x) come last and a later exchange recomputes less
+      for (int64_t q = 1; q < kept; ++q) {
+        const double zq = z[q];
+        const int64_t rq = rows[q];
+        int64_t t = q;
+        for (; t > 0 && z[t - 1] < zq; --t) {
+          z[t] = z[t - 1];
+          rows[t] = rows[t - 1];
+        }
+        z[t] = zq;
+        rows[t] = rq;
+      }
+      pos = 0;
+    }
+    for (int64_t e = 0; e < entering; ++e) {
+      rows[kept++] = enter[e];
+      in[enter[e]] = 1.0;
+    }
+    p = kept;
+  }
+  return false;
+}
+
 }  // namespace detail
 
-// v (m) for one right-hand side u (m), G (m x m, row-major, float64). `work`: dual_cone_scratch(m)
-// doubles; `rows`: m integers. Returns the number of steps taken (dual_cone_max_steps(m) + 1 when
-// the cap ended the solve). A non-finite G or u gives a NaN v.
-FUSEDJD_HD int64_t dual_cone_solve(const double* G, int64_t m, const double* u, double* v, double* work,
-                                          int64_t* rows) {
-  bool finite = true;
-  for (int64_t a = 0; a < m * m; ++a) finite = finite && isfinite(G[a]);
-  for (int64_t a = 0; a < m; ++a) finite = finite && isfinite(u[a]);
-  if (!finite) {
-    for (int64_t a = 0; a < m; ++a) v[a] = NAN;
-    return 0;
-  }
+// The active-set method (NNLS) for one right-hand side u (m), G (m x m, row-major, float64, finite):
+// v (m). `work`: dual_cone_scratch(m) doubles; `rows`: m integers. Returns the number of steps taken
+// (dual_cone_max_steps(m) + 1 when the cap ended the solve).
+FUSEDJD_HD int64_t dual_cone_nnls(const double* G, int64_t m, const double* u, double* v, double* work,
+                                  int64_t* rows) {
   double* L = work;
   double* x = L + m * m;
   double* z = x + m;
@@ -184,6 +372,24 @@ FUSEDJD_HD int64_t dual_cone_solve(const double* G, int64_t m, const double* u, 
   }
   for (int64_t a = 0; a < m; ++a) v[a] = u[a] + x[a];
   return steps;
+}
+
+
+// v (m) for one right-hand side u (m), G (m x m, row-major, float64): block principal pivoting,
+// and the active-set method where it gives up. `work`: dual_cone_scratch(m) doubles; `idx`:
+// dual_cone_index_scratch(m) integers; `G_finite`: whether every entry of G is finite (the caller
+// checks G once for all right-hand sides). A non-finite G or u gives a NaN v. Returns 0 when block
+// principal pivoting solved it, else 1 + the active-set method's steps.
+FUSEDJD_HD int64_t dual_cone_solve(const double* G, int64_t m, const double* u, double* v, double* work,
+                                   int64_t* idx, bool G_finite) {
+  bool finite = G_finite;
+  for (int64_t a = 0; a < m; ++a) finite = finite && isfinite(u[a]);
+  if (!finite) {
+    for (int64_t a = 0; a < m; ++a) v[a] = NAN;
+    return 0;
+  }
+  if (detail::dual_cone_bpp(G, m, u, v, work, idx)) return 0;
+  return 1 + dual_cone_nnls(G, m, u, v, work, idx);
 }
 
 // Checks of the dual_cone op on every backend: G [m, m], U [..., m], both float16, bfloat16,

@@ -110,6 +110,91 @@ def test_projector_at_m_256():
     assert rel_err(fusedjd.Projector()(U, G), QuadprogProjector()(U, G)) < 1e-9
 
 
+def _family(name: str, m: int, seed: int) -> torch.Tensor:
+    """A Jacobian [m, n] of a named family (torchjd's test families among them): random (n = 2 m),
+    rank-deficient (n = m / 2 + 1), strongly stationary (a positive combination of the rows is 0),
+    strictly weakly stationary (a non-negative one, with zeros, and no positive one), non-weak (no
+    non-negative combination is 0), scaled by 1e-8 and 1e8, and with zero rows."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
+    if name in ("strong", "weak"):
+        w = torch.rand(m, generator=gen, dtype=F64) + 0.1
+        if name == "weak":
+            w[: m // 3] = 0.0  # a third of the rows out of the vanishing combination
+        A = r(m, max(1, m // 2))
+        return A - torch.outer(w, w @ A) / (w @ w)
+    if name == "non-weak":  # every row has a positive component along one common direction
+        A = r(m, m + 2)
+        A[:, 0] = A[:, 0].abs() + 1.0
+        return A
+    J = r(m, m // 2 + 1) if name == "rank-deficient" else r(m, 2 * m)
+    if name == "zero-rows":
+        J[:: 3] = 0.0
+    return J * {"scaled-1e-8": 1e-8, "scaled-1e8": 1e8}.get(name, 1.0)
+
+
+FAMILIES = ["random", "rank-deficient", "strong", "weak", "non-weak", "scaled-1e-8", "scaled-1e8", "zero-rows"]
+
+
+def _kkt_residuals(V: torch.Tensor, U: torch.Tensor, G: torch.Tensor) -> tuple[float, float, float]:
+    """The KKT residuals of min vᵀGv subject to v ≥ u, relative to max_i G_ii |v|₁ (a bound on every
+    |(Gv)_i|): v ≥ u (primal), Gv ≥ 0 (dual), (v − u)_i (Gv)_i = 0 (complementary slackness, also
+    relative to |v − u|_∞)."""
+    Y = V @ G  # G symmetric: row r is G v_r
+    scale = G.diagonal().max() * V.abs().sum(1, keepdim=True)
+    X = V - U
+    primal = float((-X).clamp(min=0).max() / V.abs().max().clamp(min=1e-300))
+    dual = float(((-Y).clamp(min=0) / scale).max())
+    slack = float(((X * Y).abs() / (scale * X.abs().amax(1, keepdim=True).clamp(min=1e-300))).max())
+    return primal, dual, slack
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 33, 128, 512])
+def test_kkt_conditions_across_families(m):
+    """UPGrad's m right-hand sides and DualProj's one on fusedjd.Projector's Gramian (trace-normalised,
+    reg_eps I added) of every family: the KKT conditions hold within 1e-12 relative in float64;
+    where quadprog solves in a moment (m ≤ 33), the weights equal quadprog's within 1e-9; and the
+    weights are the same for the rows in another order (a permutation of u and G) within 1e-12."""
+    worst = [0.0, 0.0, 0.0]
+    for seed, name in enumerate(FAMILIES):
+        J = _family(name, m, seed)
+        G = J @ J.T
+        trace = G.trace()
+        Gn = G / trace + 1e-4 * torch.eye(m, dtype=F64) if trace >= 1e-4 else 1e-4 * torch.eye(m, dtype=F64)
+        for U in (torch.eye(m, dtype=F64), torch.full((1, m), 1.0 / m, dtype=F64)):
+            V = fusedjd.Projector()(U, G)
+            assert rel_err(V, ops.dual_cone(U, Gn)) < 1e-13  # the projector solves Gn
+            residuals = _kkt_residuals(V, U, Gn)
+            worst = [max(a, b) for a, b in zip(worst, residuals)]
+            assert max(residuals) <= 1e-12, (name, m, residuals)
+            if m <= 33:
+                assert rel_err(V, QuadprogProjector()(U, G)) < 1e-9, name
+            perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
+            Vp = fusedjd.Projector()(U[:, perm], G[perm][:, perm])
+            assert rel_err(Vp, V[:, perm]) < 1e-12, (name, m, rel_err(Vp, V[:, perm]))
+        if m >= 7 and not name.startswith("scaled"):  # (scaled: Gn is that of the unscaled family)
+            assert rel_err(fusedjd.Projector()(torch.eye(m, dtype=F64), G), torch.eye(m, dtype=F64)) > 1e-3, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("cls,tol32", [(fusedjd.UPGrad, 5e-7), (fusedjd.DualProj, 2e-7)])
+def test_permutation_invariant_like_torchjd(cls, tol32, dtype):
+    """torchjd's permutation tests of UPGrad and DualProj (atol = rtol = 5e-7 and 2e-7 in float32;
+    1e-12 here in float64): the aggregation of the rows in five random orders equals the
+    original's, on matrices of torchjd's shapes and of every family above."""
+    tol = tol32 if dtype == torch.float32 else 1e-12
+    gen = torch.Generator().manual_seed(0)
+    matrices = [torch.randn(*shape, generator=gen, dtype=F64) for shape in ((2, 5), (5, 7), (9, 37), (32, 114), (50, 100))]
+    matrices += [_family(name, 16, seed) for seed, name in enumerate(FAMILIES) if not name.startswith("scaled")]
+    aggregator = cls()
+    for J in matrices:
+        J = J.to(dtype)
+        expected = aggregator(J)
+        for _ in range(5):
+            perm = torch.randperm(J.shape[0], generator=gen)
+            torch.testing.assert_close(aggregator(J[perm]), expected, atol=tol, rtol=tol)
+
+
 def test_float32_on_the_aggregated_vector():
     """float32: 1e-5 on the aggregated vector Jᵀw (the weights are unique only up to J's null space)."""
     for name in ("well-conditioned", "rank-deficient", "conflicting", "m=64"):

@@ -326,7 +326,8 @@ def bench_projector(run: Run, ms: list[int]):
                 for U, quadprog_up_to in ((torch.eye(m, dtype=dtype, device=device), 128),
                                           (torch.full((1, m), 1.0 / m, dtype=dtype, device=device), 512)):
                     V = ours(U, G)
-                    worst = max(worst, kkt_residual(V, U, G, ours))
+                    residual = kkt_residual(V, U, G, ours)
+                    worst = residual if not residual <= worst else worst  # (a NaN stays)
                     tf = median_time(lambda: ours(U, G), device, budget_s=1.0 if m >= 256 else 0.4)
                     tt = None
                     if m <= quadprog_up_to:

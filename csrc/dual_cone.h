@@ -11,8 +11,9 @@
 // NNLS form): guess the free set P (the rows with x > 0; first the rows with c_i < 0), solve
 // G_PP x_P = -c_P (Cholesky), and exchange every row that violates its condition (x_i < 0 in P,
 // y_i < 0 outside it) at once. When the number of violations has not dropped for three exchanges,
-// only the violation with the largest index is exchanged (Murty's rule) until it drops; for a
-// positive-definite G (a P-matrix) this ends after finitely many exchanges at the solution. The
+// only the violation with the largest index is exchanged (a single principal pivot in a fixed order,
+// Murty's rule, as Kim and Park do) until it drops; for a positive-definite G (a P-matrix) this ends
+// after finitely many exchanges at the solution. The
 // factor of G_PP is kept across exchanges: the rows that stay keep their order, the entering rows
 // are appended, and only the part of the factor from the first leaving row on is recomputed. Each
 // exchange costs O(m |P|) for y and at most O(|P|^3) for the factor; UPGrad's right-hand sides take
@@ -20,8 +21,8 @@
 // of a |P| x |P| matrix (|P| is about m / 2 on them).
 //
 // The solution is accepted only when it satisfies the conditions within rounding: x_i >= -t /
-// max_i G_ii in P (then set to 0), y_i >= -t outside P, with t = 16 m eps (|c|_max + max_i G_ii
-// |x|_1) bounding the rounding of y. When G_PP is singular within rounding (a pivot below 4 m eps
+// max_i G_ii in P (then set to 0), |y_i| <= t in P, y_i >= -t outside P, with t = 16 m eps
+// (|c|_max + max_i G_ii |x|_1) bounding the rounding of y. When G_PP is singular within rounding (a pivot below 4 m eps
 // of its diagonal, possible only for a singular or nearly singular G) or the exchanges pass
 // 30 + m / 4, the right-hand side is solved again by the primal active-set method below.
 //
@@ -50,8 +51,8 @@
 
 namespace fusedjd {
 
-// float64 scratch per right-hand side: the factor (m x m) and five vectors.
-FUSEDJD_HD int64_t dual_cone_scratch(int64_t m) { return m * m + 5 * m; }
+// float64 scratch per right-hand side: the factor (m x m) and four vectors.
+FUSEDJD_HD int64_t dual_cone_scratch(int64_t m) { return m * m + 4 * m; }
 
 // int64 scratch per right-hand side: the order of P and the entering rows.
 FUSEDJD_HD int64_t dual_cone_index_scratch(int64_t m) { return 2 * m; }
@@ -196,9 +197,11 @@ FUSEDJD_HD bool dual_cone_bpp(const double* G, int64_t m, const double* u, doubl
     }
     const double tol = 16.0 * static_cast<double>(m) * eps * (c_max + diag_max * x_sum);
     const double tol_x = diag_max > 0.0 ? tol / diag_max : 0.0;
-    // the violations: x_i < -tol_x in P, y_i < -tol outside
+    // the violations: x_i < -tol_x in P, y_i < -tol outside; y_P = 0 within tol, or the solve
+    // lost its accuracy (G_PP ill-conditioned): the fallback
     int64_t count = 0, last = -1;
     for (int64_t q = 0; q < p; ++q) {
+      if (!(fabs(y[rows[q]]) <= tol)) return false;
       if (z[q] < -tol_x) {
         ++count;
         last = rows[q] > last ? rows[q] : last;
@@ -216,7 +219,7 @@ FUSEDJD_HD bool dual_cone_bpp(const double* G, int64_t m, const double* u, doubl
       return true;
     }
     if (it == cap) break;
-    bool one = false;  // Murty's rule: only the violation with the largest index
+    bool one = false;  // the backup rule: only the violation with the largest index
     if (count < best) {
       best = count;
       tries = 3;

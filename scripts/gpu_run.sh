@@ -103,9 +103,11 @@ if [ $DRY = 1 ]; then
   step "scripts/gpu/smoke.py --cpu (the sanitizer's workload)" "$OUT/sanitizer.log" 300 "$PY" scripts/gpu/smoke.py --cpu
 else
   ARGS=(-q -rfEs --tb=short -p no:cacheprovider --ignore=tests/test_cuda_emulated.py -k cuda)
-  "$PY" -c "import pytest_timeout" 2>/dev/null && ARGS+=(--timeout=120)
+  TIMEOUT=0; "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT=1 && ARGS+=(--timeout=120)
   # (a hung kernel ignores signals: the thread method ends the worker, and xdist starts another)
-  [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null && ARGS+=(-n "$WORKERS" --timeout-method=thread)
+  if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    ARGS+=(-n "$WORKERS"); [ $TIMEOUT = 1 ] && ARGS+=(--timeout-method=thread)
+  fi
   P=$(cap 300 $((BENCH_S + 40)))
   both() { if [ "${MODE:-Default}" = Default ]; then "$@" & else "$@"; fi; }
   both step "the CUDA tests" "$OUT/tests.log" "$P" env OMP_NUM_THREADS=2 "$PY" -m pytest "${ARGS[@]}" tests

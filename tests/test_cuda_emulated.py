@@ -522,9 +522,10 @@ def test_work_tables_are_written_once_per_layout():
 
 @pytest.mark.parametrize("m", [_asan(m, asan=m in (5, 17)) for m in (1, 2, 5, 8, 17, 40)])
 def test_dual_cone(m):
-    """The CUDA kernel (one thread per right-hand side; 70 of them: two blocks) equals the CPU
-    kernel (the same float64 solver, up to the compilers' contraction of multiply-adds) and, for
-    small m, the enumeration of active sets; the same under every schedule order, in one launch."""
+    """The CUDA kernel (one thread per right-hand side; 70 of them, over 132 multiprocessors: a
+    thread per block) equals the CPU kernel (the same float64 solver, up to the compilers'
+    contraction of multiply-adds) and, for small m, the enumeration of active sets; the same under
+    every schedule order, in one launch."""
     gen = torch.Generator().manual_seed(m)
     J = torch.randn(m, max(1, m // 2), generator=gen, dtype=torch.float64)
     G = J @ J.T / (J.norm() ** 2) + 1e-4 * torch.eye(m, dtype=torch.float64)  # what Projector solves
@@ -536,6 +537,21 @@ def test_dual_cone(m):
         assert rel_err(V, reference.dual_cone(U, G)) < 1e-12
     V32 = EMU.dual_cone(U.float(), G.float())
     assert V32.dtype == torch.float32 and rel_err(V32, torch.ops.fusedjd.dual_cone(U.float(), G.float())) < 1e-6
+
+
+@pytest.mark.parametrize("sm_count", [1, 7])
+def test_dual_cone_scratch_cap(sm_count):
+    """UPGrad's right-hand sides at m = 330: 256 MiB of scratch holds 302 slots, fewer than the 330
+    right-hand sides, so threads solve theirs one after another in their slot (7 multiprocessors:
+    7 blocks of 44 threads; 1: 5 blocks of 64); equal to the CPU kernel and the same under both
+    schedule orders, in one launch."""
+    m = 330
+    J = torch.randn(m, 2 * m, generator=torch.Generator().manual_seed(m), dtype=torch.float64)
+    G = J @ J.T / (J.norm() ** 2) + 1e-4 * torch.eye(m, dtype=torch.float64)
+    U = torch.eye(m, dtype=torch.float64)
+    V, launches = run_schedules(lambda: EMU.dual_cone(U, G), sm_count=sm_count)
+    assert launches == 2
+    assert rel_err(V, torch.ops.fusedjd.dual_cone(U, G)) < 1e-12
 
 
 @pytest.mark.asan

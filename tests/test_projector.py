@@ -152,28 +152,51 @@ def _kkt_residuals(V: torch.Tensor, U: torch.Tensor, G: torch.Tensor) -> tuple[f
 @pytest.mark.parametrize("m", [1, 2, 7, 33, 128, 512])
 def test_kkt_conditions_across_families(m):
     """UPGrad's m right-hand sides and DualProj's one on fusedjd.Projector's Gramian (trace-normalised,
-    reg_eps I added) of every family: the KKT conditions hold within 1e-12 relative in float64;
-    where quadprog solves in a moment (m ≤ 33), the weights equal quadprog's within 1e-9; and the
-    weights are the same for the rows in another order (a permutation of u and G) within 1e-12."""
-    worst = [0.0, 0.0, 0.0]
+    reg_eps I added; norm_eps = 1e-30 so that the scaled-1e-8 family is solved too) of every family: the
+    KKT conditions hold within 1e-12 relative in float64; where quadprog solves in a moment
+    (m ≤ 33), the weights equal quadprog's within 1e-9; and the weights are the same for the rows
+    in another order (a permutation of u and G) within 1e-12."""
+    projector = fusedjd.Projector(norm_eps=1e-30)
     for seed, name in enumerate(FAMILIES):
         J = _family(name, m, seed)
         G = J @ J.T
         trace = G.trace()
-        Gn = G / trace + 1e-4 * torch.eye(m, dtype=F64) if trace >= 1e-4 else 1e-4 * torch.eye(m, dtype=F64)
+        Gn = (G / trace if trace >= 1e-30 else torch.zeros_like(G)) + 1e-4 * torch.eye(m, dtype=F64)
         for U in (torch.eye(m, dtype=F64), torch.full((1, m), 1.0 / m, dtype=F64)):
-            V = fusedjd.Projector()(U, G)
+            V = projector(U, G)
             assert rel_err(V, ops.dual_cone(U, Gn)) < 1e-13  # the projector solves Gn
             residuals = _kkt_residuals(V, U, Gn)
-            worst = [max(a, b) for a, b in zip(worst, residuals)]
             assert max(residuals) <= 1e-12, (name, m, residuals)
             if m <= 33:
-                assert rel_err(V, QuadprogProjector()(U, G)) < 1e-9, name
+                assert rel_err(V, QuadprogProjector(norm_eps=1e-30)(U, G)) < 1e-9, name
             perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
-            Vp = fusedjd.Projector()(U[:, perm], G[perm][:, perm])
+            Vp = projector(U[:, perm], G[perm][:, perm])
             assert rel_err(Vp, V[:, perm]) < 1e-12, (name, m, rel_err(Vp, V[:, perm]))
-        if m >= 7 and not name.startswith("scaled"):  # (scaled: Gn is that of the unscaled family)
-            assert rel_err(fusedjd.Projector()(torch.eye(m, dtype=F64), G), torch.eye(m, dtype=F64)) > 1e-3, name
+        if m >= 7:  # a real projection, not u itself
+            assert rel_err(projector(torch.eye(m, dtype=F64), G), torch.eye(m, dtype=F64)) > 1e-3, name
+
+
+@pytest.mark.parametrize("m,rank", [(96, 20), (200, 150)])
+def test_singular_gramian_at_batch_size(m, rank):
+    """reg_eps = 0 and a rank-deficient J. At rank 20 the free sets outnumber the rank, so G_PP is
+    singular and block principal pivoting hands every one of UPGrad's right-hand sides to the
+    active-set method, which sets the dependent rows aside; at rank 150 the free sets fit in the
+    rank and block principal pivoting solves them on the singular G. The solution v is not unique,
+    its objective vᵀGv is: the
+    KKT conditions hold within 1e-9, and the objective is at most quadprog's on the barely
+    regularised problem (+1e-9 of max G_ii |v|₁²)."""
+    J = torch.randn(m, rank, generator=torch.Generator().manual_seed(m), dtype=F64)
+    G = J @ J.T
+    Gn = G / G.trace()
+    U = torch.eye(m, dtype=F64)
+    V = fusedjd.Projector(reg_eps=0.0)(U, G)
+    assert max(_kkt_residuals(V, U, Gn)) <= 1e-9
+    rows = torch.arange(0, m, 11)  # (quadprog takes seconds for all of them)
+    expected = QuadprogProjector(reg_eps=1e-12)(U[rows], G)
+    assert (expected >= U[rows] - 1e-9).all()
+    ours, theirs = ((V[rows] @ Gn) * V[rows]).sum(1), ((expected @ Gn) * expected).sum(1)
+    scale = Gn.diagonal().max() * V[rows].abs().sum(1) ** 2
+    assert (ours <= theirs + 1e-9 * scale).all(), (ours - theirs) / scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

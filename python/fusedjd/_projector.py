@@ -17,7 +17,7 @@ from ._validation import non_negative
 class Projector(DualConeProjector):
     r"""
     :class:`~torchjd.linalg.DualConeProjector` solving its quadratic programs with fusedjd's
-    ``dual_cone`` op (:func:`fusedjd.ops.dual_cone`): an exact active-set method on the Gramian in
+    ``dual_cone`` op (:func:`fusedjd.ops.dual_cone`): exact block principal pivoting on the Gramian in
     float64, all right-hand sides at once, on the Gramian's device (C++ on the CPU, one CUDA launch
     on a GPU, no host synchronisation, CUDA-graph safe). A drop-in replacement for
     :class:`torchjd.linalg.QuadprogProjector` with the same parameters and preprocessing::

@@ -210,8 +210,9 @@ def dual_cone(U: Tensor, G: Tensor) -> Tensor:
     projection of ``Jᵀu`` onto the dual cone of ``J``'s rows, given ``G = J Jᵀ`` (the problem of
     :class:`torchjd.linalg.DualConeProjector`, Proposition 1 of arXiv 2406.16232).
 
-    Solved exactly by an active-set method on ``G`` in float64 (``docs/CONTRACT.md`` §2b), every
-    right-hand side on the CPU's threads or in one CUDA launch, without host synchronisation.
+    Solved exactly (the KKT point) in float64 by block principal pivoting, with an active-set method
+    as its fallback (``docs/CONTRACT.md`` §2b), every right-hand side on the CPU's threads or in one
+    CUDA launch, without host synchronisation.
     ``G`` must be symmetric positive definite for the solution to be exact (:class:`fusedjd.Projector`
     adds ``reg_eps · I``); a non-finite ``G`` or ``u`` gives NaN.
 

@@ -17,7 +17,7 @@
 // factor of G_PP is kept across exchanges: the rows that stay keep their order, the entering rows
 // are appended, and only the part of the factor from the first leaving row on is recomputed. Each
 // exchange costs O(m |P|) for y and at most O(|P|^3) for the factor; UPGrad's right-hand sides take
-// 3 to 10 exchanges on random Gramians (independent of m), so a solve costs a few factorisations
+// 3 to 12 exchanges on random Gramians (independent of m), so a solve costs a few factorisations
 // of a |P| x |P| matrix (|P| is about m / 2 on them).
 //
 // The solution is accepted only when it satisfies the conditions within rounding: x_i >= -t /

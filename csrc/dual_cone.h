@@ -63,39 +63,6 @@ FUSEDJD_HD int64_t dual_cone_max_exchanges(int64_t m) { return 30 + m / 4; }
 
 namespace detail {
 
-// Appends row t to the Cholesky factor L (row-major, stride m) of G_PP, P = rows[0..p): writes row
-// p of L. False when t depends on P within rounding (or G_tt <= 0): nothing is appended.
-FUSEDJD_HD bool chol_append(const double* G, int64_t m, double* L, const int64_t* rows, int64_t p, int64_t t) {
-  double d = G[t * m + t];
-  const double gtt = d;
-  double* Lp = L + p * m;
-  for (int64_t q = 0; q < p; ++q) {
-    double s = G[rows[q] * m + t];
-    for (int64_t r = 0; r < q; ++r) s -= L[q * m + r] * Lp[r];
-    Lp[q] = s / L[q * m + q];
-    d -= Lp[q] * Lp[q];
-  }
-  if (!(gtt > 0.0) || !(d > 4.0 * static_cast<double>(m) * 2.220446049250313e-16 * gtt)) return false;
-  Lp[p] = sqrt(d);
-  return true;
-}
-
-// z[0..p) = the solution of G_PP z = -c_P, from the factor L.
-FUSEDJD_HD void chol_solve(const double* L, int64_t m, const int64_t* rows, int64_t p, const double* c,
-                                  double* z) {
-  for (int64_t q = 0; q < p; ++q) {
-    double s = -c[rows[q]];
-    for (int64_t r = 0; r < q; ++r) s -= L[q * m + r] * z[r];
-    z[q] = s / L[q * m + q];
-  }
-  for (int64_t q = p - 1; q >= 0; --q) {
-    double s = z[q];
-    for (int64_t r = q + 1; r < p; ++r) s -= L[r * m + q] * z[r];
-    z[q] = s / L[q * m + q];
-  }
-}
-
-
 // The factor U (upper, row-major, stride m: G_PP = U^T U for P = rows[0..p) in that order) from
 // its leading `pos` rows and columns, which are kept, to all p: row t of U from the rows above it
 // (the inner loops run along rows of U, four rows above at a time, so that row t stays in cache).
@@ -277,7 +244,7 @@ FUSEDJD_HD bool dual_cone_bpp(const double* G, int64_t m, const double* u, doubl
 // (dual_cone_max_steps(m) + 1 when the cap ended the solve).
 FUSEDJD_HD int64_t dual_cone_nnls(const double* G, int64_t m, const double* u, double* v, double* work,
                                   int64_t* rows) {
-  double* L = work;
+  double* L = work;  // the factor of G_PP, upper (detail::chol_extend's layout)
   double* x = L + m * m;
   double* z = x + m;
   double* c = z + m;
@@ -315,14 +282,15 @@ FUSEDJD_HD int64_t dual_cone_nnls(const double* G, int64_t m, const double* u, d
       }
     }
     if (enter < 0) break;  // optimal: every gradient outside P is >= -tol
-    if (!detail::chol_append(G, m, L, rows, p, enter)) {  // depends on P: the next candidate
+    rows[p] = enter;  // appended to the factor, O(|P|^2)
+    if (!detail::chol_extend(G, m, L, rows, p, p + 1)) {  // depends on P: the next candidate
       blocked[enter] = 1.0;
       continue;
     }
-    rows[p++] = enter;
+    ++p;
     bool first = true, stop = false;
     for (;;) {
-      detail::chol_solve(L, m, rows, p, c, z);
+      detail::chol_solve_upper(L, m, rows, p, c, z);
       bool positive = true;
       for (int64_t q = 0; q < p; ++q) positive = positive && z[q] > 0.0;
       if (positive) {
@@ -360,11 +328,13 @@ FUSEDJD_HD int64_t dual_cone_nnls(const double* G, int64_t m, const double* u, d
       for (int64_t a = 0; a < m; ++a) blocked[a] = 0.0;  // P lost a row: every row may enter again
       p = 0;  // rebuild the factor of the remaining rows (independent: a subset of an independent set)
       for (int64_t q = 0; q < kept; ++q) {
-        if (!detail::chol_append(G, m, L, rows, p, rows[q])) {
-          x[rows[q]] = 0.0;
+        const int64_t r = rows[q];
+        rows[p] = r;
+        if (!detail::chol_extend(G, m, L, rows, p, p + 1)) {
+          x[r] = 0.0;
           continue;
         }
-        rows[p++] = rows[q];
+        ++p;
       }
       if (++steps > cap) {
         stop = true;

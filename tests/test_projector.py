@@ -136,19 +136,6 @@ def _family(name: str, m: int, seed: int) -> torch.Tensor:
 FAMILIES = ["random", "rank-deficient", "strong", "weak", "non-weak", "scaled-1e-8", "scaled-1e8", "zero-rows"]
 
 
-def _kkt_residuals(V: torch.Tensor, U: torch.Tensor, G: torch.Tensor) -> tuple[float, float, float]:
-    """The KKT residuals of min vᵀGv subject to v ≥ u, relative to max_i G_ii |v|₁ (a bound on every
-    |(Gv)_i|): v ≥ u (primal), Gv ≥ 0 (dual), (v − u)_i (Gv)_i = 0 (complementary slackness, also
-    relative to |v − u|_∞)."""
-    Y = V @ G  # G symmetric: row r is G v_r
-    scale = G.diagonal().max() * V.abs().sum(1, keepdim=True)
-    X = V - U
-    primal = float((-X).clamp(min=0).max() / V.abs().max().clamp(min=1e-300))
-    dual = float(((-Y).clamp(min=0) / scale).max())
-    slack = float(((X * Y).abs() / (scale * X.abs().amax(1, keepdim=True).clamp(min=1e-300))).max())
-    return primal, dual, slack
-
-
 @pytest.mark.parametrize("m", [1, 2, 7, 33, 128, 512])
 def test_kkt_conditions_across_families(m):
     """UPGrad's m right-hand sides and DualProj's one on fusedjd.Projector's Gramian (trace-normalised,
@@ -165,7 +152,7 @@ def test_kkt_conditions_across_families(m):
         for U in (torch.eye(m, dtype=F64), torch.full((1, m), 1.0 / m, dtype=F64)):
             V = projector(U, G)
             assert rel_err(V, ops.dual_cone(U, Gn)) < 1e-13  # the projector solves Gn
-            residuals = _kkt_residuals(V, U, Gn)
+            residuals = reference.dual_cone_kkt(V, U, Gn)
             assert max(residuals) <= 1e-12, (name, m, residuals)
             if m <= 33:
                 assert rel_err(V, QuadprogProjector(norm_eps=1e-30)(U, G)) < 1e-9, name
@@ -190,7 +177,7 @@ def test_singular_gramian_at_batch_size(m, rank):
     Gn = G / G.trace()
     U = torch.eye(m, dtype=F64)
     V = fusedjd.Projector(reg_eps=0.0)(U, G)
-    assert max(_kkt_residuals(V, U, Gn)) <= 1e-9
+    assert max(reference.dual_cone_kkt(V, U, Gn)) <= 1e-9
     rows = torch.arange(0, m, 11)  # (quadprog takes seconds for all of them)
     expected = QuadprogProjector(reg_eps=1e-12)(U[rows], G)
     assert (expected >= U[rows] - 1e-9).all()

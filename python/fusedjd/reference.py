@@ -22,6 +22,7 @@ __all__ = [
     "MoCo",
     "combine",
     "dual_cone",
+    "dual_cone_kkt",
     "gradvac_loop",
     "gramian",
     "moco_step",
@@ -187,6 +188,22 @@ def dual_cone(U: Tensor, G: Tensor) -> Tensor:
                 break
         V[r] = u + x
     return V.reshape(U.shape)
+
+
+def dual_cone_kkt(V: Tensor, U: Tensor, G: Tensor) -> tuple[float, float, float]:
+    """The KKT residuals of ``V`` (rows) as the solutions of ``min vᵀGv`` subject to ``v >= u`` for
+    the rows ``u`` of ``U`` (``G`` symmetric), in float64, relative to ``max_i G_ii |v|_1`` (a bound
+    on every ``|(Gv)_i|``): ``v >= u`` (primal), ``Gv >= 0`` (dual), ``(v - u)_i (Gv)_i = 0``
+    (complementary slackness, also relative to ``|v - u|_inf``). A NaN in ``V`` gives NaN."""
+    G, V = G.detach().double(), V.detach().double()
+    U = U.detach().double().reshape(V.shape)
+    Y = V @ G  # G symmetric: row r is G v_r
+    scale = G.diagonal().max() * V.abs().sum(1, keepdim=True)
+    X = V - U
+    primal = float((-X).clamp(min=0).max() / V.abs().max().clamp(min=1e-300))  # sync-ok: reference
+    dual = float(((-Y).clamp(min=0) / scale).max())  # sync-ok: reference
+    slack = float(((X * Y).abs() / (scale * X.abs().amax(1, keepdim=True).clamp(min=1e-300))).max())  # sync-ok: reference
+    return primal, dual, slack
 
 
 def project_simplex(v: Tensor) -> Tensor:

@@ -40,7 +40,8 @@
 // finite.
 //
 // Everything is float64 and sequential per right-hand side: the result does not depend on the
-// thread count or the backend beyond the compiler's contraction of multiply-adds. Exact for a
+// thread count; the CPU kernel's factor sums in another order (blocks of rows, ScalarFactor
+// below), so CPU and CUDA agree to rounding, as do two compilers' contractions. Exact for a
 // positive-definite G (fusedjd.Projector adds reg_eps I, as torchjd's quadprog projector does).
 #pragma once
 
@@ -99,6 +100,15 @@ FUSEDJD_HD bool chol_extend(const double* G, int64_t m, double* U, const int64_t
   return true;
 }
 
+// The factorisation block principal pivoting uses: chol_extend. The CPU kernel passes its own (the
+// same factor in blocks of rows, vectorised: csrc/cpu/dual_cone.cpp).
+struct ScalarFactor {
+  FUSEDJD_HD bool operator()(const double* G, int64_t m, double* U, const int64_t* rows, int64_t pos,
+                             int64_t p) const {
+    return chol_extend(G, m, U, rows, pos, p);
+  }
+};
+
 // z[0..p) = the solution of G_PP z = -c_P from chol_extend's factor U.
 FUSEDJD_HD void chol_solve_upper(const double* U, int64_t m, const int64_t* rows, int64_t p, const double* c,
                                  double* z) {
@@ -124,8 +134,11 @@ FUSEDJD_HD void chol_solve_upper(const double* U, int64_t m, const int64_t* rows
 
 // Block principal pivoting for one right-hand side (G and u finite): true when it found v (the
 // conditions hold within rounding), false when G_PP came out singular or the exchanges hit their
-// cap (v is then unset). `work`: dual_cone_scratch(m) doubles; `idx`: dual_cone_index_scratch(m).
-FUSEDJD_HD bool dual_cone_bpp(const double* G, int64_t m, const double* u, double* v, double* work, int64_t* idx) {
+// cap (v is then unset). `work`: dual_cone_scratch(m) doubles; `idx`: dual_cone_index_scratch(m);
+// `factor`: chol_extend or an equivalent (ScalarFactor's signature and result).
+template <class Factor>
+FUSEDJD_HD bool dual_cone_bpp(const double* G, int64_t m, const double* u, double* v, double* work, int64_t* idx,
+                              const Factor& factor) {
   double* U = work;
   double* c = U + m * m;
   double* z = c + m;   // x on P, in the order of rows
@@ -152,7 +165,7 @@ FUSEDJD_HD bool dual_cone_bpp(const double* G, int64_t m, const double* u, doubl
   int64_t pos = 0, best = m + 1, tries = 3;
   const int64_t cap = dual_cone_max_exchanges(m);
   for (int64_t it = 0; it <= cap; ++it) {
-    if (!chol_extend(G, m, U, rows, pos, p)) return false;
+    if (!factor(G, m, U, rows, pos, p)) return false;
     chol_solve_upper(U, m, rows, p, c, z);
     double x_sum = 0.0;
     for (int64_t a = 0; a < m; ++a) y[a] = c[a];
@@ -351,17 +364,19 @@ FUSEDJD_HD int64_t dual_cone_nnls(const double* G, int64_t m, const double* u, d
 // v (m) for one right-hand side u (m), G (m x m, row-major, float64): block principal pivoting,
 // and the active-set method where it gives up. `work`: dual_cone_scratch(m) doubles; `idx`:
 // dual_cone_index_scratch(m) integers; `G_finite`: whether every entry of G is finite (the caller
-// checks G once for all right-hand sides). A non-finite G or u gives a NaN v. Returns 0 when block
+// checks G once for all right-hand sides); `factor`: block principal pivoting's factorisation
+// (detail::ScalarFactor's signature). A non-finite G or u gives a NaN v. Returns 0 when block
 // principal pivoting solved it, else 1 + the active-set method's steps.
+template <class Factor = detail::ScalarFactor>
 FUSEDJD_HD int64_t dual_cone_solve(const double* G, int64_t m, const double* u, double* v, double* work,
-                                   int64_t* idx, bool G_finite) {
+                                   int64_t* idx, bool G_finite, const Factor& factor = Factor()) {
   bool finite = G_finite;
   for (int64_t a = 0; a < m; ++a) finite = finite && isfinite(u[a]);
   if (!finite) {
     for (int64_t a = 0; a < m; ++a) v[a] = NAN;
     return 0;
   }
-  if (detail::dual_cone_bpp(G, m, u, v, work, idx)) return 0;
+  if (detail::dual_cone_bpp(G, m, u, v, work, idx, factor)) return 0;
   return 1 + dual_cone_nnls(G, m, u, v, work, idx);
 }
 

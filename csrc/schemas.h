@@ -65,6 +65,11 @@ inline void define_ops(torch::Library& m) {
   // (csrc/dual_cone.h: an exact active-set method in float64, one right-hand side per CPU task or
   // CUDA thread). Returns V with U's shape in G's dtype; a non-finite G or u gives NaN.
   m.def("dual_cone(Tensor U, Tensor G) -> Tensor");
+  // The same solves, returning for each right-hand side (int64 [k], U as k rows of m) how it was
+  // solved: 0 by block principal pivoting, else 1 + the active-set method's steps (csrc/dual_cone.h,
+  // dual_cone_solve). For the tests and the benchmark: a factorisation that loses accuracy shows as
+  // fallbacks, which the answers alone would hide (the fallback is exact too).
+  m.def("_dual_cone_paths(Tensor U, Tensor G) -> Tensor");
 
   // MoCo's first pass alone: the Gramian [m, m] (float32; float64 for float64) of the Y the next
   // moco_step would store, Y + b (J - Y) with b from the step counter, rounded to Y's dtype as the

@@ -523,9 +523,10 @@ def test_work_tables_are_written_once_per_layout():
 @pytest.mark.parametrize("m", [_asan(m, asan=m in (5, 17)) for m in (1, 2, 5, 8, 17, 40)])
 def test_dual_cone(m):
     """The CUDA kernel (one thread per right-hand side; 70 of them, over 132 multiprocessors: a
-    thread per block) equals the CPU kernel (the same float64 solver, up to the compilers'
-    contraction of multiply-adds) and, for small m, the enumeration of active sets; the same under
-    every schedule order, in one launch."""
+    thread per block) equals the CPU kernel (the same float64 solver; the CPU's factor sums in
+    blocks of rows, another order) and, for small m, the enumeration of active sets; the same
+    under every schedule order, in one launch. Each right-hand side takes the CPU's path (block
+    principal pivoting, or the fallback with as many steps)."""
     gen = torch.Generator().manual_seed(m)
     J = torch.randn(m, max(1, m // 2), generator=gen, dtype=torch.float64)
     G = J @ J.T / (J.norm() ** 2) + 1e-4 * torch.eye(m, dtype=torch.float64)  # what Projector solves
@@ -535,6 +536,8 @@ def test_dual_cone(m):
     assert rel_err(V, torch.ops.fusedjd.dual_cone(U, G)) < 1e-12
     if m <= 8:
         assert rel_err(V, reference.dual_cone(U, G)) < 1e-12
+    paths = EMU._dual_cone_paths(U, G)
+    assert torch.equal(paths, torch.ops.fusedjd._dual_cone_paths(U, G)), paths
     V32 = EMU.dual_cone(U.float(), G.float())
     assert V32.dtype == torch.float32 and rel_err(V32, torch.ops.fusedjd.dual_cone(U.float(), G.float())) < 1e-6
 

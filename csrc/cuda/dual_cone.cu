@@ -21,8 +21,9 @@ namespace {
 constexpr int kDualConeThreads = 64;
 constexpr int64_t kDualConeScratchBytes = int64_t{256} << 20;
 
-__global__ void dual_cone_kernel(const double* G, const double* U, double* V, double* work, int64_t* idx, int64_t k,
-                                 int64_t m) {
+// paths: null, or dual_cone_solve's result for each right-hand side (the _dual_cone_paths op)
+__global__ void dual_cone_kernel(const double* G, const double* U, double* V, double* work, int64_t* idx,
+                                 int64_t* paths, int64_t k, int64_t m) {
   __shared__ int non_finite;
   if (threadIdx.x == 0) non_finite = 0;
   __syncthreads();
@@ -35,12 +36,14 @@ __global__ void dual_cone_kernel(const double* G, const double* U, double* V, do
   const int64_t slots = static_cast<int64_t>(gridDim.x) * blockDim.x;
   double* w = work + slot * dual_cone_scratch(m);
   int64_t* i = idx + slot * dual_cone_index_scratch(m);
-  for (int64_t r = slot; r < k; r += slots) dual_cone_solve(G, m, U + r * m, V + r * m, w, i, finite);
+  for (int64_t r = slot; r < k; r += slots) {
+    const int64_t path = dual_cone_solve(G, m, U + r * m, V + r * m, w, i, finite);
+    if (paths != nullptr) paths[r] = path;
+  }
 }
 
-at::Tensor dual_cone_cuda(const at::Tensor& U, const at::Tensor& G) {
-  const DeviceGuard guard(G.device());
-  const DualConeProblem p = dual_cone_problem(U, G);
+// Every right-hand side of p solved in one launch; paths as the kernel's.
+void solve_all(const DualConeProblem& p, int64_t* paths) {
   const int64_t k = p.k, m = p.m;
   if (k > 0) {
     const int64_t slot_bytes = 8 * (dual_cone_scratch(m) + dual_cone_index_scratch(m));
@@ -56,13 +59,30 @@ at::Tensor dual_cone_cuda(const at::Tensor& U, const at::Tensor& G) {
     launch("dual_cone_kernel", dual_cone_kernel, dim3(static_cast<unsigned>(blocks)),
            dim3(static_cast<unsigned>(threads)), 0,
            p.G.data_ptr<double>(), p.U.data_ptr<double>(), p.V.data_ptr<double>(), work.data_ptr<double>(),
-           idx.data_ptr<int64_t>(), k, m);
+           idx.data_ptr<int64_t>(), paths, k, m);
   }
+}
+
+at::Tensor dual_cone_cuda(const at::Tensor& U, const at::Tensor& G) {
+  const DeviceGuard guard(G.device());
+  const DualConeProblem p = dual_cone_problem(U, G);
+  solve_all(p, nullptr);
   return p.finish(U, G);
+}
+
+at::Tensor dual_cone_paths_cuda(const at::Tensor& U, const at::Tensor& G) {
+  const DeviceGuard guard(G.device());
+  const DualConeProblem p = dual_cone_problem(U, G);
+  at::Tensor paths = at::zeros({p.k}, p.U.options().dtype(at::kLong));
+  solve_all(p, paths.data_ptr<int64_t>());
+  return paths;
 }
 
 }  // namespace
 
-FUSEDJD_CUDA_IMPL(m) { m.impl("dual_cone", &dual_cone_cuda); }
+FUSEDJD_CUDA_IMPL(m) {
+  m.impl("dual_cone", &dual_cone_cuda);
+  m.impl("_dual_cone_paths", &dual_cone_paths_cuda);
+}
 
 }  // namespace fusedjd::cuda

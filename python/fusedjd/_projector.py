@@ -48,9 +48,11 @@ class Projector(DualConeProjector):
     def __call__(self, U: Tensor, G: Tensor) -> Tensor:
         U, G = U.detach(), G.detach()  # not differentiable: torchjd's numpy round trip detaches too
         trace = G.diagonal().sum()
-        # torchjd's normalize and regularize (torch.where: no host synchronisation)
-        G = torch.where(trace < self._norm_eps, torch.zeros_like(G), G / trace)
-        G = G + self._reg_eps * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        # torchjd's normalize and regularize, in one pass over G and no host synchronisation: a
+        # trace below norm_eps divides by inf (zeros; NaN where G is not finite), and reg_eps goes
+        # onto the diagonal of the new tensor in place
+        G = G / torch.where(trace < self._norm_eps, torch.inf, trace)
+        G.diagonal().add_(self._reg_eps)
         return ops.dual_cone(U, G)
 
 

@@ -71,6 +71,11 @@ inline void define_ops(torch::Library& m) {
   // fallbacks, which the answers alone would hide (the fallback is exact too).
   m.def("_dual_cone_paths(Tensor U, Tensor G) -> Tensor");
 
+  // MGDA's weighting (torchjd.aggregation.MGDAWeighting): torchjd's Frank-Wolfe iteration on the
+  // Gramian G [m, m] (csrc/mgda.h), in float64, the loop and its stopping test on the device.
+  // Returns the weights [m] in G's dtype; a non-finite G gives NaN.
+  m.def("mgda(Tensor G, float epsilon, int max_iters) -> Tensor");
+
   // MoCo's first pass alone: the Gramian [m, m] (float32; float64 for float64) of the Y the next
   // moco_step would store, Y + b (J - Y) with b from the step counter, rounded to Y's dtype as the
   // step stores it (on CUDA beyond 128 rows, 64 for float64: of the unrounded update, from the

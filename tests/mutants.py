@@ -127,6 +127,28 @@ def _moco_skips_the_ema() -> None:
     ops.moco_step = wrong
 
 
+def _mgda_last_index_on_ties() -> None:
+    """MGDA's Frank-Wolfe step goes toward the last row with the smallest (G alpha)_i where torchjd
+    takes the first (argmin with <=): duplicated rows of J get other weights."""
+
+    def wrong(G, epsilon=0.001, max_iters=100):
+        Gd = G.double()
+        m = Gd.shape[0]
+        alpha = torch.full((m,), 1.0 / m, dtype=torch.float64, device=G.device)
+        for _ in range(max_iters):
+            Ga = Gd @ alpha
+            t = m - 1 - int(torch.argmin(Ga.flip(0)))  # sync-ok: a test-only mutant
+            a, b, c = float(alpha @ Gd[:, t]), float(alpha @ Ga), float(Gd[t, t])  # sync-ok: a test-only mutant
+            gamma = 1.0 if c <= a else 0.0 if b <= a else (b - a) / (b + c - 2 * a)
+            alpha = (1 - gamma) * alpha
+            alpha[t] += gamma
+            if gamma < epsilon:
+                break
+        return alpha.to(G.dtype)
+
+    ops.mgda = wrong
+
+
 # name: (what plants it, the tests that must fail under it: node ids, a parametrized id's prefix
 # naming all its cases, of which at least one must fail)
 MUTANTS = {
@@ -156,6 +178,9 @@ MUTANTS = {
     "moco-skips-the-ema": (_moco_skips_the_ema, [
         "tests/test_moco.py",
         "tests/test_jac_to_grad.py::test_equals_torchjd_jac_to_grad",
+    ]),
+    "mgda-last-index-on-ties": (_mgda_last_index_on_ties, [
+        "tests/test_mgda.py::test_weights_equal_torchjd",
     ]),
 }
 

@@ -73,7 +73,7 @@ def run_schedules(fn, orders=(simt_build.FORWARD, simt_build.REVERSE), sm_count=
 def test_emulator_library_covers_every_cuda_op():
     # every op with a CUDA kernel (csrc/cuda/*.cu), aggregate (cuda/aggregate.cu) included
     for op in ["gramian", "combine", "gradvac_loop", "pcgrad_loop", "moco_step", "moco_gramian", "dual_cone",
-               "aggregate"]:
+               "_dual_cone_paths", "aggregate", "mgda"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedjd_simt::{op}", "CPU"), op
     assert simt_build.cuda_sources(), "no CUDA sources found"
 
@@ -555,6 +555,42 @@ def test_dual_cone_scratch_cap(sm_count):
     V, launches = run_schedules(lambda: EMU.dual_cone(U, G), sm_count=sm_count)
     assert launches == 2
     assert rel_err(V, torch.ops.fusedjd.dual_cone(U, G)) < 1e-12
+
+
+# ---- MGDA's weighting ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [_asan(m, asan=m in (1, 33)) for m in (1, 2, 8, 33, 70)])
+def test_mgda(m):
+    """The CUDA kernel (one warp: the lanes split the rows of G alpha, lane 0 takes the step) equals
+    the CPU kernel (the same operations in the same order, up to the compilers' contraction of
+    multiply-adds) on conflicting rows with duplicates (argmin's ties), with the default and a
+    long iteration; the same under both schedule orders, in one launch; float32 in, float32 out."""
+    gen = torch.Generator().manual_seed(m)
+    J = torch.randn(m, 2 * m + 3, generator=gen, dtype=torch.float64)
+    J = J - 1.5 * J.mean(0, keepdim=True)  # conflicting
+    J[m // 2:] = J[: m - m // 2].clone()  # duplicated rows
+    G = J @ J.T
+    for eps, iters in ((1e-3, 100), (1e-9, 400)):
+        w, launches = run_schedules(lambda: EMU.mgda(G, eps, iters))
+        assert launches == 2 and w.shape == (m,)
+        assert rel_err(w, torch.ops.fusedjd.mgda(G, eps, iters)) < 1e-13
+    w32 = EMU.mgda(G.float(), 1e-3, 100)
+    assert w32.dtype == torch.float32 and rel_err(w32, torch.ops.fusedjd.mgda(G.float(), 1e-3, 100)) < 1e-6
+
+
+def test_mgda_non_finite_empty_and_errors_match():
+    G = torch.eye(3, dtype=torch.float64)
+    G[2, 0] = float("inf")
+    assert torch.isnan(EMU.mgda(G, 1e-3, 100)).all()
+    assert EMU.mgda(torch.zeros(0, 0), 1e-3, 100).shape == (0,)
+    for args in ((torch.zeros(3, 2), 1e-3, 10), (torch.eye(3).long(), 1e-3, 10), (torch.eye(3), 0.0, 10),
+                 (torch.eye(3), 1e-3, 0)):
+        with pytest.raises(RuntimeError) as emu:
+            EMU.mgda(*args)
+        with pytest.raises(RuntimeError) as cpu:
+            torch.ops.fusedjd.mgda(*args)
+        assert str(emu.value).split("\n")[0] == str(cpu.value).split("\n")[0]
 
 
 @pytest.mark.asan

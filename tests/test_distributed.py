@@ -61,6 +61,7 @@ def _aggregators(group):
         "MoCo": (lambda blocks: fusedjd.MoCo(gamma=0.5, simplex="projection", **kw), True, True),
         "UPGrad": (lambda blocks: UPGrad(), False, False),
         "fusedjd UPGrad": (lambda blocks: fusedjd.UPGrad(**kw), True, False),
+        "fusedjd MGDA": (lambda blocks: fusedjd.MGDA(**kw), True, False),
     }
 
 

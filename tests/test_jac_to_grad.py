@@ -133,7 +133,8 @@ AGGREGATORS = {
     "MoCo": (lambda: fusedjd.MoCo(gamma=0.5), lambda: _ReferenceMoCo(gamma=0.5)),
     "UPGrad": (fusedjd.UPGrad, UPGrad),
     "torchjd UPGrad": (UPGrad, UPGrad),
-    "MGDA": (MGDA, MGDA),
+    "MGDA": (fusedjd.MGDA, MGDA),
+    "torchjd MGDA": (MGDA, MGDA),
     "DualProj": (fusedjd.DualProj, DualProj),
 }
 

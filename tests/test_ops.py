@@ -263,6 +263,10 @@ def _op_samples(device):
         "dual-cone-vector-f32": (cone, (r(4), G[0] + 0.1 * torch.eye(4, device=device))),
         "dual-cone-batch-u-f32-g-f64": (cone, (r(2, 3, 4), Gd[0] + 0.1 * torch.eye(4, dtype=torch.float64, device=device))),
         "dual-cone-m0": (cone, (r(3, 0), G[0, :0, :0])),
+        "mgda-f32": (torch.ops.fusedjd.mgda.default, (G[0], 0.001, 100)),
+        "mgda-f64-one-iteration": (torch.ops.fusedjd.mgda.default, (Gd[0], 0.5, 1)),
+        "mgda-bf16-m1": (torch.ops.fusedjd.mgda.default, (G[0, :1, :1].bfloat16(), 1e-3, 10)),
+        "mgda-m0": (torch.ops.fusedjd.mgda.default, (G[0, :0, :0], 1e-3, 10)),
     }
 
 
@@ -301,7 +305,8 @@ def test_opcheck(device, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gramian-two-groups", "gradvac-f32", "pcgrad-f32", "combine-two-groups",
                                   "moco-softmax", "gramian-list-group-spans-blocks", "combine-list-bf16",
-                                  "moco-projection-f64", "aggregate-gradvac-list", "dual-cone-upgrad-f64"])
+                                  "moco-projection-f64", "aggregate-gradvac-list", "dual-cone-upgrad-f64",
+                                  "mgda-f32"])
 def test_compile_each_op_fullgraph(name):
     op, args = _op_samples("cpu")[name]
     clone = lambda a: [x.clone() if isinstance(x, torch.Tensor) else x for x in a]  # noqa: E731
@@ -468,6 +473,10 @@ def _bad_calls():
         "moco-gramian-step-dtype": (torch.ops.fusedjd.moco_gramian.default,
                                     ([J], torch.zeros(3, 10), torch.zeros(()), 0.5, 0.5)),
         "moco-step-rank": (moco, ([J], torch.zeros(3, 10), torch.ones(3), L(1), *h)),
+        "mgda-G-square": (torch.ops.fusedjd.mgda.default, (torch.zeros(3, 2), 1e-3, 10)),
+        "mgda-G-dtype": (torch.ops.fusedjd.mgda.default, (G[0].long(), 1e-3, 10)),
+        "mgda-epsilon": (torch.ops.fusedjd.mgda.default, (G[0], 0.0, 10)),
+        "mgda-max-iters": (torch.ops.fusedjd.mgda.default, (G[0], 1e-3, 0)),
     }
 
 

@@ -1,4 +1,4 @@
-"""fusedjd: fused C++/CUDA GradVac, PCGrad, MoCo, UPGrad and DualProj aggregators, drop-in for torchjd.
+"""fusedjd: fused C++/CUDA GradVac, PCGrad, MoCo, UPGrad, DualProj and MGDA aggregators, drop-in for torchjd.
 
 >>> import fusedjd
 >>> from torchjd.autojac import mtl_backward
@@ -14,6 +14,7 @@ from ._dualproj import DualProj, DualProjWeighting
 from ._gradvac import GradVac, GradVacWeighting
 from ._grouped_gradvac import GroupedGradVac
 from ._jac_to_grad import jac_to_grad
+from ._mgda import MGDA, MGDAWeighting
 from ._moco import MoCo, MoCoWeighting
 from ._pcgrad import PCGrad, PCGradWeighting
 from ._projector import Projector
@@ -40,6 +41,8 @@ __all__ = [
     "GradVac",
     "GradVacWeighting",
     "GroupedGradVac",
+    "MGDA",
+    "MGDAWeighting",
     "MoCo",
     "MoCoWeighting",
     "PCGrad",

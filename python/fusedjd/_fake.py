@@ -161,6 +161,17 @@ def _(U, G):
     return U.new_empty(U.shape, dtype=G.dtype)
 
 
+@torch.library.register_fake("fusedjd::mgda")
+def _(G, epsilon, max_iters):
+    torch._check(G.dim() == 2 and G.shape[0] == G.shape[1],
+                 lambda: f"fusedjd: `G` must be a square Gramian [m, m], got shape {_shape(G)}")
+    torch._check(G.dtype in _DUAL_CONE_DTYPES,
+                 lambda: f"fusedjd: `G` must be float16, bfloat16, float32 or float64, got {_st(G.dtype)}")
+    torch._check(epsilon > 0.0, lambda: f"fusedjd: `epsilon` must be positive, got {epsilon:g}")
+    torch._check(max_iters > 0, lambda: f"fusedjd: `max_iters` must be a positive integer, got {max_iters}")
+    return G.new_empty((G.shape[0],))
+
+
 @torch.library.register_fake("fusedjd::combine")
 def _(J, weights, group_sizes):
     m, n = _check_blocks(J)

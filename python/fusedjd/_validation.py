@@ -57,6 +57,32 @@ def non_negative(name: str) -> property:
     return property(lambda self: getattr(self, "_" + name), setter)
 
 
+def positive(name: str) -> property:
+    """A float attribute validated to be > 0 (TypeError for a non-number, ValueError otherwise, NaN
+    included; both name it), as torchjd's MGDA checks its ``epsilon``."""
+
+    def setter(self, value: float) -> None:
+        if not (_real(name, value) > 0.0):
+            raise ValueError(f"Attribute `{name}` must be positive. Found {name}={value!r}.")
+        setattr(self, "_" + name, _kept(value))
+
+    return property(lambda self: getattr(self, "_" + name), setter)
+
+
+def positive_int(name: str) -> property:
+    """An integer attribute validated to be > 0 (TypeError for anything but an integer, bool and
+    float included; ValueError otherwise; both name it)."""
+
+    def setter(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"Attribute `{name}` must be an integer. Found {name}={value!r}.")
+        if value <= 0:
+            raise ValueError(f"Attribute `{name}` must be positive. Found {name}={value!r}.")
+        setattr(self, "_" + name, int(value))
+
+    return property(lambda self: getattr(self, "_" + name), setter)
+
+
 DRAWS = ("torchjd", "device")
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "gradvac_loop",
     "gramian",
     "has_cuda_kernels",
+    "mgda",
     "moco_gramian",
     "moco_step",
     "pcgrad_loop",
@@ -221,6 +222,20 @@ def dual_cone(U: Tensor, G: Tensor) -> Tensor:
     :returns: ``V`` with the shape of ``U`` and the dtype of ``G``.
     """
     return torch.ops.fusedjd.dual_cone.default(U, G)
+
+
+def mgda(G: Tensor, epsilon: float = 0.001, max_iters: int = 100) -> Tensor:
+    """MGDA's weights (:class:`torchjd.aggregation.MGDAWeighting`) from the Gramian: torchjd's
+    Frank–Wolfe iteration (Algorithm 2 of Sener and Koltun, 2018) with its ``epsilon``, ``max_iters``
+    and branch rules, in float64, the loop and its stopping test on the device (one CUDA launch, no
+    host synchronisation). A non-finite ``G`` gives NaN.
+
+    :param G: ``[m, m]``, float16, bfloat16, float32 or float64.
+    :param epsilon: The step size below which the iteration stops (> 0).
+    :param max_iters: The most iterations (> 0).
+    :returns: The weights ``[m]`` in ``G``'s dtype.
+    """
+    return torch.ops.fusedjd.mgda.default(G, float(epsilon), int(max_iters))
 
 
 def has_cuda_kernels() -> bool:

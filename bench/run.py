@@ -411,6 +411,26 @@ def bench_iwrm(run: Run, ms: list[int]):
     return t
 
 
+def bench_weightings(run: Run, ms: list[int]):
+    """The solver weightings that torchjd runs as Python loops on the host (MGDA's Frank–Wolfe
+    iteration: it reads tensor values at every iteration): fusedjd's kernel against torchjd 0.18, on
+    the float32 Gramian of a random m × 4m Jacobian (the issue's grid). The check: equal to torchjd's
+    iteration run in float64 on the same Gramian (fusedjd iterates in float64) within 1e-6."""
+    device = run.device
+    t = Table("Solver weightings (float32 Gramian of a random m × 4m J): fusedjd vs torchjd 0.18",
+              ["weighting", "m", "check", "fusedjd", "torchjd", "speedup"])
+    for m in ms:
+        J = torch.randn(m, 4 * m, device=device, generator=torch.Generator(device).manual_seed(m))
+        G = J @ J.T
+        ours, theirs = fusedjd.MGDAWeighting(), ta.MGDAWeighting()
+        status = run.check(f"MGDAWeighting m={m}", ours(G), theirs(G.double()), 1e-6)
+        tf = median_time(lambda: ours(G), device)
+        tt = median_time(lambda: theirs(G), device, budget_s=0.5, min_reps=2)
+        t.rows.append(["MGDAWeighting", str(m), status, fmt_time(tf), fmt_time(tt), fmt_x(tt / tf)])
+        run.progress.step(f"MGDAWeighting m={m}")
+    return t
+
+
 def bench_aggregators(run: Run, cfg: list[AggCase]):
     device = run.device
     t = Table("Aggregators end to end (fp32): fusedjd vs torchjd 0.18",
@@ -661,6 +681,7 @@ def configs(device: str, full: bool):
 
 
 PROJECTOR_MS = [8, 32, 64, 128, 256, 512]
+WEIGHTING_MS = [4, 8, 16, 32, 64]
 IWRM_MS = [32, 64, 128, 256, 512]
 
 
@@ -1102,13 +1123,15 @@ def main() -> int:
               file=sys.stderr)
     print(f"[bench] the floors' probes (bench/probes.cpp) for the {probes.load()} CPU kernels: ready", file=sys.stderr)
     gram, loops, agg, moco, train = configs(device, args.full)
-    run = Run(device, Progress(len(gram) + 2 * len(loops) + 4 * len(PROJECTOR_MS) + 2 * len(IWRM_MS) + len(agg) + len(moco) + TRAIN_ROWS))
+    run = Run(device, Progress(len(gram) + 2 * len(loops) + 4 * len(PROJECTOR_MS) + 2 * len(IWRM_MS) + len(WEIGHTING_MS)
+                               + len(agg) + len(moco) + TRAIN_ROWS))
     tables = [
         bench_jac_to_grad(run, train),
         bench_gramian(run, gram),
         bench_loops(run, loops),
         bench_aggregators(run, agg),
         bench_moco(run, moco),
+        bench_weightings(run, WEIGHTING_MS),
         # after the small rows: torchjd's quadprog goes through numpy, whose idle BLAS threads then
         # spin on the cores for a while (they made the next few microsecond-rows 50 % slower)
         bench_projector(run, PROJECTOR_MS),

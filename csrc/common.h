@@ -54,6 +54,11 @@ void check_host_draws_allowed(const at::Device& device);
 
 // Accumulation / state dtype for a given input dtype: float32 for float16,
 // bfloat16 and float32 inputs, float64 for float64 inputs.
+// The dtypes the solver ops (dual_cone, mgda) take; they solve in float64 whatever the dtype.
+inline bool solver_dtype(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -43,8 +43,9 @@
 // finite.
 //
 // Everything is float64 and sequential per right-hand side: the result does not depend on the
-// thread count; the CPU kernel's factor sums in another order (blocks of rows, ScalarFactor
-// below), so CPU and CUDA agree to rounding, as do two compilers' contractions. Exact for a
+// thread count; the CPU kernel's factor sums in another order (blocks of 8 rows with AVX-512, 6
+// below; ScalarFactor row by row), so CPU levels and CUDA agree to rounding, as do two compilers'
+// contractions. Exact for a
 // positive-definite G (fusedjd.Projector adds reg_eps I, as torchjd's quadprog projector does).
 #pragma once
 
@@ -413,16 +414,13 @@ FUSEDJD_HD int64_t dual_cone_solve(const double* G, int64_t m, const double* u, 
 // Checks of the dual_cone op on every backend: G [m, m], U [..., m], both float16, bfloat16,
 // float32 or float64, on one device.
 inline void check_dual_cone_args(const at::Tensor& U, const at::Tensor& G) {
-  const auto half_to_double = [](at::ScalarType t) {
-    return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-  };
   TORCH_CHECK(G.dim() == 2 && G.size(0) == G.size(1), "fusedjd: `G` must be a square Gramian [m, m], got shape ",
               G.sizes());
-  TORCH_CHECK(half_to_double(G.scalar_type()), "fusedjd: `G` must be float16, bfloat16, float32 or float64, got ",
+  TORCH_CHECK(solver_dtype(G.scalar_type()), "fusedjd: `G` must be float16, bfloat16, float32 or float64, got ",
               G.scalar_type());
   TORCH_CHECK(U.dim() >= 1 && U.size(-1) == G.size(0), "fusedjd: `U` must have shape [..., m] with m = ", G.size(0),
               " (the size of `G`), got shape ", U.sizes());
-  TORCH_CHECK(half_to_double(U.scalar_type()), "fusedjd: `U` must be float16, bfloat16, float32 or float64, got ",
+  TORCH_CHECK(solver_dtype(U.scalar_type()), "fusedjd: `U` must be float16, bfloat16, float32 or float64, got ",
               U.scalar_type());
   FUSEDJD_CHECK_SAME_DEVICE(U, G);
 }

@@ -11,7 +11,8 @@
 // formula gives 1 at c = a and 0 at b = a), so rounding changes the weights continuously except
 // through argmin's ties and the stopping test. G alpha is recomputed each iteration, as torchjd
 // does, each row summed in order; the CUDA kernel splits the rows over a warp's lanes and does the
-// rest on one lane, so CPU and CUDA run the same operations in the same order.
+// rest on one lane, so CPU and CUDA run the same operations in the same order (up to the
+// compilers' contraction of multiply-adds).
 #pragma once
 
 #include <cstdint>
@@ -55,11 +56,10 @@ FUSEDJD_HD double mgda_update(double alpha_i, int64_t i, int64_t t, double gamma
 // Checks of the mgda op on every backend: G [m, m] float16, bfloat16, float32 or float64;
 // epsilon > 0, max_iters > 0 (torchjd's conditions).
 inline void check_mgda_args(const at::Tensor& G, double epsilon, int64_t max_iters) {
-  const auto t = G.scalar_type();
   TORCH_CHECK(G.dim() == 2 && G.size(0) == G.size(1), "fusedjd: `G` must be a square Gramian [m, m], got shape ",
               G.sizes());
-  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble,
-              "fusedjd: `G` must be float16, bfloat16, float32 or float64, got ", t);
+  TORCH_CHECK(solver_dtype(G.scalar_type()), "fusedjd: `G` must be float16, bfloat16, float32 or float64, got ",
+              G.scalar_type());
   TORCH_CHECK(epsilon > 0.0, "fusedjd: `epsilon` must be positive, got ", epsilon);
   TORCH_CHECK(max_iters > 0, "fusedjd: `max_iters` must be a positive integer, got ", max_iters);
 }

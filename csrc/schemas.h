@@ -66,9 +66,10 @@ inline void define_ops(torch::Library& m) {
   // CUDA thread). Returns V with U's shape in G's dtype; a non-finite G or u gives NaN.
   m.def("dual_cone(Tensor U, Tensor G) -> Tensor");
   // The same solves, returning for each right-hand side (int64 [k], U as k rows of m) how it was
-  // solved: 0 by block principal pivoting, else 1 + the active-set method's steps (csrc/dual_cone.h,
-  // dual_cone_solve). For the tests and the benchmark: a factorisation that loses accuracy shows as
-  // fallbacks, which the answers alone would hide (the fallback is exact too).
+  // solved: 0 by block principal pivoting (or not at all: a non-finite G or u), else 1 + the
+  // active-set method's steps (csrc/dual_cone.h, dual_cone_solve). For the tests: a factorisation
+  // that loses accuracy shows as fallbacks, which the answers alone would hide (the fallback is
+  // exact too). Private, eager only (no fake kernel).
   m.def("_dual_cone_paths(Tensor U, Tensor G) -> Tensor");
 
   // MGDA's weighting (torchjd.aggregation.MGDAWeighting): torchjd's Frank-Wolfe iteration on the

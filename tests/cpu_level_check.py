@@ -1,7 +1,7 @@
 """The CPU kernels of one instruction-set level against the float64 reference, in a process of its
 own (one level is loaded per process): ``FUSEDJD_CPU_CAPABILITY=avx2 python tests/cpu_level_check.py
 avx2`` checks that the avx2 kernels were loaded and that every op (gramian, combine, moco_step,
-moco_gramian, gradvac_loop, pcgrad_loop, aggregate, dual_cone, draw_perms) gives the reference's
+moco_gramian, gradvac_loop, pcgrad_loop, aggregate, dual_cone, mgda, draw_perms) gives the reference's
 results for every dtype it takes, odd sizes, several groups and block lists included, on seeded
 inputs and seeded visit orders. ``--report`` prints the largest error of each op and dtype next to
 its bound. Run by test_cpu_levels.py for each level this machine supports, and by
@@ -13,6 +13,8 @@ import sys
 from collections import defaultdict
 
 import torch
+
+from torchjd import aggregation as ta
 
 import fusedjd
 from fusedjd import ops, reference
@@ -28,8 +30,9 @@ DTYPES = [F32, F64, F16, BF16]
 # 1.6e-7 (float32 accumulation of half rows); combine 1.7e-16 / 1.1e-7 / 2.4e-4 / 1.9e-3 (rounded to
 # J's dtype); moco_step after one step 5.4e-16 / 1.2e-7 / 3.1e-4 / 2.4e-3 (its outputs in J's dtype);
 # moco_gramian 4.5e-16 / 1.3e-7 / 3.1e-7 / 1.2e-7 (of Y rounded to its dtype); the loops 1.2e-16 /
-# 2.6e-8; aggregate 3e-16 / 1.2e-7 / 2.2e-4 / 2e-3; dual_cone 9.4e-14 / 2e-8 (float64 arithmetic,
-# the answer in G's dtype).
+# 2.6e-8; aggregate 3e-16 / 1.2e-7 / 2.2e-4 / 2e-3; dual_cone 2.2e-13 / 2e-8 (float64 arithmetic,
+# the answer in G's dtype); mgda against torchjd's iteration in float64: the same bounds as
+# test_mgda.py (1e-12; float32: the answer's rounding).
 BOUNDS: dict[str, dict[torch.dtype, float]] = {
     "gramian": {F64: 5e-15, F32: 2e-6, F16: 2e-6, BF16: 2e-6},
     "combine": {F64: 5e-15, F32: 2e-6, F16: 3e-3, BF16: 2e-2},
@@ -39,6 +42,7 @@ BOUNDS: dict[str, dict[torch.dtype, float]] = {
     "pcgrad_loop": {F64: 2e-15, F32: 3e-7},
     "aggregate": {F64: 5e-15, F32: 2e-6, F16: 3e-3, BF16: 2e-2},
     "dual_cone": {F64: 1e-12, F32: 3e-7},
+    "mgda": {F64: 1e-12, F32: 2e-7},
 }
 
 
@@ -116,6 +120,22 @@ def main(level: str, quick: bool, report: bool) -> None:
                 G = _pd(m, gen).to(dtype)
                 U = torch.cat([torch.eye(m, dtype=dtype), torch.randn(3, m, generator=gen, dtype=F64).to(dtype)])
                 _check(worst, "dual_cone", dtype, rel_err(ops.dual_cone(U, G), reference.dual_cone(U, G)), (level, m))
+            # the level's blocked factor over several blocks and kept rows (m = 17, 40), on what
+            # Projector solves for a full-rank J: every right-hand side solved by block principal
+            # pivoting (a wrong factor shows as fallbacks, the answers alone would not), at the
+            # KKT point
+            for m in (17, 40):
+                J = torch.randn(m, 2 * m, generator=gen, dtype=F64)
+                G = (J @ J.T / (J.norm() ** 2) + 1e-4 * torch.eye(m, dtype=F64)).to(dtype)
+                U = torch.eye(m, dtype=dtype)
+                assert not torch.ops.fusedjd._dual_cone_paths(U, G).any(), ("dual_cone fallbacks", level, m, dtype)
+                kkt = reference.dual_cone_kkt(ops.dual_cone(U, G).double(), U.double(), G.double())
+                _check(worst, "dual_cone", dtype, max(kkt), (level, m, "KKT"))
+            # mgda: torchjd's Frank-Wolfe iteration (torchjd in float64 on the same Gramian)
+            for m in (1, 5, 33):
+                J = torch.randn(m, 2 * m + 1, generator=gen, dtype=F64)
+                G = (J @ J.T).to(dtype)
+                _check(worst, "mgda", dtype, rel_err(ops.mgda(G), ta.MGDAWeighting()(G.double())), (level, m))
     # draw_perms: torchjd's draws, torch.randperm from the default generator row by row (GradVac:
     # randperm(m - 1) mapped onto the other rows; PCGrad: randperm(m) without the row itself)
     for pcgrad in (False, True):

@@ -380,10 +380,11 @@ def test_dual_cone_equals_cpu(m):
     assert rel_err(fusedjd.UPGrad()(J.cuda()).cpu(), fusedjd.UPGrad()(J)) < 1e-10
 
 
-@pytest.mark.parametrize("make", [fusedjd.UPGrad, fusedjd.DualProj])
+@pytest.mark.parametrize("make", [fusedjd.UPGrad, fusedjd.DualProj, fusedjd.MGDA])
 def test_upgrad_step_through_jac_to_grad_without_a_host_sync(make):
-    """A training step with fusedjd's UPGrad (and DualProj) on CUDA: the Gramian, the projector and
-    the combination without host synchronisation, CUDA-graph capturable, equal to the CPU step."""
+    """A training step with fusedjd's UPGrad (and DualProj, MGDA) on CUDA: the Gramian, the
+    projector (MGDA's Frank-Wolfe loop) and the combination without host synchronisation,
+    CUDA-graph capturable, equal to the CPU step."""
     p = torch.zeros(3, 700, device="cuda", requires_grad=True)
     jac = torch.randn(6, 3, 700, device="cuda")
     agg = make()
@@ -621,7 +622,8 @@ def _sleep_cycles(seconds: float) -> int:
 
 
 @pytest.mark.parametrize("via", ["direct", "jac_to_grad"])
-@pytest.mark.parametrize("make", [fusedjd.GradVac, fusedjd.MoCo, fusedjd.UPGrad], ids=["GradVac", "MoCo", "UPGrad"])
+@pytest.mark.parametrize("make", [fusedjd.GradVac, fusedjd.MoCo, fusedjd.UPGrad, fusedjd.MGDA],
+                         ids=["GradVac", "MoCo", "UPGrad", "MGDA"])
 def test_step_runs_behind_a_busy_gpu_without_a_host_sync(make, via):
     """A step at m = 8, n = 1e6, called directly or through fusedjd.jac_to_grad: no synchronising
     call under set_sync_debug_mode("error"), and with a 300 ms kernel queued first the call returns

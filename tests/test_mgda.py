@@ -54,10 +54,10 @@ def test_weights_equal_torchjd(m, dtype):
     """The weights of every kind of Gramian, with the default and other epsilon / max_iters, equal
     torchjd's MGDAWeighting's within 1e-12 in float64. fusedjd iterates in float64 whatever the
     dtype, torchjd in the Gramian's: for a float32 Gramian fusedjd's weights equal torchjd's
-    iteration in float64 on the same Gramian within float32's rounding of the result (1.2e-7), and
-    differ from torchjd's float32 iteration by no more than that iteration's own rounding error
-    (its distance to the float64 one: up to 1.1e-6 with the defaults, 1e-2 after 1000 iterations
-    with epsilon = 1e-6, where it stops elsewhere)."""
+    iteration in float64 on the same Gramian within float32's rounding of the result (1.2e-7), so
+    they differ from torchjd's float32 iteration by at most that iteration's own rounding error
+    plus 1.2e-7 (its distance to the float64 one: up to 1.1e-6 with the defaults, 1e-2 after 1000
+    iterations with epsilon = 1e-6, where it stops elsewhere)."""
     for seed, name in enumerate(KINDS):
         J = _jacobian(name, m, seed, dtype)
         G = J @ J.T
@@ -71,7 +71,6 @@ def test_weights_equal_torchjd(m, dtype):
                 scale = float(exact.abs().max())
                 dist = lambda a, b: float((a.double() - b.double()).abs().max()) / scale  # noqa: E731
                 assert dist(ours, exact) <= 1.2e-7, (name, eps, iters, dist(ours, exact))
-                assert dist(ours, theirs) <= dist(theirs, exact) + 1.2e-7, (name, eps, iters)
 
 
 def test_aggregator_equals_torchjd_and_takes_the_fused_route():

@@ -28,8 +28,9 @@ struct BlockedFactor {
   static constexpr int kRows = kVecBytes == 64 ? 8 : 6;  // 2 kRows accumulators fit the registers
 
   // U[t + j][cs, p) -= sum over k < t of U[k][t + j] U[k][cs, p), for j < nr (nr <= kRows). The
-  // last tile reads up to 2 kL - 1 doubles past column p - 1 of the rows above (the scratch has
-  // kPad more doubles after U's rows for it) and stores only the columns before p.
+  // last tile reads up to 2 kL - 1 doubles past column p - 1 of the rows above and stores only the
+  // columns before p: past U's last row when m is small (t = pos = 1, m = 2), hence kPad more
+  // doubles of scratch.
   template <bool kFull>
   static void update(double* U, int64_t m, int64_t t, int64_t nr_, int64_t cs, int64_t p) {
     const int64_t nr = kFull ? kRows : nr_;
@@ -73,9 +74,9 @@ struct BlockedFactor {
         double* Uj = U + j * m;
         for (int64_t r = cs; r < p; ++r) Uj[r] = g[rows[r]];
       }
-      if (nr == kRows) {
+      if (t > 0 && nr == kRows) {
         update<true>(U, m, t, nr, cs, p);
-      } else {
+      } else if (t > 0) {
         update<false>(U, m, t, nr, cs, p);
       }
       for (int64_t j = t; j < end; ++j) {  // the block's rows, in order, as chol_extend's

@@ -235,7 +235,7 @@ def mgda(G: Tensor, epsilon: float = 0.001, max_iters: int = 100) -> Tensor:
     :param max_iters: The most iterations (> 0).
     :returns: The weights ``[m]`` in ``G``'s dtype.
     """
-    return torch.ops.fusedjd.mgda.default(G, float(epsilon), int(max_iters))
+    return torch.ops.fusedjd.mgda.default(G, float(epsilon), max_iters)
 
 
 def has_cuda_kernels() -> bool:

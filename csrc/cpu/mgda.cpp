@@ -16,12 +16,12 @@ at::Tensor mgda_cpu(const at::Tensor& G_in, double epsilon, int64_t max_iters) {
   check_mgda_args(G_in, epsilon, max_iters);
   const int64_t m = G_in.size(0);
   const at::Tensor G = G_in.to(at::kDouble).contiguous();
-  at::Tensor alpha = at::empty({m}, G.options());
   const double* g = G.data_ptr<double>();
-  double* al = alpha.data_ptr<double>();
   bool finite = true;
   for (int64_t a = 0; a < m * m; ++a) finite = finite && std::isfinite(g[a]);
   if (!finite) return at::full({m}, NAN, G_in.options());
+  at::Tensor alpha = at::empty({m}, G.options());
+  double* al = alpha.data_ptr<double>();
   std::vector<double> Ga(static_cast<size_t>(m));
   for (int64_t i = 0; i < m; ++i) al[i] = 1.0 / static_cast<double>(m);
   for (int64_t it = 0; it < max_iters && m > 0; ++it) {
